@@ -1,0 +1,166 @@
+# -*- test-case-name: tests.test_broker -*-
+"""
+The broker: accepts events (durably), and hands each one to the matching
+subscribers.
+
+L{Broker} is the one interface the transports talk to.  L{LocalBroker} is a
+single node: the SQLite journal plus an in-memory L{PatternIndex}.  The Redis
+broker (L{twisted_rt.redis}) implements the same interface for several nodes.
+
+Ordering: the journal fires commits in order and the broker fans out in the
+commit callback, so each channel's live events reach subscribers in offset
+order, and only after they are durable.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterable, Protocol, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from twisted_rt.event import Accepted, Draft, Event
+from twisted_rt.journal import Journal
+from twisted_rt.matcher import PatternIndex
+
+__all__ = ["Broker", "ChannelInfo", "LocalBroker", "Listener"]
+
+
+class Listener(Protocol):
+    """Something that receives live events (a connection's subscriber)."""
+
+    def deliver(self, event: Event) -> None:
+        """Take one live event (must not raise, must not block)."""
+
+
+ChannelInfo = dict[str, Any]  # {"name", "subscribers", "last_offset"}
+
+
+class Broker(abc.ABC):
+    """What every broker offers the transports and the API."""
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self.index: PatternIndex[Listener] = PatternIndex()
+
+    # live subscriptions (local to this node in every broker)
+
+    def subscribe(self, pattern: str, listener: Listener) -> None:
+        """Deliver live events of channels matching C{pattern} to C{listener}."""
+        self.index.add(pattern, listener)
+
+    def unsubscribe(self, pattern: str, listener: Listener) -> None:
+        """Stop delivering C{pattern} to C{listener}."""
+        self.index.remove(pattern, listener)
+
+    def fanout(self, event: Event) -> None:
+        """Hand C{event} to every local listener whose pattern matches."""
+        for listener in self.index.match(event.channel):
+            try:
+                listener.deliver(event)
+            except Exception:
+                self.log.failure("delivering {event} to {listener}", event=event, listener=listener)
+
+    def local_subscribers(self, channel: str) -> int:
+        """How many local listeners would receive an event on C{channel}."""
+        return len(set(self.index.match(channel)))
+
+    # the durable part
+
+    @abc.abstractmethod
+    def start(self) -> Deferred[None]:
+        """Open the store (fires even if it is not ready yet)."""
+
+    @abc.abstractmethod
+    def stop(self) -> Deferred[None]:
+        """Flush and close."""
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """Whether events can be accepted now."""
+
+    @property
+    @abc.abstractmethod
+    def not_ready_reason(self) -> str:
+        """Why not L{ready} (empty when ready)."""
+
+    @abc.abstractmethod
+    def publish(self, drafts: Sequence[Draft]) -> Deferred[list[Accepted]]:
+        """
+        Make C{drafts} durable in one commit, then deliver the new ones.
+
+        Fires with one L{Accepted} per draft once durable; fails with
+        L{twisted_rt.journal.JournalUnavailable} when nothing was accepted.
+        """
+
+    @abc.abstractmethod
+    def history(self, channel: str, after: int = 0, limit: int = 1000) -> Deferred[list[Event]]:
+        """Events of one channel after an offset, oldest first."""
+
+    @abc.abstractmethod
+    def replay(self, pattern: str, since: dict[str, int], limit: int = 100000) -> Deferred[list[Event]]:
+        """Events of every channel matching C{pattern} after C{since[channel]} (0 when absent)."""
+
+    @abc.abstractmethod
+    def last_offset(self, channel: str) -> Deferred[int]:
+        """A channel's last offset (0 if it has none)."""
+
+    @abc.abstractmethod
+    def channels(self) -> Deferred[list[ChannelInfo]]:
+        """Every known channel with its subscriber count and last offset."""
+
+
+class LocalBroker(Broker):
+    """One node: SQLite journal plus in-memory fan-out."""
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def start(self) -> Deferred[None]:
+        return self.journal.open()
+
+    def stop(self) -> Deferred[None]:
+        return self.journal.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.journal.healthy
+
+    @property
+    def not_ready_reason(self) -> str:
+        return "" if self.journal.healthy else f"journal: {self.journal.error}"
+
+    def publish(self, drafts: Sequence[Draft]) -> Deferred[list[Accepted]]:
+        d = self.journal.append(drafts)
+        d.addCallback(self._delivered)
+        return d
+
+    def _delivered(self, accepted: list[Accepted]) -> list[Accepted]:
+        fanout = self.fanout
+        for a in accepted:
+            if not a.duplicate:
+                fanout(a.event)
+        return accepted
+
+    def history(self, channel: str, after: int = 0, limit: int = 1000) -> Deferred[list[Event]]:
+        return self.journal.history(channel, after, limit)
+
+    def replay(self, pattern: str, since: dict[str, int], limit: int = 100000) -> Deferred[list[Event]]:
+        return self.journal.replay(pattern, since, limit)
+
+    def last_offset(self, channel: str) -> Deferred[int]:
+        return succeed(self.journal.last_offsets.get(channel, 0))
+
+    def channels(self) -> Deferred[list[ChannelInfo]]:
+        return succeed(_channel_list(self.journal.last_offsets.items(), self.local_subscribers))
+
+
+def _channel_list(items: Iterable[tuple[str, int]], count: Any) -> list[ChannelInfo]:
+    return [
+        {"name": name, "subscribers": count(name), "last_offset": last}
+        for name, last in sorted(items)
+    ]

@@ -1,0 +1,172 @@
+# -*- test-case-name: tests.test_journal -*-
+"""
+Events: what the journal keeps and the transports send.
+
+A L{Draft} is an event not yet accepted (no offset).  An L{Event} is one the
+journal has made durable.  Each L{Event} encodes its public JSON form once
+and caches it, so a fan-out to many subscribers costs one C{json.dumps}.
+"""
+
+from __future__ import annotations
+
+import json
+import time as _time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = ["Accepted", "Draft", "Event", "dumps", "new_id", "now_iso"]
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes (the one encoder of the project)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def new_id() -> str:
+    """A fresh event id."""
+    return uuid.uuid4().hex
+
+
+def now_iso(t: float | None = None) -> str:
+    """RFC 3339 UTC time with milliseconds, e.g. C{2026-11-21T18:45:15.123Z}."""
+    if t is None:
+        t = _time.time()
+    d = datetime.fromtimestamp(t, tz=timezone.utc)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class Draft:
+    """
+    An event offered to the journal.
+
+    @ivar id: the delivery id or idempotency key; C{None} to generate one.
+    @ivar raw: the request body bytes as received (webhooks), else C{None}.
+    @ivar headers: the provider's request headers (webhooks), else C{None}.
+    """
+
+    channel: str
+    data: Any
+    source: str = "api"
+    type: str = ""
+    id: str | None = None
+    raw: bytes | None = None
+    headers: dict[str, str] | None = None
+
+
+class Event:
+    """
+    An accepted event with its offset.
+
+    The public dict (contract fields only) and its JSON encodings are built
+    lazily and cached: they are shared by every subscriber.
+    """
+
+    __slots__ = (
+        "id",
+        "channel",
+        "offset",
+        "time",
+        "source",
+        "type",
+        "data",
+        "raw",
+        "headers",
+        "_json",
+        "_ws",
+        "_cache",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        channel: str,
+        offset: int,
+        time: str,
+        source: str,
+        type: str,
+        data: Any,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.id = id
+        self.channel = channel
+        self.offset = offset
+        self.time = time
+        self.source = source
+        self.type = type
+        self.data = data
+        self.raw = raw
+        self.headers = headers
+        self._json: bytes | None = None
+        self._ws: bytes | None = None
+        self._cache: dict[str, Any] | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The contract's event object."""
+        return {
+            "id": self.id,
+            "channel": self.channel,
+            "offset": self.offset,
+            "time": self.time,
+            "source": self.source,
+            "type": self.type,
+            "data": self.data,
+        }
+
+    def json(self) -> bytes:
+        """The event object as JSON bytes, encoded once."""
+        j = self._json
+        if j is None:
+            j = self._json = dumps(self.public())
+        return j
+
+    def ws_json(self) -> bytes:
+        """The WebSocket C{{"op":"event",...}} message, encoded once."""
+        w = self._ws
+        if w is None:
+            w = self._ws = b'{"op":"event",' + self.json()[1:]
+        return w
+
+    def cached(self, key: str) -> Any:
+        """A per-transport encoding stored by L{cache}, or C{None}."""
+        c = self._cache
+        return None if c is None else c.get(key)
+
+    def cache(self, key: str, value: Any) -> Any:
+        """Store a per-transport encoding (e.g. a prepared WebSocket frame)."""
+        if self._cache is None:
+            self._cache = {}
+        self._cache[key] = value
+        return value
+
+    def __repr__(self) -> str:
+        return f"<Event {self.channel}#{self.offset} id={self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return self.public() == other.public()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The journal's answer to one L{Draft}: the event and whether it was known."""
+
+    event: Event
+    duplicate: bool = field(default=False)
+
+    def receipt(self) -> dict[str, Any]:
+        """The C{{"id","channel","offset"[,"duplicate"]}} body of a 2xx."""
+        r: dict[str, Any] = {
+            "id": self.event.id,
+            "channel": self.event.channel,
+            "offset": self.event.offset,
+        }
+        if self.duplicate:
+            r["duplicate"] = True
+        return r

@@ -1,0 +1,114 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+Counters of what the daemon does, for C{/api/stats} and C{/metrics}.
+
+The per-delivery path only bumps plain integers on L{Stats} (no locks, no
+label lookups); a custom Prometheus collector reads them at scrape time.
+Rare things (commits, rejections) use C{prometheus_client} types directly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["Stats"]
+
+
+class Stats:
+    """
+    The daemon's counters.  One instance per daemon (and per test).
+
+    @ivar connections: open streaming connections by transport.
+    @ivar subscriptions: active subscriptions by transport.
+    @ivar events_in: events accepted by source (duplicates excluded).
+    @ivar events_out: events delivered by transport.
+    @ivar dropped: connections closed or events dropped, by reason.
+    @ivar webhooks: webhook outcomes by (source, outcome) where outcome is
+        C{accepted}, C{duplicate} or a rejection reason.
+    """
+
+    def __init__(self) -> None:
+        self.connections: Counter[str] = Counter()
+        self.subscriptions: Counter[str] = Counter()
+        self.events_in: Counter[str] = Counter()
+        self.events_out: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.webhooks: Counter[tuple[str, str]] = Counter()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.commit_seconds = Histogram(
+            "rt_journal_commit_seconds",
+            "Time from a batch leaving the queue to its durable commit.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "rt_journal_batch_events",
+            "Events per journal commit.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=self.registry,
+        )
+        self.registry.register(_StatsCollector(self))
+
+    def on_commit(self, count: int, seconds: float) -> None:
+        """Record one journal commit (the journal's C{on_commit} hook)."""
+        self.commit_seconds.observe(seconds)
+        self.batch_size.observe(count)
+
+    def webhook(self, source: str, outcome: str) -> None:
+        """Count one webhook outcome."""
+        self.webhooks[(source, outcome)] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """The C{/api/stats} body."""
+        by_source: dict[str, dict[str, int]] = {}
+        for (source, outcome), n in sorted(self.webhooks.items()):
+            by_source.setdefault(source, {})[outcome] = n
+        return {
+            "connections": sum(self.connections.values()),
+            "connections_by_transport": dict(self.connections),
+            "subscriptions": sum(self.subscriptions.values()),
+            "events_in": sum(self.events_in.values()),
+            "events_in_by_source": dict(self.events_in),
+            "events_out": sum(self.events_out.values()),
+            "events_out_by_transport": dict(self.events_out),
+            "dropped": sum(self.dropped.values()),
+            "dropped_by_reason": dict(self.dropped),
+            "webhooks": by_source,
+        }
+
+
+class _StatsCollector(Collector):
+    def __init__(self, stats: Stats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        s = self._stats
+        g = GaugeMetricFamily("rt_connections", "Open streaming connections.", labels=["transport"])
+        for k, v in sorted(s.connections.items()):
+            g.add_metric([k], v)
+        yield g
+        g = GaugeMetricFamily("rt_subscriptions", "Active subscriptions.", labels=["transport"])
+        for k, v in sorted(s.subscriptions.items()):
+            g.add_metric([k], v)
+        yield g
+        c = CounterMetricFamily("rt_events_in", "Events accepted.", labels=["source"])
+        for k, v in sorted(s.events_in.items()):
+            c.add_metric([k], v)
+        yield c
+        c = CounterMetricFamily("rt_events_out", "Events delivered to subscribers.", labels=["transport"])
+        for k, v in sorted(s.events_out.items()):
+            c.add_metric([k], v)
+        yield c
+        c = CounterMetricFamily("rt_dropped", "Slow consumers closed and events dropped.", labels=["reason"])
+        for k, v in sorted(s.dropped.items()):
+            c.add_metric([k], v)
+        yield c
+        c = CounterMetricFamily("rt_webhooks", "Webhook deliveries by outcome.", labels=["source", "outcome"])
+        for (src, outcome), v in sorted(s.webhooks.items()):
+            c.add_metric([src, outcome], v)
+        yield c

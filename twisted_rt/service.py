@@ -1,0 +1,221 @@
+# -*- test-case-name: tests.test_daemon -*-
+"""
+The daemon as one Twisted service: builds the parts from a L{Config}, opens
+the broker, listens, tells systemd, and shuts down in order.
+
+Start: broker (journal) opens -> startup hooks -> every endpoint listens ->
+C{READY=1}.  A listener that cannot bind stops the daemon with one log
+line and exit status 1.
+
+Stop (SIGTERM/SIGINT): C{STOPPING=1} -> stop listening -> shutdown hooks
+(WebSocket clients closed with 1001, streams ended) -> wait for in-flight
+requests up to C{shutdown_timeout_seconds} -> flush and close the journal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_rt.app import App, build_root
+from twisted_rt.auth import Authenticator
+from twisted_rt.broker import Broker, LocalBroker
+from twisted_rt.config import Config
+from twisted_rt.journal import Journal
+from twisted_rt.metrics import Stats
+from twisted_rt.systemd import Notifier, WatchdogService
+from twisted_rt.web import RTSite
+
+__all__ = ["RTService", "make_broker"]
+
+
+def make_broker(config: Config, reactor: Any, stats: Stats) -> Broker:
+    """The broker the config asks for."""
+    if config.broker.kind == "redis":
+        from twisted_rt.redis import RedisBroker
+
+        return RedisBroker(config, reactor, stats)  # type: ignore[no-any-return]
+    j = config.journal
+    journal = Journal(
+        reactor,
+        j.path,
+        max_events_per_channel=j.max_events_per_channel,
+        retention_seconds=j.retention_seconds,
+        max_batch=j.max_batch,
+        trim_interval_seconds=j.trim_interval_seconds,
+        on_commit=stats.on_commit,
+    )
+    return LocalBroker(journal)
+
+
+class RTService(MultiService):
+    """The whole daemon."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.config = config
+        self.reactor = reactor
+        self.notifier = notifier or Notifier()
+        self.stats = Stats()
+        self.broker = make_broker(config, reactor, self.stats)
+        self.app = App(
+            config=config,
+            reactor=reactor,
+            broker=self.broker,
+            auth=Authenticator(config.auth),
+            stats=self.stats,
+        )
+        self.root = build_root(self.app)
+        self.site = self._make_site()
+        self.ports: list[IListeningPort] = []
+        self._started: Deferred[None] | None = None
+        WatchdogService(self.notifier, reactor).setServiceParent(self)
+
+    def _make_site(self) -> RTSite:
+        stats = self.stats
+
+        def too_large(request: Any) -> None:
+            stats.dropped["body_too_large"] += 1
+
+        return RTSite(
+            self.root,
+            max_body_bytes=self.config.server.max_body_bytes,
+            log_requests=self.config.server.access_log,
+            on_too_large=too_large,
+            reactor=self.reactor,
+        )
+
+    def endpoints(self) -> list[Any]:
+        """The server endpoints of C{[server] listen}."""
+        from twisted.internet.endpoints import serverFromString
+
+        from twisted_rt import tls
+
+        out = []
+        for desc in self.config.server.listen:
+            out.append(tls.server_endpoint(self.reactor, desc, self.config) or serverFromString(self.reactor, desc))
+        return out
+
+    def startService(self) -> None:
+        super().startService()
+        if self.config.log_format == "json":
+            from twisted_rt.logs import use_json_logging
+
+            use_json_logging()
+        for s in self.config.sources:
+            if s.verify == "none":
+                self.log.warn(
+                    "source {name!r} has verify = \"none\": anyone who can reach it can post events;"
+                    " use it only on a trusted network",
+                    name=s.name,
+                    log_category="RT-C01",
+                )
+        self._started = defer.ensureDeferred(self._start())
+        self._started.addErrback(self._fatal)
+
+    async def _start(self) -> None:
+        await self.broker.start()
+        for hook in self.app.startup_hooks:
+            await _maybe(hook())
+        factory = self.site
+        results = await DeferredList(
+            [ep.listen(factory) for ep in self.endpoints()], consumeErrors=True
+        )
+        failed = []
+        for desc, (ok, value) in zip(self.config.server.listen, results):
+            if ok:
+                self.ports.append(value)
+                self.log.info("listening on {desc}", desc=desc, log_category="RT-S01")
+            else:
+                failed.append(f"cannot listen on {desc}: {value.getErrorMessage()}")
+        if failed:
+            raise _StartError("; ".join(failed))
+        self.notifier.ready(f"serving {len(self.ports)} listener(s)")
+        self.log.info("twisted_rt ready", log_category="RT-S02")
+
+    def _fatal(self, f: Failure) -> None:
+        msg = f.getErrorMessage() if f.check(_StartError) else f"start failed: {f.getErrorMessage()}"
+        if not f.check(_StartError):
+            self.log.failure("start failed", f)
+        self.log.critical("{msg}", msg=msg, log_category="RT-S99")
+        sys.stderr.write(f"twisted-rt: {msg}\n")
+        sys.stderr.flush()
+
+        def leave() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        self.reactor.addSystemEventTrigger("after", "shutdown", leave)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        self.app.stopping = True
+        self.notifier.stopping()
+        self.log.info("stopping: no new connections", log_category="RT-S10")
+        ports, self.ports = self.ports, []
+        await DeferredList([defer.maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
+        await DeferredList(
+            [_maybe(hook()) for hook in self.app.shutdown_hooks], consumeErrors=True
+        )
+        await self._drain(self.config.server.shutdown_timeout_seconds)
+        await self.broker.stop()
+        self.log.info("stopped", log_category="RT-S11")
+
+    async def _drain(self, timeout: float) -> None:
+        """Wait until no request is in flight, or C{timeout} passes."""
+        from twisted.internet.task import deferLater
+
+        waited = 0.0
+        step = 0.05
+        while self.site.inflight and waited < timeout:
+            await deferLater(self.reactor, step, lambda: None)
+            waited += step
+        if self.site.inflight:
+            self.log.warn(
+                "{n} request(s) still in flight after {t}s; closing them",
+                n=len(self.site.inflight),
+                t=timeout,
+            )
+            for request in list(self.site.inflight):
+                transport = getattr(request, "transport", None) or getattr(request.channel, "transport", None)
+                if transport is not None:
+                    transport.abortConnection() if hasattr(transport, "abortConnection") else transport.loseConnection()
+
+
+class _StartError(Exception):
+    pass
+
+
+def _maybe(result: Any) -> Deferred[Any]:
+    if isinstance(result, Deferred):
+        return result
+    if result is not None and hasattr(result, "__await__"):
+        return defer.ensureDeferred(result)
+    return defer.succeed(result)
