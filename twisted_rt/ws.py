@@ -1,18 +1,562 @@
 # -*- test-case-name: tests.test_ws -*-
-"""C{/ws}: WebSocket subscribers (placeholder until issue 4 lands)."""
+# mypy: disable-error-code="no-untyped-call"
+"""
+C{/ws}: WebSocket subscribers and publishers (Autobahn, mounted in the
+C{twisted.web} tree with L{WebSocketResource}).
+
+The delivery path is the hot path of the daemon, so it does as little as
+possible per subscriber:
+
+  - each event is framed once (C{factory.prepareMessage} on
+    C{event.ws_json()}) and the frame bytes are cached on the event, shared
+    by every connection;
+  - a connection appends the frame to its own queue; every connection with
+    something queued is flushed once per reactor turn (one C{callLater(0)}
+    for the whole factory), writing the queue as B{one} C{transport.write};
+  - the queue is bounded I{before} the transport: the connection registers
+    a push producer on its transport, so it knows when the kernel and the
+    transport's buffer are full (C{pauseProducing}); while paused frames
+    stay in the queue, and when the queue passes
+    C{websocket.max_send_buffer_bytes} it is dropped and the connection is
+    closed with 1013 (the close frame is then the next thing on the wire
+    after at most the transport's own buffer).
+
+Autobahn traps handled here: C{sendClose} only accepts 1000 and 3000-4999,
+so 1001/1008/1009/1013 go through C{sendCloseFrame}; C{failByDrop} is off so
+an oversized message gets a real 1009 close; C{onMessage}'s async work has
+an errback; the factory is started and stopped from the app's lifecycle
+hooks because a C{Site} never does it.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from collections import Counter
+from typing import TYPE_CHECKING, Any
 
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource
+from twisted.web.server import Request
+from zope.interface import implementer
 
-from twisted_rt.web import json_page
+from twisted_rt.auth import AuthError, Principal
+from twisted_rt.event import Draft, Event, dumps
+from twisted_rt.matcher import ChannelError, PatternError, validate_channel, validate_pattern
+from twisted_rt.subscriber import Since, Subscriber
 
 if TYPE_CHECKING:
     from twisted_rt.app import App
 
+__all__ = ["RTWebSocketFactory", "RTWebSocketProtocol", "resource", "origin_allowed", "parse_since"]
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013
+CLOSE_TOKEN_EXPIRED = 4001
+
+#: bad messages (bad JSON, unknown op, invalid fields) tolerated before 1008
+MAX_BAD_MESSAGES = 10
+#: seconds to wait for the peer's close frame before dropping TCP
+CLOSE_HANDSHAKE_TIMEOUT = 5.0
+#: seconds the shutdown hook waits for clients to answer the 1001 close
+SHUTDOWN_WAIT = 3.0
+
+_STATE_OPEN = 3  # WebSocketProtocol.STATE_OPEN
+
+# Our own log: the classes below keep Autobahn's txaio logger as C{self.log}
+# (it filters debug output cheaply; a twisted Logger there would emit it all).
+_log = Logger()
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a request with C{Origin: origin} may connect (empty list: any)."""
+    if not allowed or not origin:
+        return True
+    return origin.rstrip("/") in {a.rstrip("/") for a in allowed} or "*" in allowed
+
+
+def parse_since(value: Any) -> Since:
+    """
+    Check a C{since} value: absent, an offset, or C{{channel: offset}}.
+
+    @raise ValueError: anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("'since' must be an offset or an object of channel offsets")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("'since' may not be negative")
+        return value
+    if isinstance(value, dict):
+        out: dict[str, int] = {}
+        for k, v in value.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"'since' for {k!r} must be an offset >= 0")
+            try:
+                out[validate_channel(k)] = v
+            except ChannelError as e:
+                raise ValueError(f"'since' names a bad channel {k!r}: {e}") from None
+        return out
+    raise ValueError("'since' must be an offset or an object of channel offsets")
+
+
+@implementer(IPushProducer)
+class _Backpressure:
+    """The push producer a connection registers on its transport."""
+
+    __slots__ = ("proto",)
+
+    def __init__(self, proto: RTWebSocketProtocol) -> None:
+        self.proto = proto
+
+    def pauseProducing(self) -> None:
+        self.proto._paused = True
+
+    def resumeProducing(self) -> None:
+        p = self.proto
+        p._paused = False
+        if p._queue and not p._dirty:
+            p._dirty = True
+            p.factory.mark(p)
+
+    def stopProducing(self) -> None:
+        self.proto._paused = True
+
+
+class RTWebSocketProtocol(WebSocketServerProtocol):
+    """One WebSocket client."""
+
+    factory: RTWebSocketFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._queue: list[bytes] = []
+        self._queued = 0
+        self._queued_events = 0
+        self._paused = False
+        self._dirty = False
+        self._closing = False
+        self._opened = False
+        self._ip: str | None = None
+        self._bad = 0
+        self._expiry: IDelayedCall | None = None
+        self._compress = False
+        self.principal: Principal | None = None
+        self.subscriber: Subscriber | None = None
+
+    # handshake
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        f = self.factory
+        app = f.app
+        if app.stopping:
+            raise ConnectionDeny(503, "the server is shutting down")
+        headers = request.headers
+        origin = headers.get("origin")
+        if not origin_allowed(origin, app.config.server.allowed_origins):
+            raise ConnectionDeny(403, f"origin {origin!r} is not allowed")
+        token = (request.params.get("token") or [None])[0]
+        try:
+            principal = app.auth.bearer(headers.get("authorization"), token)
+        except AuthError as e:
+            raise ConnectionDeny(e.status, e.message) from None
+        limit = app.config.websocket.max_connections_per_ip
+        transport: Any = self.transport
+        peer = transport.getPeer()
+        ip = getattr(peer, "host", None) or str(peer)
+        if limit and f.per_ip[ip] >= limit:
+            raise ConnectionDeny(429, f"more than {limit} WebSocket connections from {ip}")
+        f.per_ip[ip] += 1
+        self._ip = ip
+        self.principal = principal
+        return None
+
+    def onOpen(self) -> None:
+        f = self.factory
+        app = f.app
+        self._opened = True
+        self._compress = self._perMessageCompress is not None
+        f.clients.add(self)
+        app.stats.connections["ws"] += 1
+        self.subscriber = Subscriber(app.broker, self._send_event)
+        transport: Any = self.transport
+        try:
+            # the HTTP channel that carried the upgrade is still registered
+            transport.unregisterProducer()
+            transport.registerProducer(_Backpressure(self), True)
+        except RuntimeError:  # pragma: no cover - exotic transports
+            _log.failure("cannot watch the send buffer of {peer}", peer=self.peer)
+        self._schedule_expiry()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        f = self.factory
+        if self._ip is not None:
+            f.per_ip[self._ip] -= 1
+            if f.per_ip[self._ip] <= 0:
+                del f.per_ip[self._ip]
+            self._ip = None
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        self._queue = []
+        self._queued = 0
+        if not self._opened:
+            return
+        self._opened = False
+        f.clients.discard(self)
+        stats = f.app.stats
+        stats.connections["ws"] -= 1
+        if self.subscriber is not None:
+            stats.subscriptions["ws"] -= len(self.subscriber.patterns)
+            self.subscriber.close()
+
+    # delivery (the hot path)
+
+    def _send_event(self, event: Event) -> None:
+        if self._compress:
+            self._enqueue(event.ws_json(), 1)
+            return
+        frame = event.cached("ws")
+        if frame is None:
+            frame = event.cache("ws", self.factory.prepareMessage(event.ws_json()).payloadHybi)
+        self._enqueue(frame, 1)
+
+    def _enqueue(self, data: bytes, events: int) -> None:
+        if self._closing:
+            return
+        self._queue.append(data)
+        self._queued += len(data)
+        self._queued_events += events
+        if self._queued > self.factory.max_send_buffer:
+            self._slow_consumer()
+            return
+        if not self._dirty and not self._paused:
+            self._dirty = True
+            self.factory.mark(self)
+
+    def _flush(self) -> int:
+        """Write the queue as one write; the number of events written."""
+        self._dirty = False
+        if self._paused or not self._queue or self._closing:
+            return 0
+        queue, n = self._queue, self._queued_events
+        self._queue = []
+        self._queued = 0
+        self._queued_events = 0
+        if self._compress:
+            for m in queue:
+                self.sendMessage(m)
+        else:
+            t: Any = self.transport
+            t.write(b"".join(queue) if len(queue) > 1 else queue[0])
+        return n
+
+    def _slow_consumer(self) -> None:
+        f = self.factory
+        f.app.stats.dropped["slow_consumer"] += 1
+        _log.info(
+            "closing slow consumer {peer}: send buffer over {limit} bytes",
+            peer=self.peer,
+            limit=f.max_send_buffer,
+            log_category="RT-WS13",
+        )
+        self.close_with(CLOSE_TRY_AGAIN, f"slow consumer: send buffer over {f.max_send_buffer} bytes")
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Drop the queue, stop deliveries and close with C{code} (any code)."""
+        self._queue = []
+        self._queued = 0
+        self._queued_events = 0
+        self._closing = True
+        if self.subscriber is not None:
+            self.factory.app.stats.subscriptions["ws"] -= len(self.subscriber.patterns)
+            self.subscriber.close()
+        if self.state == _STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+
+    def _reply(self, msg: dict[str, Any], ref: Any = None) -> None:
+        if ref is not None:
+            msg["ref"] = ref
+        payload = dumps(msg)
+        if self._compress:
+            self._enqueue(payload, 0)
+        else:
+            self._enqueue(self.factory.prepareMessage(payload).payloadHybi, 0)
+
+    def _error(self, code: str, message: str, ref: Any = None, abuse: bool = True) -> None:
+        self._reply({"op": "error", "code": code, "message": message}, ref)
+        if abuse:
+            self._bad += 1
+            if self._bad >= MAX_BAD_MESSAGES:
+                self.close_with(CLOSE_POLICY, f"{self._bad} bad messages")
+
+    # token expiry
+
+    def _schedule_expiry(self) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        exp = self.principal.exp if self.principal is not None else None
+        if exp is not None:
+            reactor = self.factory.app.reactor
+            self._expiry = reactor.callLater(max(0.0, exp - reactor.seconds()), self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self.close_with(CLOSE_TOKEN_EXPIRED, "token expired")
+
+    # client messages
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._closing:
+            return
+        if isBinary:
+            self.close_with(CLOSE_POLICY, "binary messages are not accepted; send JSON text")
+            return
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            self._error("bad_json", "the message is not valid JSON")
+            return
+        if not isinstance(msg, dict):
+            self._error("bad_request", "a message is a JSON object with an 'op'")
+            return
+        ref = msg.get("ref")
+        op = msg.get("op")
+        handler = _OPS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self._error("unknown_op", f"unknown op {op!r}: use subscribe, unsubscribe, publish, ping, auth", ref)
+            return
+        try:
+            result = handler(self, msg, ref)
+        except Exception:  # noqa: BLE001 - answered, logged
+            _log.failure("handling {op} from {peer}", op=op, peer=self.peer)
+            self._error("internal_error", "the server failed to handle this message; it was logged", ref, False)
+            return
+        if isinstance(result, Deferred):
+            result.addErrback(self._failed, op, ref)
+
+    def _failed(self, f: Failure, op: Any, ref: Any) -> None:
+        from twisted_rt.journal import JournalUnavailable
+
+        if f.check(JournalUnavailable):
+            self._error("journal_unavailable", f"nothing was accepted: {f.getErrorMessage()}", ref, False)
+            return
+        _log.failure("handling {op} from {peer}", f, op=op, peer=self.peer)
+        self._error("internal_error", "the server failed to handle this message; it was logged", ref, False)
+
+    def op_ping(self, msg: dict[str, Any], ref: Any) -> None:
+        """C{{"op":"ping"}} -> C{{"op":"pong"}}."""
+        self._reply({"op": "pong"}, ref)
+
+    def op_subscribe(self, msg: dict[str, Any], ref: Any) -> Deferred[None] | None:
+        """Subscribe to a channel or pattern, replaying after C{since}."""
+        channel = msg.get("channel")
+        try:
+            pattern = validate_pattern(channel)
+        except PatternError as e:
+            self._error("invalid_channel", str(e), ref)
+            return None
+        try:
+            since = parse_since(msg.get("since"))
+        except ValueError as e:
+            self._error("bad_request", str(e), ref)
+            return None
+        assert self.principal is not None and self.subscriber is not None
+        if not self.principal.can_subscribe(pattern):
+            self._error("forbidden", f"this token may not subscribe to {pattern!r}", ref)
+            return None
+        sub = self.subscriber
+        fresh = pattern not in sub.patterns
+        limit = self.factory.app.config.websocket.max_subscriptions
+        if fresh and limit and len(sub.patterns) >= limit:
+            self._error("too_many_subscriptions", f"at most {limit} subscriptions per connection", ref, False)
+            return None
+        self._reply({"op": "subscribed", "channel": pattern}, ref)
+        if fresh:
+            self.factory.app.stats.subscriptions["ws"] += 1
+        return sub.add(pattern, since)
+
+    def op_unsubscribe(self, msg: dict[str, Any], ref: Any) -> None:
+        """Stop a subscription."""
+        channel = msg.get("channel")
+        assert self.subscriber is not None
+        if not isinstance(channel, str) or not self.subscriber.remove(channel):
+            self._error("not_subscribed", f"not subscribed to {channel!r}", ref, False)
+            return
+        self.factory.app.stats.subscriptions["ws"] -= 1
+        self._reply({"op": "unsubscribed", "channel": channel}, ref)
+
+    def op_publish(self, msg: dict[str, Any], ref: Any) -> Deferred[None] | None:
+        """Publish one event (when the token allows it)."""
+        try:
+            channel = validate_channel(msg.get("channel"))
+        except ChannelError as e:
+            self._error("invalid_channel", str(e), ref)
+            return None
+        if "data" not in msg:
+            self._error("bad_request", "publish needs 'data'", ref)
+            return None
+        event_id = msg.get("id")
+        if event_id is not None and (not isinstance(event_id, str) or not 1 <= len(event_id) <= 200):
+            self._error("bad_request", "'id' must be a string of 1-200 characters", ref)
+            return None
+        etype = msg.get("type", "")
+        if not isinstance(etype, str):
+            self._error("bad_request", "'type' must be a string", ref)
+            return None
+        assert self.principal is not None
+        if not self.principal.can_publish(channel):
+            self._error("forbidden", f"this token may not publish to {channel!r}", ref)
+            return None
+        app = self.factory.app
+        d = app.broker.publish([Draft(channel=channel, data=msg["data"], source="ws", type=etype, id=event_id)])
+
+        def done(accepted: list[Any]) -> None:
+            a = accepted[0]
+            if not a.duplicate:
+                app.stats.events_in["ws"] += 1
+            self._reply({"op": "published", **a.receipt()}, ref)
+
+        return d.addCallback(done)
+
+    def op_auth(self, msg: dict[str, Any], ref: Any) -> None:
+        """Replace the connection's token (e.g. before it expires)."""
+        token = msg.get("token")
+        if not isinstance(token, str) or not token:
+            self._error("bad_request", "auth needs a 'token'", ref)
+            return
+        try:
+            principal = self.factory.app.auth.authenticate(token)
+        except AuthError as e:
+            self._error(e.code, e.message, ref, False)
+            return
+        self.principal = principal
+        self._schedule_expiry()
+        self._reply({"op": "authenticated", "sub": principal.sub}, ref)
+
+
+_OPS: dict[str, Any] = {
+    "ping": RTWebSocketProtocol.op_ping,
+    "subscribe": RTWebSocketProtocol.op_subscribe,
+    "unsubscribe": RTWebSocketProtocol.op_unsubscribe,
+    "publish": RTWebSocketProtocol.op_publish,
+    "auth": RTWebSocketProtocol.op_auth,
+}
+
+
+class RTWebSocketFactory(WebSocketServerFactory):
+    """The factory of every C{/ws} connection: limits, clients, batched flush."""
+
+    protocol = RTWebSocketProtocol  # type: ignore[assignment]
+
+    def __init__(self, app: App) -> None:
+        super().__init__(reactor=app.reactor)
+        self.app = app
+        ws = app.config.websocket
+        self.max_send_buffer = ws.max_send_buffer_bytes
+        self.clients: set[RTWebSocketProtocol] = set()
+        self.per_ip: Counter[str] = Counter()
+        self._dirty: list[RTWebSocketProtocol] = []
+        self._flush_call: IDelayedCall | None = None
+        options: dict[str, Any] = dict(
+            maxFramePayloadSize=ws.max_message_bytes,
+            maxMessagePayloadSize=ws.max_message_bytes,
+            failByDrop=False,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            openHandshakeTimeout=10,
+            autoPingInterval=ws.ping_interval_seconds if ws.ping_interval_seconds > 0 else 0,
+            autoPingTimeout=ws.ping_timeout_seconds,
+            echoCloseCodeReason=True,
+        )
+        if ws.compression:
+            options["perMessageCompressionAccept"] = _accept_deflate
+        self.setProtocolOptions(**options)
+
+    def mark(self, proto: RTWebSocketProtocol) -> None:
+        """C{proto} has something queued: flush it at the end of this turn."""
+        self._dirty.append(proto)
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self._flush_all)
+
+    def _flush_all(self) -> None:
+        self._flush_call = None
+        dirty, self._dirty = self._dirty, []
+        n = 0
+        for p in dirty:
+            n += p._flush()
+        if n:
+            self.app.stats.events_out["ws"] += n
+
+    def shutdown(self) -> Deferred[None]:
+        """Close every client with 1001 and wait (bounded) for them to go."""
+        return ensureDeferred(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        from twisted.internet.task import deferLater
+
+        for p in list(self.clients):
+            p.close_with(CLOSE_GOING_AWAY, "server shutting down")
+        waited = 0.0
+        while self.clients and waited < SHUTDOWN_WAIT:
+            await deferLater(self.reactor, 0.02, lambda: None)
+            waited += 0.02
+        for p in list(self.clients):
+            p.dropConnection(abort=True)
+        self.doStop()
+
+
+def _accept_deflate(offers: list[Any]) -> Any:
+    from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
+
+
+class _Resource(WebSocketResource):
+    """
+    L{WebSocketResource} that also takes the upgraded request out of the
+    site's in-flight set (it never finishes as an HTTP request).
+    """
+
+    def __init__(self, factory: RTWebSocketFactory) -> None:
+        super().__init__(factory)
+        self.rt_factory = factory
+
+    def render(self, request: Request) -> Any:
+        if self.rt_factory.app.stopping:
+            from twisted_rt.web import write_json
+
+            write_json(request, 503, {"error": "shutting_down", "message": "the server is shutting down"})
+            return 1  # NOT_DONE_YET
+        result = super().render(request)
+        site = getattr(request.channel, "site", None)
+        inflight = getattr(site, "inflight", None)
+        if isinstance(inflight, set):
+            inflight.discard(request)
+        return result
+
 
 def resource(app: App) -> IResource:
-    """The C{/ws} resource."""
-    return json_page(404, "not_found", "WebSocket is not served yet")
+    """The C{/ws} resource; its factory starts and stops with the app."""
+    factory = RTWebSocketFactory(app)
+
+    def start() -> None:
+        factory.doStart()
+
+    app.on_startup(start)
+    app.on_shutdown(factory.shutdown)
+    r: IResource = _Resource(factory)
+    return r
