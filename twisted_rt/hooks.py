@@ -1,18 +1,419 @@
 # -*- test-case-name: tests.test_hooks -*-
-"""C{/hooks/<source>}: signed webhooks in (placeholder until issue 3 lands)."""
+"""
+C{/hooks/<source>}: signed webhooks in.
+
+C{POST /hooks/<source>} goes, cheapest check first: unknown source (404),
+rate limits per client IP and per source (429 with C{Retry-After}), the
+source's signature over the raw body (401, L{twisted_rt.verify}), the
+content type and body (415, 400), provider handshakes (answered, never
+journaled), the channel template (400 C{unroutable}), then one
+C{broker.publish} whose durable commit is the acknowledgement: C{202
+{"id","channel","offset"}}, or C{200 {..., "duplicate": true}} when the
+source already delivered that id (the journal keeps delivery ids, so this
+holds across restarts).  A journal failure is a 503 via L{twisted_rt.web}.
+
+C{GET /hooks/<source>} answers only the handshakes of Meta
+(C{hub.challenge}) and X (C{crc_token}); anything else is a 405.
+
+This is the ingest hot path: no logging besides the access log, one copy of
+the body, templates compiled once per source.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import re
+from typing import TYPE_CHECKING, Any, Union, cast
+from urllib.parse import parse_qsl
 
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
-from twisted_rt.web import json_page
+from twisted_rt.config import SourceConfig
+from twisted_rt.event import Accepted, Draft
+from twisted_rt.matcher import ChannelError, validate_channel
+from twisted_rt.ratelimit import RateLimiter
+from twisted_rt.verify import SignatureError, identify, meta_challenge, twitter_crc, verify, zoom_validation
+from twisted_rt.web import JsonError, Reply, error_body, run, write_json
 
 if TYPE_CHECKING:
     from twisted_rt.app import App
 
+__all__ = ["ChannelTemplate", "HooksResource", "parse_body", "resource"]
 
-def resource(app: App) -> IResource:
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-.:@]")
+_DROPPED_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+_TEXT_TYPES = frozenset(
+    {
+        "application/xml",
+        "application/javascript",
+        "application/yaml",
+        "application/x-yaml",
+        "application/graphql",
+    }
+)
+_HANDSHAKE_GET = frozenset({"meta", "twitter"})
+
+
+class ChannelTemplate:
+    """
+    A compiled C{channel} template: literal text, C{{source}},
+    C{{header:Name}} and C{{json:a.b.c}} (list indices allowed as numbers).
+
+    Filled-in values have every character not allowed in a channel name
+    replaced by C{_} (GitLab's C{Push Hook} becomes C{Push_Hook}, Shopify's
+    C{orders/create} becomes C{orders_create}); dots are kept as segment
+    separators.
+    """
+
+    def __init__(self, template: str, source: str) -> None:
+        self.template = template
+        # (kind, argument): kind is "text", "header" or "json"
+        self.parts: list[tuple[str, Any]] = []
+        pos = 0
+        for m in _PLACEHOLDER.finditer(template):
+            if m.start() > pos:
+                self.parts.append(("text", template[pos : m.start()]))
+            inner = m.group(1)
+            if inner == "source":
+                self.parts.append(("text", source))
+            else:
+                kind, _, arg = inner.partition(":")
+                if kind == "header":
+                    self.parts.append(("header", (arg.lower(), arg)))
+                else:
+                    self.parts.append(("json", (arg, arg.split("."))))
+            pos = m.end()
+        if pos < len(template):
+            self.parts.append(("text", template[pos:]))
+        self.static: str | None = None
+        if all(kind == "text" for kind, _ in self.parts):
+            self.static = "".join(arg for _, arg in self.parts)
+
+    def render(self, headers: dict[str, str], data: Any) -> str:
+        """
+        The channel of one delivery.  @raise JsonError: 400 C{unroutable}
+        naming the part that could not be filled, or the invalid result.
+        """
+        if self.static is not None:
+            channel = self.static
+        else:
+            out: list[str] = []
+            for kind, arg in self.parts:
+                if kind == "text":
+                    out.append(arg)
+                elif kind == "header":
+                    value = headers.get(arg[0])
+                    if not value:
+                        raise JsonError(
+                            400, "unroutable", f"the channel template needs the {arg[1]} header, which is missing"
+                        )
+                    out.append(_UNSAFE.sub("_", value))
+                else:
+                    value = _lookup(data, arg[1])
+                    if value is None:
+                        raise JsonError(
+                            400,
+                            "unroutable",
+                            f"the channel template needs the body field {arg[0]}, which is missing or not a"
+                            " string or number",
+                        )
+                    out.append(_UNSAFE.sub("_", value))
+            channel = "".join(out)
+        try:
+            return validate_channel(channel)
+        except ChannelError as e:
+            raise JsonError(
+                400, "unroutable", f"the channel template {self.template!r} gave {channel!r}, which is invalid: {e}"
+            ) from None
+
+
+def _lookup(data: Any, path: list[str]) -> str | None:
+    for key in path:
+        if isinstance(data, dict):
+            data = data.get(key)
+        elif isinstance(data, list) and key.isdigit() and int(key) < len(data):
+            data = data[int(key)]
+        else:
+            return None
+    if isinstance(data, str):
+        return data or None
+    if isinstance(data, int) and not isinstance(data, bool):
+        return str(data)
+    return None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_body(content_type: str | None, body: bytes) -> Any:
+    """
+    The C{data} of a webhook body per the contract: JSON; a form becomes an
+    object of its fields (a C{payload} field holding JSON, as Slack and
+    GitHub send it, is decoded); other text is kept as a string; no content
+    type means JSON.  An empty body is C{None}.
+
+    @raise JsonError: 415 for a binary or unknown type, 400 if unparsable.
+    """
+    mime = ""
+    charset = "utf-8"
+    if content_type:
+        mime, _, params = content_type.partition(";")
+        mime = mime.strip().lower()
+        for p in params.split(";"):
+            k, _, v = p.partition("=")
+            if k.strip().lower() == "charset" and v.strip():
+                charset = v.strip().strip('"')
+    if not mime or mime == "application/json" or mime.endswith("+json"):
+        if not body:
+            return None
+        try:
+            return json.loads(body, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:
+            raise JsonError(400, "invalid_body", f"the body is not valid JSON: {e}") from None
+    if mime == "application/x-www-form-urlencoded":
+        try:
+            pairs = parse_qsl(body.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise JsonError(400, "invalid_body", f"the form body cannot be decoded: {e}") from None
+        fields: dict[str, Any] = {}
+        for k, v in pairs:
+            prior = fields.get(k)
+            if prior is None:
+                fields[k] = v
+            elif isinstance(prior, list):
+                prior.append(v)
+            else:
+                fields[k] = [prior, v]
+        payload = fields.get("payload")
+        if isinstance(payload, str) and payload[:1] in ("{", "["):
+            try:
+                fields["payload"] = json.loads(payload)
+            except ValueError as e:
+                raise JsonError(400, "invalid_body", f"the form's payload field is not valid JSON: {e}") from None
+        return fields
+    if mime.startswith("text/") or mime in _TEXT_TYPES or mime.endswith("+xml"):
+        try:
+            return body.decode(charset)
+        except (LookupError, UnicodeDecodeError) as e:
+            raise JsonError(400, "invalid_body", f"the text body cannot be decoded as {charset}: {e}") from None
+    raise JsonError(
+        415,
+        "unsupported_media_type",
+        f"{mime} bodies are not accepted; send JSON, a form, or text",
+    )
+
+
+def _peer(request: IRequest) -> str:
+    address = cast(Any, request).getClientAddress()
+    return str(getattr(address, "host", ""))
+
+
+def _body(request: Request) -> bytes:
+    content = request.content
+    if content is None:
+        return b""
+    getvalue = getattr(content, "getvalue", None)
+    if getvalue is not None:
+        return bytes(getvalue())
+    content.seek(0)
+    return bytes(content.read())
+
+
+class _Source:
+    """One configured source, ready to serve."""
+
+    __slots__ = ("allow", "config", "kind", "limiter", "name", "route")
+
+    def __init__(self, config: SourceConfig, reactor: Any) -> None:
+        self.config = config
+        self.name = config.name
+        self.kind = config.verify
+        self.route = ChannelTemplate(config.channel, config.name)
+        self.limiter = (
+            RateLimiter(config.rate_limit_per_second, reactor) if config.rate_limit_per_second > 0 else None
+        )
+        self.allow = "GET, POST" if self.kind in _HANDSHAKE_GET else "POST"
+
+
+Answer = Union[Reply, "Deferred[Reply]"]
+
+
+@implementer(IResource)
+class HooksResource:
+    """The C{/hooks} subtree: a leaf that dispatches on the source name."""
+
+    isLeaf = True
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.reactor = app.reactor
+        self.stats = app.stats
+        self.sources = {s.name: _Source(s, app.reactor) for s in app.config.sources}
+        rate = app.config.server.rate_limit_per_ip_per_second
+        self.ip_limiter = RateLimiter(rate, app.reactor) if rate > 0 else None
+
+    def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
+        """Never called: this resource is a leaf."""
+        return self  # pragma: no cover
+
+    def putChild(self, path: bytes, child: IResource) -> None:
+        """A leaf has no children."""
+        raise NotImplementedError("/hooks has no children")
+
+    def render(self, request: Request) -> int:
+        path = request.postpath or []
+        if len(path) == 2 and path[1] == b"":
+            path = path[:1]
+        if len(path) != 1 or not path[0]:
+            return self._error(request, 404, "unknown_source", "use /hooks/<source>")
+        name = path[0].decode("utf-8", "replace")
+        src = self.sources.get(name)
+        if self.ip_limiter is not None:
+            wait = self.ip_limiter.take(_peer(request))
+            if wait:
+                if src is not None:
+                    self.stats.webhook(name, "rate_limited")
+                return self._error(
+                    request, 429, "rate_limited", "too many requests from this address", {"Retry-After": str(wait)}
+                )
+        if src is None:
+            return self._error(request, 404, "unknown_source", f"no webhook source is called {name!r}")
+        method = request.method
+        if method == b"POST":
+            return run(request, lambda r: self._post(r, src))
+        if method == b"GET" and src.kind in _HANDSHAKE_GET:
+            return run(request, lambda r: self._get(r, src))
+        self.stats.webhook(name, "method_not_allowed")
+        return self._error(
+            request,
+            405,
+            "method_not_allowed",
+            f"{method.decode('ascii', 'replace')} is not allowed here; use {src.allow}"
+            + (" (GET only for provider handshakes)" if src.kind in _HANDSHAKE_GET else ""),
+            {"Allow": src.allow},
+        )
+
+    def _error(
+        self, request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> int:
+        write_json(request, status, error_body(code, message), headers)
+        return NOT_DONE_YET
+
+    def _reject(self, src: _Source, e: JsonError) -> JsonError:
+        self.stats.webhook(src.name, e.code)
+        return e
+
+    # -- POST ---------------------------------------------------------------
+
+    def _post(self, request: Request, src: _Source) -> Answer:
+        if src.limiter is not None:
+            wait = src.limiter.take("")
+            if wait:
+                raise self._reject(
+                    src,
+                    JsonError(
+                        429, "rate_limited", f"source {src.name!r} is over its rate limit", {"Retry-After": str(wait)}
+                    ),
+                )
+        body = _body(request)
+        lower: dict[str, str] = {}
+        kept: dict[str, str] = {}
+        for raw_name, values in request.requestHeaders.getAllRawHeaders():
+            hname = raw_name.decode("latin-1")
+            value = b", ".join(values).decode("latin-1")
+            lname = hname.lower()
+            lower[lname] = value
+            if lname not in _DROPPED_HEADERS:
+                kept[hname] = value
+        try:
+            verify(src.config, body, lower, self.reactor.seconds())
+        except SignatureError as e:
+            raise self._reject(
+                src, JsonError(401, e.code, e.message, {"WWW-Authenticate": f'Signature realm="{src.name}"'})
+            ) from None
+        try:
+            data = parse_body(lower.get("content-type"), body)
+        except JsonError as e:
+            raise self._reject(src, e) from None
+        kind = src.kind
+        if kind == "slack" and isinstance(data, dict) and data.get("type") == "url_verification":
+            self.stats.webhook(src.name, "handshake")
+            return Reply(200, {"challenge": data.get("challenge", "")})
+        if kind == "zoom" and isinstance(data, dict) and data.get("event") == "endpoint.url_validation":
+            payload = data.get("payload")
+            token = payload.get("plainToken") if isinstance(payload, dict) else None
+            if not isinstance(token, str):
+                raise self._reject(src, JsonError(400, "invalid_body", "endpoint.url_validation without payload.plainToken"))
+            self.stats.webhook(src.name, "handshake")
+            return Reply(200, zoom_validation(src.config, token))
+        etype, eid = identify(kind, lower, data)
+        try:
+            channel = src.route.render(lower, data)
+        except JsonError as e:
+            raise self._reject(src, e) from None
+        draft = Draft(channel, data, source=src.name, type=etype, id=eid, raw=body, headers=kept)
+        d = self.app.broker.publish([draft])
+        return d.addCallbacks(self._accepted, self._failed, callbackArgs=(src.name,), errbackArgs=(src.name,))
+
+    def _accepted(self, accepted: list[Accepted], name: str) -> Reply:
+        a = accepted[0]
+        if a.duplicate:
+            self.stats.webhook(name, "duplicate")
+            return Reply(200, a.receipt())
+        self.stats.webhook(name, "accepted")
+        self.stats.events_in[name] += 1
+        return Reply(202, a.receipt())
+
+    def _failed(self, f: Failure, name: str) -> Failure:
+        from twisted.internet.defer import CancelledError
+
+        from twisted_rt.journal import JournalUnavailable
+
+        if isinstance(f.value, JournalUnavailable):
+            self.stats.webhook(name, "journal_unavailable")
+        elif not isinstance(f.value, CancelledError):
+            self.stats.webhook(name, "internal_error")
+        return f
+
+    # -- GET handshakes -----------------------------------------------------
+
+    def _get(self, request: Request, src: _Source) -> Reply:
+        args = {
+            k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace")
+            for k, v in (request.args or {}).items()
+            if v
+        }
+        if src.kind == "meta":
+            try:
+                challenge = meta_challenge(src.config, args)
+            except SignatureError as e:
+                raise self._reject(src, JsonError(403, e.code, e.message)) from None
+            if challenge is not None:
+                self.stats.webhook(src.name, "handshake")
+                return Reply(200, challenge.encode("utf-8"), content_type=b"text/plain; charset=utf-8")
+        elif "crc_token" in args:
+            self.stats.webhook(src.name, "handshake")
+            return Reply(200, twitter_crc(src.config, args["crc_token"]))
+        raise self._reject(
+            src,
+            JsonError(
+                405,
+                "method_not_allowed",
+                "GET is only for the provider's handshake"
+                + (" (hub.mode=subscribe&hub.challenge=…&hub.verify_token=…)" if src.kind == "meta" else " (crc_token=…)")
+                + "; deliveries use POST",
+                {"Allow": src.allow},
+            ),
+        )
+
+
+def resource(app: App) -> HooksResource:
     """The C{/hooks} subtree."""
-    return json_page(404, "unknown_source", "no webhook sources are served yet")
+    return HooksResource(app)
