@@ -337,6 +337,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("server.listen", "at least one endpoint is needed")
     for i, desc in enumerate(cfg.server.listen):
         _check_endpoint(endpoints, desc, f"server.listen[{i}]")
+    from twisted_rt.tls import check as check_tls  # ssl: listeners and [tls] files
+
+    check_tls(cfg)
     if cfg.server.max_body_bytes < 1:
         raise ConfigError("server.max_body_bytes", "must be at least 1")
     if cfg.journal.max_events_per_channel < 1:
@@ -427,6 +430,8 @@ def _check_endpoint(endpoints: Any, desc: str, key: str) -> None:
     """Parse an endpoint description without listening on it."""
     from twisted.internet.testing import MemoryReactor
 
+    if desc.startswith("ssl:"):
+        return  # parsed and its files checked by twisted_rt.tls.check
     if desc.startswith("systemd:"):
         # The systemd endpoint reads LISTEN_FDS at parse time; only the
         # syntax is checked here.
