@@ -1,15 +1,281 @@
 # -*- test-case-name: tests.test_api -*-
-"""C{/api/*}, C{/metrics}, C{/openapi.json} (placeholder until issue 5 lands)."""
+"""
+The JSON API a backend drives the daemon with, plus C{/metrics} and
+C{/openapi.json}.
+
+  - C{POST /api/publish}: one event C{{"channel","data","id"?,"type"?}} or a
+    batch C{{"events": [...]}} of at most L{MAX_BATCH}, journaled in one
+    commit; idempotent by C{id} (source C{api}).
+  - C{GET /api/channels}: channels the caller may read.
+  - C{GET /api/channels/<name>/history?since=N&limit=M}.
+  - C{GET /api/stats}: the counters of L{twisted_rt.metrics.Stats}.
+  - C{GET /metrics}: Prometheus text exposition.
+  - C{GET /openapi.json}: L{twisted_rt.openapi.document}.
+
+Every route but C{/metrics} and C{/openapi.json} needs a token (an API key,
+or a JWT with the rights); C{history} also answers an anonymous caller for
+the C{anonymous_subscribe} channels.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from twisted_rt.auth import AuthError, Principal, require
+from twisted_rt.event import Draft, dumps
+from twisted_rt.matcher import ChannelError, validate_channel
+from twisted_rt.web import JsonError, JsonResource, Reply, Root, error_body
 
 if TYPE_CHECKING:
     from twisted_rt.app import App
 
+__all__ = [
+    "DEFAULT_HISTORY_LIMIT",
+    "MAX_BATCH",
+    "MAX_HISTORY_LIMIT",
+    "MAX_ID_LENGTH",
+    "MAX_OFFSET",
+    "MAX_TYPE_LENGTH",
+    "mount",
+    "parse_publish",
+]
+
+#: most events in one C{POST /api/publish}
+MAX_BATCH = 100
+#: longest idempotency key
+MAX_ID_LENGTH = 200
+#: longest event type
+MAX_TYPE_LENGTH = 100
+#: C{limit} of a history request: default and maximum
+DEFAULT_HISTORY_LIMIT = 100
+MAX_HISTORY_LIMIT = 1000
+#: the largest offset (SQLite's signed 64-bit integer)
+MAX_OFFSET = 2**63 - 1
+
+_EVENT_KEYS = frozenset({"channel", "data", "id", "type"})
+
+
+def _bad(code: str, message: str) -> JsonError:
+    return JsonError(400, code, message)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_content_type(request: Request) -> bool:
+    ctype = request.getHeader(b"content-type")
+    if not ctype:
+        return False
+    media = ctype.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def _event_draft(obj: Any, where: str) -> Draft:
+    """One event object of a publish body as a L{Draft}.  @raise JsonError: 400."""
+    if not isinstance(obj, dict):
+        raise _bad("invalid_body", f"{where} must be a JSON object")
+    unknown = sorted(set(obj) - _EVENT_KEYS)
+    if unknown:
+        raise _bad("invalid_body", f"{where} has unknown field {unknown[0]!r} (known: channel, data, id, type)")
+    if "channel" not in obj:
+        raise _bad("missing_field", f"{where} needs a 'channel'")
+    if "data" not in obj:
+        raise _bad("missing_field", f"{where} needs 'data' (any JSON value)")
+    try:
+        channel = validate_channel(obj["channel"])
+    except ChannelError as e:
+        raise _bad("invalid_channel", f"{where}.channel: {e}") from None
+    event_id = obj.get("id")
+    if "id" in obj and (not isinstance(event_id, str) or not 1 <= len(event_id) <= MAX_ID_LENGTH):
+        raise _bad("invalid_field", f"{where}.id must be a string of 1-{MAX_ID_LENGTH} characters")
+    event_type = obj.get("type", "")
+    if not isinstance(event_type, str) or len(event_type) > MAX_TYPE_LENGTH:
+        raise _bad("invalid_field", f"{where}.type must be a string of at most {MAX_TYPE_LENGTH} characters")
+    return Draft(channel=channel, data=obj["data"], source="api", type=event_type, id=event_id)
+
+
+def parse_publish(body: bytes) -> tuple[list[Draft], bool]:
+    """
+    The drafts of a publish body, and whether it was a batch.
+
+    @raise JsonError: 400 for anything malformed.
+    """
+    try:
+        obj = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise _bad("invalid_json", "the body is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise _bad("invalid_body", "the body must be a JSON object: {channel, data} or {events: [...]}")
+    try:
+        dumps(obj)
+    except UnicodeEncodeError:
+        raise _bad("invalid_json", "the body has a lone surrogate (\\ud800-\\udfff) in a string") from None
+    if "events" in obj:
+        extra = sorted(set(obj) - {"events"})
+        if extra:
+            raise _bad("invalid_body", f"a batch has only 'events', not {extra[0]!r}")
+        events = obj["events"]
+        if not isinstance(events, list) or not events:
+            raise _bad("invalid_body", "'events' must be a non-empty list of event objects")
+        if len(events) > MAX_BATCH:
+            raise _bad("too_many_events", f"at most {MAX_BATCH} events per request, got {len(events)}")
+        return [_event_draft(e, f"events[{i}]") for i, e in enumerate(events)], True
+    return [_event_draft(obj, "the event")], False
+
+
+def _caller(app: App, request: Request) -> Principal:
+    """The authenticated caller; anonymous callers are refused with 401."""
+    return require(app.principal(request))
+
+
+class Publish(JsonResource):
+    """C{POST /api/publish}."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.app = app
+
+    async def handle_POST(self, request: Request) -> Reply:
+        _no_subpath(request)
+        principal = _caller(self.app, request)
+        if not _json_content_type(request):
+            raise JsonError(415, "unsupported_media_type", "send the body as Content-Type: application/json")
+        assert request.content is not None
+        drafts, batch = parse_publish(request.content.read())
+        for d in drafts:
+            if not principal.can_publish(d.channel):
+                raise AuthError("forbidden", f"this token may not publish to {d.channel!r}", 403)
+        accepted = await self.app.broker.publish(drafts)
+        fresh = sum(1 for a in accepted if not a.duplicate)
+        if fresh:
+            self.app.stats.events_in["api"] += fresh
+        if batch:
+            return Reply(202, {"events": [a.receipt() for a in accepted]})
+        return Reply(202, accepted[0].receipt())
+
+
+def _int_arg(request: Request, name: str, default: int, low: int, high: int) -> int:
+    values = (request.args or {}).get(name.encode("ascii"))
+    if not values:
+        return default
+    raw = values[0].decode("ascii", "replace")
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        raise _bad("invalid_parameter", f"{name} must be an integer from {low} to {high}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise _bad("invalid_parameter", f"{name} must be an integer from {low} to {high}")
+    return value
+
+
+def _no_subpath(request: Request) -> None:
+    if request.postpath and request.postpath != [b""]:
+        raise JsonError(404, "not_found", f"no route for {request.path.decode('utf-8', 'replace')}")
+
+
+class Channels(JsonResource):
+    """C{GET /api/channels} and C{GET /api/channels/<name>/history}."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.app = app
+
+    async def handle_GET(self, request: Request) -> dict[str, Any]:
+        post = request.postpath or []
+        if not post or post == [b""]:
+            return await self._list(request)
+        if len(post) == 2 and post[1] == b"history":
+            return await self._history(request, post[0])
+        raise JsonError(404, "not_found", f"no route for {request.path.decode('utf-8', 'replace')}")
+
+    async def _list(self, request: Request) -> dict[str, Any]:
+        principal = _caller(self.app, request)
+        channels = await self.app.broker.channels()
+        if not principal.admin:
+            channels = [c for c in channels if principal.can_read(c["name"])]
+        return {"channels": channels}
+
+    async def _history(self, request: Request, raw_name: bytes) -> dict[str, Any]:
+        principal = self.app.principal(request)
+        try:
+            channel = validate_channel(raw_name.decode("utf-8"))
+        except (UnicodeDecodeError, ChannelError) as e:
+            raise _bad("invalid_channel", f"{e}") from None
+        since = _int_arg(request, "since", 0, 0, MAX_OFFSET)
+        limit = _int_arg(request, "limit", DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT)
+        if not principal.can_read(channel):
+            if principal.anonymous:
+                require(principal)
+            raise AuthError("forbidden", f"this token may not read {channel!r}", 403)
+        events = await self.app.broker.history(channel, since, limit)
+        last = await self.app.broker.last_offset(channel)
+        if events:
+            last = max(last, events[-1].offset)
+        return {"events": [e.public() for e in events], "last_offset": last}
+
+
+class StatsPage(JsonResource):
+    """C{GET /api/stats}."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.app = app
+
+    async def handle_GET(self, request: Request) -> dict[str, Any]:
+        _no_subpath(request)
+        _caller(self.app, request)
+        return self.app.stats.snapshot()
+
+
+class Metrics(JsonResource):
+    """C{GET /metrics}: the Prometheus text format."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.app = app
+
+    async def handle_GET(self, request: Request) -> Reply:
+        _no_subpath(request)
+        return Reply(200, generate_latest(self.app.stats.registry), content_type=CONTENT_TYPE_LATEST.encode())
+
+
+class OpenAPI(JsonResource):
+    """C{GET /openapi.json}: the document, encoded once."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        from twisted_rt.openapi import document
+
+        self._body = dumps(document())
+
+    async def handle_GET(self, request: Request) -> Reply:
+        _no_subpath(request)
+        return Reply(200, self._body, headers={"Cache-Control": "no-cache"})
+
+
+class ApiRoot(Root):
+    """C{/api} itself: a JSON 404 (its children are the routes)."""
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json")  # type: ignore[no-untyped-call]
+        return error_body("not_found", "see /openapi.json for the API's routes")
+
 
 def mount(root: Resource, app: App) -> None:
-    """Put the API routes under C{root}."""
+    """Put C{/api/*}, C{/metrics} and C{/openapi.json} under C{root}."""
+    api = ApiRoot()  # type: ignore[no-untyped-call]
+    api.putChild(b"publish", Publish(app))
+    api.putChild(b"channels", Channels(app))
+    api.putChild(b"stats", StatsPage(app))
+    root.putChild(b"api", api)
+    root.putChild(b"metrics", Metrics(app))
+    root.putChild(b"openapi.json", OpenAPI(app))
+    broker = app.broker
+    app.stats.ready = lambda: bool(broker.ready)
+

@@ -22,7 +22,7 @@ import jwt
 from twisted_rt.config import AuthConfig
 from twisted_rt.matcher import PatternError, covers, matches, validate_pattern
 
-__all__ = ["AuthError", "Authenticator", "Principal"]
+__all__ = ["AuthError", "Authenticator", "Principal", "load_public_key", "require"]
 
 
 class AuthError(Exception):
@@ -77,11 +77,24 @@ def _rights(claims: dict[str, Any], name: str) -> tuple[str, ...]:
 
 
 class Authenticator:
-    """Checks API keys and JWTs against the C{[auth]} config."""
+    """
+    Checks API keys and JWTs against the C{[auth]} config.
 
-    def __init__(self, config: AuthConfig, clock: Callable[[], float] = time.time) -> None:
+    @param clock: the time source for C{exp}, C{nbf} and C{iat} (and for
+        L{mint}); a test passes a fake.
+    @param leeway: seconds of clock skew tolerated for C{nbf} and C{iat}
+        (never for C{exp}).
+    """
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        clock: Callable[[], float] = time.time,
+        leeway: float = 5.0,
+    ) -> None:
         self.config = config
         self._clock = clock
+        self._leeway = leeway
         self._keys = [k.encode("utf-8") for k in config.api_keys]
         self._verify_key: Any = None
         self._algorithms: list[str] = []
@@ -91,18 +104,9 @@ class Authenticator:
             self._sign_key = config.jwt_secret
             self._algorithms = ["HS256"]
         elif config.jwt_public_key_file:
-            from cryptography.hazmat.primitives.asymmetric import ec, rsa
-            from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
             with open(config.jwt_public_key_file, "rb") as f:
-                key = load_pem_public_key(f.read())
-            if isinstance(key, rsa.RSAPublicKey):
-                self._algorithms = ["RS256"]
-            elif isinstance(key, ec.EllipticCurvePublicKey):
-                self._algorithms = ["ES256"]
-            else:
-                raise ValueError("jwt_public_key_file must hold an RSA or EC public key")
-            self._verify_key = key
+                self._verify_key, alg = load_public_key(f.read())
+            self._algorithms = [alg]
         self._anonymous = Principal(
             sub="anonymous", subscribe=tuple(config.anonymous_subscribe), anonymous=True
         )
@@ -138,35 +142,78 @@ class Authenticator:
             raise AuthError("invalid_token", "the token is not a known API key")
         if token.count(".") != 2:
             raise AuthError("invalid_token", "the token is not a known API key or a JWT")
+        claims = self._decode(token)
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise AuthError("invalid_token", "the 'sub' claim must be a non-empty string")
+        exp = self._check_times(claims)
+        return Principal(
+            sub=sub,
+            subscribe=_rights(claims, "subscribe"),
+            publish=_rights(claims, "publish"),
+            exp=exp,
+        )
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        """Verify the signature and algorithm; the time claims are checked after."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise AuthError("invalid_token", "the token is not a well-formed JWT") from None
+        alg = header.get("alg")
+        if alg not in self._algorithms:
+            raise AuthError(
+                "invalid_token",
+                f"the token's algorithm {alg!r} is not the configured {self._algorithms[0]}",
+            )
         try:
             claims = jwt.decode(
                 token,
                 self._verify_key,
                 algorithms=self._algorithms,
-                options={"require": ["exp", "sub"]},
-                leeway=0,
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                    "verify_sub": False,
+                    "verify_jti": False,
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token_expired", "the token has expired") from None
-        except jwt.ImmatureSignatureError:
-            raise AuthError("token_not_yet_valid", "the token is not valid yet (nbf or iat in the future)") from None
         except jwt.MissingRequiredClaimError as e:
             raise AuthError("invalid_token", f"the token lacks the {e.claim!r} claim") from None
         except jwt.InvalidAlgorithmError:
-            raise AuthError("invalid_token", f"the token's algorithm is not {self._algorithms[0]}") from None
+            raise AuthError(
+                "invalid_token", f"the token's algorithm is not the configured {self._algorithms[0]}"
+            ) from None
         except jwt.InvalidSignatureError:
             raise AuthError("invalid_token", "the token's signature does not verify") from None
-        except jwt.InvalidTokenError as e:
-            raise AuthError("invalid_token", f"the token is not valid: {e}") from None
-        sub = claims["sub"]
-        if not isinstance(sub, str) or not sub:
-            raise AuthError("invalid_token", "the 'sub' claim must be a non-empty string")
-        return Principal(
-            sub=sub,
-            subscribe=_rights(claims, "subscribe"),
-            publish=_rights(claims, "publish"),
-            exp=float(claims["exp"]),
-        )
+        except jwt.InvalidTokenError:
+            raise AuthError("invalid_token", "the token is not a valid JWT") from None
+        if not isinstance(claims, dict):  # pragma: no cover - PyJWT always gives a dict
+            raise AuthError("invalid_token", "the token's claims are not an object")
+        return claims
+
+    def _check_times(self, claims: dict[str, Any]) -> float:
+        """Check C{exp}, C{nbf} and C{iat} against the clock; return C{exp}."""
+        now = self._clock()
+        times: dict[str, float] = {}
+        for name in ("exp", "nbf", "iat"):
+            if name not in claims:
+                continue
+            value = claims[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise AuthError("invalid_token", f"the {name!r} claim must be a number (epoch seconds)")
+            times[name] = float(value)
+        if times["exp"] <= now:
+            raise AuthError("token_expired", "the token has expired")
+        if "nbf" in times and times["nbf"] > now + self._leeway:
+            raise AuthError("token_not_yet_valid", "the token is not valid yet (its nbf is in the future)")
+        if "iat" in times and times["iat"] > now + self._leeway:
+            raise AuthError("token_not_yet_valid", "the token was issued in the future (its iat)")
+        return times["exp"]
 
     def bearer(self, header: bytes | str | None, query_token: bytes | str | None = None) -> Principal:
         """
@@ -203,3 +250,36 @@ class Authenticator:
             "publish": list(publish),
         }
         return jwt.encode(claims, self._sign_key, algorithm="HS256")
+
+
+def load_public_key(pem: bytes) -> tuple[Any, str]:
+    """
+    A JWT verification key and its one algorithm from a PEM public key:
+    RSA gives RS256, EC P-256 gives ES256.
+
+    @raise ValueError: any other kind of key.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(pem)
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise ValueError("jwt_public_key_file: an RSA key needs at least 2048 bits")
+        return key, "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError("jwt_public_key_file: an EC key must be on P-256 for ES256")
+        return key, "ES256"
+    raise ValueError("jwt_public_key_file must hold an RSA or EC P-256 public key")
+
+
+def require(principal: Principal) -> Principal:
+    """
+    C{principal} if it came with a token; the API refuses anonymous callers.
+
+    @raise AuthError: 401 C{missing_token}.
+    """
+    if principal.anonymous:
+        raise AuthError("missing_token", "this route needs 'Authorization: Bearer <api key or JWT>'")
+    return principal

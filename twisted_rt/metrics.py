@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_api -*-
+# -*- test-case-name: tests.test_metrics -*-
 """
 Counters of what the daemon does, for C{/api/stats} and C{/metrics}.
 
@@ -9,14 +9,18 @@ Rare things (commits, rejections) use C{prometheus_client} types directly.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["Stats"]
+__all__ = ["ACCEPTED_OUTCOMES", "Stats"]
+
+#: webhook outcomes that are not rejections
+ACCEPTED_OUTCOMES = frozenset({"accepted", "duplicate"})
 
 
 class Stats:
@@ -32,7 +36,11 @@ class Stats:
         C{accepted}, C{duplicate} or a rejection reason.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self.started = clock()
+        #: set by the API: whether the broker accepts events now
+        self.ready: Callable[[], bool] | None = None
         self.connections: Counter[str] = Counter()
         self.subscriptions: Counter[str] = Counter()
         self.events_in: Counter[str] = Counter()
@@ -53,6 +61,7 @@ class Stats:
             registry=self.registry,
         )
         self.registry.register(_StatsCollector(self))
+        ProcessCollector(registry=self.registry)
 
     def on_commit(self, count: int, seconds: float) -> None:
         """Record one journal commit (the journal's C{on_commit} hook)."""
@@ -63,12 +72,17 @@ class Stats:
         """Count one webhook outcome."""
         self.webhooks[(source, outcome)] += 1
 
+    def rejected(self) -> dict[tuple[str, str], int]:
+        """Rejected webhooks by (source, reason)."""
+        return {k: v for k, v in self.webhooks.items() if k[1] not in ACCEPTED_OUTCOMES}
+
     def snapshot(self) -> dict[str, Any]:
         """The C{/api/stats} body."""
         by_source: dict[str, dict[str, int]] = {}
         for (source, outcome), n in sorted(self.webhooks.items()):
             by_source.setdefault(source, {})[outcome] = n
         return {
+            "uptime_seconds": round(max(0.0, self._clock() - self.started), 3),
             "connections": sum(self.connections.values()),
             "connections_by_transport": dict(self.connections),
             "subscriptions": sum(self.subscriptions.values()),
@@ -79,6 +93,7 @@ class Stats:
             "dropped": sum(self.dropped.values()),
             "dropped_by_reason": dict(self.dropped),
             "webhooks": by_source,
+            "webhooks_rejected": sum(self.rejected().values()),
         }
 
 
@@ -112,3 +127,13 @@ class _StatsCollector(Collector):
         for (src, outcome), v in sorted(s.webhooks.items()):
             c.add_metric([src, outcome], v)
         yield c
+        c = CounterMetricFamily(
+            "rt_webhooks_rejected", "Webhooks refused, by source and reason.", labels=["source", "reason"]
+        )
+        for (src, reason), v in sorted(s.rejected().items()):
+            c.add_metric([src, reason], v)
+        yield c
+        ready = s.ready
+        if ready is not None:
+            yield GaugeMetricFamily("rt_ready", "1 when the journal/broker accepts events.", value=1 if ready() else 0)
+        yield GaugeMetricFamily("rt_uptime_seconds", "Seconds since the daemon started.", value=s._clock() - s.started)

@@ -1,0 +1,602 @@
+# -*- test-case-name: tests.test_openapi -*-
+"""
+The OpenAPI 3.1 document of every route of the contract, served at
+C{GET /openapi.json}.
+
+It is written by hand from CONTRACT.md and the code of each route, and the
+tests keep it honest: it validates with C{openapi_spec_validator}, and a
+C{schemathesis} run against the live daemon checks that the answers match it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted_rt import __version__
+from twisted_rt.api import (
+    DEFAULT_HISTORY_LIMIT,
+    MAX_BATCH,
+    MAX_HISTORY_LIMIT,
+    MAX_ID_LENGTH,
+    MAX_OFFSET,
+    MAX_TYPE_LENGTH,
+)
+
+__all__ = ["document"]
+
+_SEG = "[A-Za-z0-9_:@-]+"
+CHANNEL_PATTERN = f"^{_SEG}(\\.{_SEG})*$"
+SUBSCRIPTION_PATTERN = f"^({_SEG}|\\*)(\\.({_SEG}|\\*))*(\\.>)?$|^>$"
+
+_BEARER: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+_BEARER_OR_ANON: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"tokenQuery": []}, {}]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _resp(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/responses/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    r: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        r["headers"] = headers
+    return r
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _json(_ref("Error"), description, headers)
+
+
+def _schemas() -> dict[str, Any]:
+    return {
+        "Error": {
+            "type": "object",
+            "description": "Every error body.",
+            "required": ["error", "message"],
+            "properties": {
+                "error": {"type": "string", "description": "A stable machine code, e.g. `invalid_token`."},
+                "message": {"type": "string", "description": "A human sentence."},
+            },
+        },
+        "Channel": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 200,
+            "pattern": CHANNEL_PATTERN,
+            "description": "1-200 characters of `A-Z a-z 0-9 _ - . : @`; segments separated by `.`.",
+            "examples": ["github.push"],
+        },
+        "Pattern": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 200,
+            "pattern": SUBSCRIPTION_PATTERN,
+            "description": "A channel, or a pattern with `*` (one segment) and a final `>` (one or more).",
+            "examples": ["github.*", "billing.>"],
+        },
+        "Offset": {"type": "integer", "minimum": 1, "maximum": MAX_OFFSET},
+        "Event": {
+            "type": "object",
+            "required": ["id", "channel", "offset", "time", "source", "type", "data"],
+            "properties": {
+                "id": {"type": "string"},
+                "channel": _ref("Channel"),
+                "offset": _ref("Offset"),
+                "time": {"type": "string", "description": "RFC 3339 UTC with milliseconds."},
+                "source": {"type": "string", "description": "`api` or the webhook source's name."},
+                "type": {"type": "string"},
+                "data": {"description": "The JSON body (or a string for text bodies)."},
+            },
+        },
+        "PublishEvent": {
+            "type": "object",
+            "required": ["channel", "data"],
+            "additionalProperties": False,
+            "properties": {
+                "channel": _ref("Channel"),
+                "data": {"description": "Any JSON value."},
+                "id": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_ID_LENGTH,
+                    "description": "Idempotency key: the same id again answers the original event.",
+                },
+                "type": {"type": "string", "maxLength": MAX_TYPE_LENGTH},
+            },
+        },
+        "PublishBatch": {
+            "type": "object",
+            "required": ["events"],
+            "additionalProperties": False,
+            "properties": {
+                "events": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_BATCH,
+                    "items": _ref("PublishEvent"),
+                    "description": "Journaled in one commit: all or none.",
+                }
+            },
+        },
+        "Receipt": {
+            "type": "object",
+            "required": ["id", "channel", "offset"],
+            "properties": {
+                "id": {"type": "string"},
+                "channel": _ref("Channel"),
+                "offset": _ref("Offset"),
+                "duplicate": {
+                    "type": "boolean",
+                    "const": True,
+                    "description": "Present when the id was already journaled: the original offset.",
+                },
+            },
+        },
+        "BatchReceipt": {
+            "type": "object",
+            "required": ["events"],
+            "properties": {"events": {"type": "array", "items": _ref("Receipt")}},
+        },
+        "ChannelInfo": {
+            "type": "object",
+            "required": ["name", "subscribers", "last_offset"],
+            "properties": {
+                "name": _ref("Channel"),
+                "subscribers": {"type": "integer", "minimum": 0},
+                "last_offset": {"type": "integer", "minimum": 0},
+            },
+        },
+        "ChannelList": {
+            "type": "object",
+            "required": ["channels"],
+            "properties": {"channels": {"type": "array", "items": _ref("ChannelInfo")}},
+        },
+        "History": {
+            "type": "object",
+            "required": ["events", "last_offset"],
+            "properties": {
+                "events": {"type": "array", "items": _ref("Event"), "description": "Oldest first."},
+                "last_offset": {"type": "integer", "minimum": 0},
+            },
+        },
+        "Events": {
+            "type": "object",
+            "required": ["events"],
+            "properties": {"events": {"type": "array", "items": _ref("Event")}},
+        },
+        "Stats": {
+            "type": "object",
+            "required": ["connections", "subscriptions", "events_in", "events_out", "dropped"],
+            "properties": {
+                "uptime_seconds": {"type": "number", "minimum": 0},
+                "connections": {"type": "integer", "minimum": 0},
+                "connections_by_transport": _counts(),
+                "subscriptions": {"type": "integer", "minimum": 0},
+                "events_in": {"type": "integer", "minimum": 0},
+                "events_in_by_source": _counts(),
+                "events_out": {"type": "integer", "minimum": 0},
+                "events_out_by_transport": _counts(),
+                "dropped": {"type": "integer", "minimum": 0},
+                "dropped_by_reason": _counts(),
+                "webhooks": {
+                    "type": "object",
+                    "description": "Outcomes by source: `accepted`, `duplicate` or a rejection reason.",
+                    "additionalProperties": _counts(),
+                },
+                "webhooks_rejected": {"type": "integer", "minimum": 0},
+            },
+        },
+        "Status": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"type": "string"}},
+        },
+    }
+
+
+def _counts() -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": {"type": "integer"}}
+
+
+def _responses() -> dict[str, Any]:
+    www = {
+        "WWW-Authenticate": {
+            "description": "`Bearer error=\"invalid_token\"`",
+            "schema": {"type": "string"},
+        }
+    }
+    return {
+        "BadRequest": _error("Malformed request: bad JSON, bad channel name, missing field or bad parameter."),
+        "Unauthorized": _error(
+            "No token, or a token that is not an API key nor a valid JWT (bad signature, expired, "
+            "not yet valid, wrong algorithm).",
+            www,
+        ),
+        "Forbidden": _error("A valid token without the right for this channel."),
+        "NotFound": _error("No such route or resource."),
+        "MethodNotAllowed": _error(
+            "The method is not served here.",
+            {"Allow": {"description": "The methods served.", "schema": {"type": "string"}}},
+        ),
+        "TooLarge": _error("The body is over `[server] max_body_bytes`."),
+        "UnsupportedMediaType": _error("The body's content type is not accepted."),
+        "TooManyRequests": _error(
+            "Over the source's `rate_limit_per_second`.",
+            {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
+        ),
+        "InternalError": _error("An unexpected failure; it was logged, no details are given."),
+        "Unavailable": _error(
+            "The journal (or broker) is down: nothing was accepted.",
+            {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
+        ),
+    }
+
+
+def _q(name: str, schema: dict[str, Any], description: str, required: bool = False, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description, **kw}
+
+
+def _token_param() -> dict[str, Any]:
+    return _q("token", {"type": "string"}, "A JWT (or API key) when no `Authorization` header can be sent.")
+
+
+def _paths() -> dict[str, Any]:
+    std_errors = {"401": _resp("Unauthorized"), "500": _resp("InternalError")}
+    channels_param = _q(
+        "channel",
+        {"type": "array", "items": _ref("Pattern"), "minItems": 1},
+        "A channel or pattern; repeat for several.",
+        required=True,
+        style="form",
+        explode=True,
+    )
+    return {
+        "/api/publish": {
+            "post": {
+                "operationId": "publish",
+                "summary": "Publish one event or a batch",
+                "description": (
+                    "The events are journaled in one commit before the answer. Idempotent by `id` "
+                    f"(source `api`): a repeated id answers the original offset with `duplicate: true`. "
+                    f"A batch has at most {MAX_BATCH} events and is all or nothing."
+                ),
+                "tags": ["api"],
+                "security": _BEARER,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"oneOf": [_ref("PublishEvent"), _ref("PublishBatch")]},
+                        }
+                    },
+                },
+                "responses": {
+                    "202": _json(
+                        {"oneOf": [_ref("Receipt"), _ref("BatchReceipt")]},
+                        "Journaled: one receipt, or `{events: [receipts]}` for a batch, in order.",
+                    ),
+                    "400": _resp("BadRequest"),
+                    "403": _resp("Forbidden"),
+                    "413": _resp("TooLarge"),
+                    "415": _resp("UnsupportedMediaType"),
+                    "503": _resp("Unavailable"),
+                    **std_errors,
+                },
+            }
+        },
+        "/api/channels": {
+            "get": {
+                "operationId": "listChannels",
+                "summary": "The channels the caller may read",
+                "description": "An API key sees every channel; a JWT those its `subscribe` rights cover.",
+                "tags": ["api"],
+                "security": _BEARER,
+                "responses": {
+                    "200": _json(_ref("ChannelList"), "The channels, by name."),
+                    "503": _resp("Unavailable"),
+                    **std_errors,
+                },
+            }
+        },
+        "/api/channels/{name}/history": {
+            "get": {
+                "operationId": "channelHistory",
+                "summary": "A channel's journaled events after an offset",
+                "description": (
+                    "Oldest first, offsets > `since`. Without a token only `anonymous_subscribe` "
+                    "channels are readable."
+                ),
+                "tags": ["api"],
+                "security": _BEARER_OR_ANON,
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": _ref("Channel")},
+                    _q(
+                        "since",
+                        {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
+                        "The last offset already seen.",
+                    ),
+                    _q(
+                        "limit",
+                        {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_HISTORY_LIMIT,
+                            "default": DEFAULT_HISTORY_LIMIT,
+                        },
+                        "At most this many events.",
+                    ),
+                ],
+                "responses": {
+                    "200": _json(_ref("History"), "The events and the channel's last offset."),
+                    "400": _resp("BadRequest"),
+                    "403": _resp("Forbidden"),
+                    "503": _resp("Unavailable"),
+                    **std_errors,
+                },
+            }
+        },
+        "/api/stats": {
+            "get": {
+                "operationId": "stats",
+                "summary": "Counters",
+                "tags": ["api"],
+                "security": _BEARER,
+                "responses": {"200": _json(_ref("Stats"), "The daemon's counters."), **std_errors},
+            }
+        },
+        "/hooks/{source}": {
+            "parameters": [
+                {
+                    "name": "source",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                    "description": "A `[[sources]]` name of the config.",
+                }
+            ],
+            "get": {
+                "operationId": "webhookHandshake",
+                "summary": "Provider handshakes only (Meta `hub.challenge`, X `crc_token`)",
+                "tags": ["webhooks"],
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The handshake's answer.",
+                        "content": {
+                            "text/plain": {"schema": {"type": "string"}},
+                            "application/json": {"schema": {"type": "object"}},
+                        },
+                    },
+                    "400": _resp("BadRequest"),
+                    "401": _resp("Unauthorized"),
+                    "403": _resp("Forbidden"),
+                    "404": _resp("NotFound"),
+                    "405": _resp("MethodNotAllowed"),
+                    "500": _resp("InternalError"),
+                },
+            },
+            "post": {
+                "operationId": "webhook",
+                "summary": "A signed webhook delivery",
+                "description": (
+                    "Verified with the source's scheme, then journaled. A JSON body becomes `data`; a "
+                    "form body an object of its fields; a text body a string; binary bodies are refused."
+                ),
+                "tags": ["webhooks"],
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {}},
+                        "application/x-www-form-urlencoded": {"schema": {"type": "object"}},
+                        "text/plain": {"schema": {"type": "string"}},
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref("Receipt"), "A repeated delivery id: the original event, `duplicate: true`."),
+                    "202": _json(_ref("Receipt"), "Journaled."),
+                    "400": _resp("BadRequest"),
+                    "401": _error("Missing, invalid or stale signature."),
+                    "404": _resp("NotFound"),
+                    "405": _resp("MethodNotAllowed"),
+                    "413": _resp("TooLarge"),
+                    "415": _resp("UnsupportedMediaType"),
+                    "429": _resp("TooManyRequests"),
+                    "500": _resp("InternalError"),
+                    "503": _resp("Unavailable"),
+                },
+            },
+        },
+        "/ws": {
+            "get": {
+                "operationId": "websocket",
+                "summary": "WebSocket: subscribe, resume with `since`, publish, ping",
+                "description": (
+                    "Upgrade to WebSocket; JSON text frames as in the contract (`subscribe`, "
+                    "`unsubscribe`, `publish`, `ping`, `auth`). Close codes: 1008 policy, 1009 too big, "
+                    "1013 slow consumer, 4001 token expired."
+                ),
+                "tags": ["streams"],
+                "security": _BEARER_OR_ANON,
+                "parameters": [_token_param()],
+                "responses": {
+                    "101": {"description": "Switching protocols."},
+                    "400": {"description": "Not a valid WebSocket upgrade request."},
+                    "401": _resp("Unauthorized"),
+                    "403": _error("The Origin is not allowed."),
+                    "426": {"description": "Upgrade required."},
+                    "500": _resp("InternalError"),
+                },
+            }
+        },
+        "/sse": {
+            "get": {
+                "operationId": "serverSentEvents",
+                "summary": "Server-Sent Events of one or more channels",
+                "description": (
+                    "Each event has `id:` (resumable with `Last-Event-ID`), `event: <channel>` and "
+                    "`data: <event JSON>`; comment lines are heartbeats."
+                ),
+                "tags": ["streams"],
+                "security": _BEARER_OR_ANON,
+                "parameters": [
+                    channels_param,
+                    _token_param(),
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "Resume every listed channel after this id.",
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The stream.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "400": _resp("BadRequest"),
+                    "401": _resp("Unauthorized"),
+                    "403": _resp("Forbidden"),
+                    "500": _resp("InternalError"),
+                    "503": _resp("Unavailable"),
+                },
+            }
+        },
+        "/poll": {
+            "get": {
+                "operationId": "longPoll",
+                "summary": "Long-poll one or more channels",
+                "description": "Answers as soon as there is an event after `since`, or `{events: []}` at the timeout.",
+                "tags": ["streams"],
+                "security": _BEARER_OR_ANON,
+                "parameters": [
+                    channels_param,
+                    _q("since", {"type": "integer", "minimum": 0}, "The last offset seen."),
+                    _q("timeout", {"type": "number", "minimum": 0}, "Seconds to wait (default 30)."),
+                    _token_param(),
+                ],
+                "responses": {
+                    "200": _json(_ref("Events"), "The events after `since` (maybe none)."),
+                    "400": _resp("BadRequest"),
+                    "401": _resp("Unauthorized"),
+                    "403": _resp("Forbidden"),
+                    "500": _resp("InternalError"),
+                    "503": _resp("Unavailable"),
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "summary": "Liveness: the process answers",
+                "tags": ["operations"],
+                "security": [],
+                "responses": {
+                    "200": _json(_ref("Status"), "`{status: ok}`."),
+                    "503": _error("Not serving."),
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "summary": "Readiness: events can be accepted",
+                "tags": ["operations"],
+                "security": [],
+                "responses": {
+                    "200": _json(_ref("Status"), "`{status: ready}`."),
+                    "503": _error("The journal or broker is down, or the daemon is stopping."),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics",
+                "description": (
+                    "`rt_connections`, `rt_subscriptions`, `rt_events_in_total{source}`, "
+                    "`rt_events_out_total{transport}`, `rt_journal_commit_seconds`, "
+                    "`rt_journal_batch_events`, `rt_dropped_total{reason}`, `rt_webhooks_total`, "
+                    "`rt_webhooks_rejected_total{source,reason}`, `rt_ready`, process metrics."
+                ),
+                "tags": ["operations"],
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The text exposition format 0.0.4.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "tags": ["operations"],
+                "security": [],
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
+            }
+        },
+        "/": {
+            "get": {
+                "operationId": "inspector",
+                "summary": "The live inspector page: channels, live tail, history",
+                "tags": ["operations"],
+                "security": [],
+                "responses": {
+                    "200": {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}
+                },
+            }
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document (a fresh dict each call)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "twisted_rt",
+            "version": __version__,
+            "description": (
+                "A Twisted real-time event daemon: signed webhooks and the publish API in, a durable "
+                "journal, WebSocket / SSE / long-poll out with resume. Every error body is "
+                '`{"error": "<code>", "message": "<sentence>"}`.'
+            ),
+        },
+        "tags": [
+            {"name": "api", "description": "The JSON API (`Authorization: Bearer <api key or JWT>`)."},
+            {"name": "webhooks", "description": "Signed webhooks in."},
+            {"name": "streams", "description": "Subscribers out."},
+            {"name": "operations", "description": "Health, metrics, this document, the inspector."},
+        ],
+        "paths": _paths(),
+        "components": {
+            "schemas": _schemas(),
+            "responses": _responses(),
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": (
+                        "An API key (may do everything) or a JWT (HS256 with `jwt_secret`, RS256/ES256 "
+                        "with `jwt_public_key_file`) with `sub`, `exp` and the rights `subscribe` and "
+                        "`publish` (lists of channel patterns)."
+                    ),
+                },
+                "tokenQuery": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "token",
+                    "description": "The same token as a query argument (streams, history).",
+                },
+            },
+        },
+        "security": _BEARER,
+    }
