@@ -1,0 +1,647 @@
+# -*- test-case-name: tests.test_client,tests.test_cli_client -*-
+# mypy: disable-error-code="no-untyped-call"
+"""
+Clients of a twisted_rt daemon: a Twisted WebSocket subscriber that survives
+restarts, and the C{twisted-rt publish} / C{twisted-rt tail} commands.
+
+The Twisted client::
+
+    from twisted.internet import reactor
+    from twisted_rt.client import subscribe
+
+    def on_event(event):            # the contract's event object, a dict
+        print(event["channel"], event["offset"], event["data"])
+
+    sub = subscribe(["github.*"], on_event, url="ws://127.0.0.1:8080/ws", token="…")
+    ...
+    sub.stop()                      # a Deferred that fires once closed
+
+It remembers the last offset seen on every channel.  When the connection
+drops (daemon restart, network, a C{1013} slow-consumer close) it reconnects
+with exponential backoff (and jitter) and subscribes again with C{since} set
+to those offsets, so the daemon replays exactly what was missed; an event at
+or below an offset already delivered is never passed on twice.  C{since}
+(an int for a channel, C{{channel: offset}} for a pattern) starts from an
+older point.  With C{since=None} and C{start_at_end=True} (the default) the
+client first asks C{GET /api/channels} for the current last offsets, so even
+channels it has not seen an event of yet resume without a gap.
+
+C{twisted-rt tail --forward URL} re-delivers each event's original request
+body and headers (from C{GET /api/raw/<channel>/<offset>}) to a local URL,
+the smee-client use case, retrying while the local server is down.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from twisted_rt.matcher import is_wildcard, matches
+
+__all__ = [
+    "Forwarder",
+    "Subscription",
+    "http_base",
+    "publish_main",
+    "subscribe",
+    "tail_main",
+]
+
+log = Logger()
+
+EventCallback = Callable[[dict[str, Any]], Any]
+
+# Request headers never copied when forwarding (hop-by-hop or recomputed).
+_SKIP_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "proxy-connection",
+        "proxy-authorization",
+    }
+)
+
+
+def http_base(ws_url: str) -> str:
+    """The daemon's HTTP base URL for its C{/ws} URL (C{ws://h:p/ws} -> C{http://h:p})."""
+    u = urllib.parse.urlsplit(ws_url)
+    scheme = {"ws": "http", "wss": "https"}.get(u.scheme, u.scheme)
+    path = u.path
+    if path.endswith("/ws"):
+        path = path[: -len("/ws")]
+    return urllib.parse.urlunsplit((scheme, u.netloc, path.rstrip("/"), "", ""))
+
+
+def _endpoint_description(ws_url: str) -> str:
+    u = urllib.parse.urlsplit(ws_url)
+    if u.scheme not in ("ws", "wss") or not u.hostname:
+        raise ValueError(f"not a ws:// or wss:// URL: {ws_url!r}")
+    host = u.hostname.replace(":", r"\:")
+    if u.scheme == "wss":
+        return f"tls:{host}:{u.port or 443}"
+    return f"tcp:host={host}:port={u.port or 80}"
+
+
+class _Protocol(WebSocketClientProtocol):
+    """One connection of a L{Subscription}."""
+
+    factory: _Factory
+
+    def onOpen(self) -> None:
+        self.factory.subscription._opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            return
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            log.warn("the server sent a frame that is not JSON", log_category="RT-C-JSON")
+            return
+        if isinstance(msg, dict):
+            self.factory.subscription._message(msg)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.subscription.last_close = (code, reason)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.factory.subscription._lost(self)
+
+
+class _Factory(WebSocketClientFactory):
+    protocol = _Protocol  # type: ignore[assignment]
+
+    def __init__(self, subscription: Subscription, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.subscription = subscription
+
+
+class Subscription:
+    """
+    A reconnecting, resuming WebSocket subscription (see the module docstring).
+
+    @ivar offsets: the last offset delivered per channel.
+    @ivar state: C{"connecting"}, C{"open"}, C{"waiting"} (for a reconnect)
+        or C{"stopped"}.
+    @ivar connections: how many times a WebSocket was opened.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        patterns: Iterable[str],
+        callback: EventCallback,
+        since: int | dict[str, int] | None = None,
+        url: str = "ws://127.0.0.1:8080/ws",
+        token: str | None = None,
+        reactor: Any = None,
+        min_delay: float = 0.5,
+        max_delay: float = 30.0,
+        ping_interval: float = 20.0,
+        ping_timeout: float = 10.0,
+        on_error: Callable[[dict[str, Any]], Any] | None = None,
+        on_state: Callable[[str], Any] | None = None,
+        start_at_end: bool = True,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.patterns = list(dict.fromkeys(patterns))
+        if not self.patterns:
+            raise ValueError("subscribe to at least one channel or pattern")
+        self.callback = callback
+        self.since = since
+        self.url = url
+        self.token = token
+        self.reactor = reactor
+        self.min_delay = min_delay
+        self.max_delay = max_delay
+        self.on_error = on_error
+        self.on_state = on_state
+        self.start_at_end = start_at_end and since is None
+        self.offsets: dict[str, int] = {}
+        self.state = "waiting"
+        self.connections = 0
+        self.last_close: tuple[int | None, str | None] | None = None
+        self._attempt = 0
+        self._proto: _Protocol | None = None
+        self._call: Any = None
+        self._connecting: Deferred[Any] | None = None
+        self._stopped: Deferred[None] | None = None
+        self._ref = 0
+        if isinstance(since, dict):
+            self.offsets.update(since)
+        elif isinstance(since, int):
+            for p in self.patterns:
+                if not is_wildcard(p):
+                    self.offsets[p] = since
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._factory = _Factory(self, url=url, headers=headers, reactor=reactor)
+        self._factory.setProtocolOptions(
+            autoPingInterval=ping_interval or None,
+            autoPingTimeout=ping_timeout or None,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=2,
+        )
+        self._endpoint = clientFromString(reactor, _endpoint_description(url))
+
+    # public
+
+    def start(self) -> Subscription:
+        """Connect (called by L{subscribe})."""
+        if self.start_at_end:
+            d = self._fetch_offsets()
+            d.addBoth(lambda _: self._connect())
+        else:
+            self._connect()
+        return self
+
+    def stop(self) -> Deferred[None]:
+        """Close for good; fires once the connection is closed."""
+        if self._stopped is not None:
+            return self._stopped
+        self._set_state("stopped")
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if self._connecting is not None:
+            self._connecting.cancel()
+        proto = self._proto
+        if proto is None:
+            self._stopped = succeed(None)
+            return self._stopped
+        self._stopped = Deferred()
+        proto.sendClose(1000)
+        return self._stopped
+
+    def since_for(self, pattern: str) -> int | dict[str, int] | None:
+        """The C{since} to send for C{pattern} now (offsets seen, else the initial one)."""
+        if not is_wildcard(pattern):
+            if pattern in self.offsets:
+                return self.offsets[pattern]
+            return self.since if isinstance(self.since, int) else None
+        seen = {ch: off for ch, off in self.offsets.items() if matches(pattern, ch)}
+        if seen:
+            return seen
+        return self.since if isinstance(self.since, int) else None
+
+    # internals
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        if self.on_state is not None:
+            try:
+                self.on_state(state)
+            except Exception:  # noqa: BLE001 - a user callback must not break the client
+                self.log.failure("on_state callback failed")
+
+    @inlineCallbacks
+    def _fetch_offsets(self) -> Any:
+        """Best effort: C{since} = the current last offset of every matching channel."""
+        from twisted.web.client import Agent, readBody
+
+        agent = Agent(self.reactor, connectTimeout=5)
+        headers = _headers({"Authorization": f"Bearer {self.token}"} if self.token else {})
+        try:
+            resp = yield agent.request(b"GET", (http_base(self.url) + "/api/channels").encode(), headers)
+            body = yield readBody(resp)
+            if resp.code != 200:
+                return
+            channels = json.loads(body)["channels"]
+        except Exception as e:  # noqa: BLE001 - a best effort; without it we start live
+            self.log.debug("could not read the channels' last offsets: {e}", e=e)
+            return
+        for c in channels:
+            name, last = c.get("name"), c.get("last_offset")
+            if isinstance(name, str) and isinstance(last, int) and any(matches(p, name) for p in self.patterns):
+                self.offsets.setdefault(name, last)
+        for p in self.patterns:
+            if not is_wildcard(p):
+                self.offsets.setdefault(p, 0)
+
+    def _connect(self) -> None:
+        self._call = None
+        if self._stopped is not None:
+            return
+        self._set_state("connecting")
+        d = self._connecting = self._endpoint.connect(self._factory)
+
+        def failed(f: Failure) -> None:
+            self._connecting = None
+            if self._stopped is None:
+                self.log.info("connecting to {url} failed: {error}", url=self.url, error=f.getErrorMessage())
+                self._retry()
+
+        def connected(proto: _Protocol) -> None:
+            self._connecting = None
+            self._proto = proto
+
+        d.addCallbacks(connected, failed)
+
+    def _retry(self) -> None:
+        if self._stopped is not None:
+            return
+        base = min(self.max_delay, self.min_delay * (2**self._attempt))
+        delay = base / 2 + random.random() * base / 2
+        self._attempt += 1
+        self._set_state("waiting")
+        self._call = self.reactor.callLater(delay, self._connect)
+
+    def _opened(self, proto: _Protocol) -> None:
+        self._proto = proto
+        self._attempt = 0
+        self.connections += 1
+        self._set_state("open")
+        for p in self.patterns:
+            self._ref += 1
+            msg: dict[str, Any] = {"op": "subscribe", "channel": p, "ref": self._ref}
+            since = self.since_for(p)
+            if since is not None:
+                msg["since"] = since
+            proto.sendMessage(json.dumps(msg).encode())
+
+    def _lost(self, proto: _Protocol) -> None:
+        if self._proto is proto:
+            self._proto = None
+        if self._stopped is not None:
+            if not self._stopped.called:
+                self._stopped.callback(None)
+            return
+        self.log.info("connection to {url} lost ({close}); reconnecting", url=self.url, close=self.last_close)
+        self._retry()
+
+    def _message(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "event":
+            channel, offset = msg.get("channel"), msg.get("offset")
+            if not isinstance(channel, str) or not isinstance(offset, int):
+                return
+            seen = self.offsets.get(channel)
+            if seen is not None and offset <= seen:
+                return
+            self.offsets[channel] = offset
+            event = {k: v for k, v in msg.items() if k != "op"}
+            try:
+                self.callback(event)
+            except Exception:  # noqa: BLE001 - a user callback must not break the client
+                self.log.failure("the event callback failed on {channel}#{offset}", channel=channel, offset=offset)
+        elif op == "error":
+            if self.on_error is not None:
+                self.on_error(msg)
+            else:
+                self.log.warn("the server said {code}: {message}", code=msg.get("code"), message=msg.get("message"))
+
+
+def subscribe(
+    patterns: Iterable[str] | str,
+    callback: EventCallback,
+    since: int | dict[str, int] | None = None,
+    url: str = "ws://127.0.0.1:8080/ws",
+    token: str | None = None,
+    reactor: Any = None,
+    **options: Any,
+) -> Subscription:
+    """
+    Subscribe to channels or patterns and call C{callback(event)} once per
+    event, in order, across reconnects.
+
+    @param patterns: channel names or patterns (C{github.*}, C{billing.>}).
+    @param callback: called with each event (the contract's event object).
+    @param since: the last offset already seen (an int, or C{{channel:
+        offset}}); C{None} for events from now on.
+    @param url: the daemon's C{ws://}/C{wss://} URL of C{/ws}.
+    @param token: an API key or JWT (sent as C{Authorization: Bearer}).
+    @param reactor: the reactor (the global one by default).
+    @param options: L{Subscription} options (C{min_delay}, C{max_delay},
+        C{on_error}, C{on_state}, C{start_at_end}, ping settings).
+    @return: the running L{Subscription}; C{.stop()} ends it.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return Subscription(patterns, callback, since, url, token, reactor, **options).start()
+
+
+# -- HTTP helpers ---------------------------------------------------------------
+
+
+def _headers(h: dict[str, str | list[str]]) -> Any:
+    from twisted.web.http_headers import Headers
+
+    out = Headers()
+    for k, v in h.items():
+        out.setRawHeaders(k.encode("latin-1"), [x.encode("latin-1") for x in ([v] if isinstance(v, str) else v)])
+    return out
+
+
+@dataclass
+class _Delivery:
+    body: bytes
+    headers: dict[str, str | list[str]]
+
+
+class Forwarder:
+    """
+    Re-POSTs events to a local URL in order: a webhook's original body and
+    headers (from C{GET /api/raw/...}), else the event's C{data} as JSON.
+    Retries with backoff while the target is down or answers 5xx.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        target: str,
+        daemon_url: str,
+        token: str | None,
+        reactor: Any,
+        attempts: int = 6,
+        min_delay: float = 0.25,
+        report: Callable[[str], None] | None = None,
+    ) -> None:
+        from twisted.web.client import Agent
+
+        self.target = target
+        self.base = http_base(daemon_url)
+        self.token = token
+        self.reactor = reactor
+        self.attempts = attempts
+        self.min_delay = min_delay
+        self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.agent = Agent(reactor, connectTimeout=10)
+        self.forwarded = 0
+        self.failed = 0
+
+    @inlineCallbacks
+    def original(self, event: dict[str, Any]) -> Any:
+        """The request to re-deliver for C{event} (a L{_Delivery})."""
+        from twisted.web.client import readBody
+
+        channel = urllib.parse.quote(str(event["channel"]), safe="")
+        url = f"{self.base}/api/raw/{channel}/{int(event['offset'])}"
+        auth: dict[str, str | list[str]] = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            resp = yield self.agent.request(b"GET", url.encode(), _headers(auth))
+            body = yield readBody(resp)
+            raw = json.loads(body) if resp.code == 200 else None
+        except Exception as e:  # noqa: BLE001 - fall back to the JSON data
+            self.log.warn("could not fetch the raw body of {url}: {e}", url=url, e=e)
+            raw = None
+        if raw is None:
+            self.report(f"forward: no original body for {event['channel']}#{event['offset']}; sending its data as JSON")
+        if isinstance(raw, dict) and raw.get("body_base64") is not None:
+            headers: dict[str, str | list[str]] = {}
+            for k, v in (raw.get("headers") or {}).items():
+                if k.lower() not in _SKIP_HEADERS:
+                    headers[k] = v if isinstance(v, (str, list)) else str(v)
+            return _Delivery(base64.b64decode(raw["body_base64"]), headers)
+        return _Delivery(
+            json.dumps(event.get("data"), separators=(",", ":")).encode(),
+            {"Content-Type": "application/json"},
+        )
+
+    @inlineCallbacks
+    def forward(self, event: dict[str, Any]) -> Any:
+        """Deliver one event; fires with the final HTTP status (or C{None} if it never got through)."""
+        from twisted.internet.task import deferLater
+        from twisted.web.client import readBody
+
+        delivery = yield self.original(event)
+        where = f"{event['channel']}#{event['offset']}"
+        for attempt in range(self.attempts):
+            try:
+                resp = yield self.agent.request(
+                    b"POST",
+                    self.target.encode(),
+                    _headers(delivery.headers),
+                    _Body(delivery.body),
+                )
+                yield readBody(resp)
+                problem = f"HTTP {resp.code}" if resp.code >= 500 else None
+            except Exception as e:  # noqa: BLE001 - retried, then reported
+                problem = str(e) or e.__class__.__name__
+                resp = None
+            if problem is None and resp is not None:
+                self.forwarded += 1
+                self.report(f"forward: {where} -> {self.target} {resp.code}")
+                return resp.code
+            if attempt + 1 < self.attempts:
+                delay = self.min_delay * (2**attempt)
+                self.report(f"forward: {where} -> {self.target} failed ({problem}); retrying in {delay:.2g} s")
+                yield deferLater(self.reactor, delay, lambda: None)
+        self.failed += 1
+        self.report(f"forward: {where} -> {self.target} failed {self.attempts} times; giving up")
+        return None
+
+
+@implementer(IBodyProducer)
+class _Body:
+    """A request body already in memory."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+# -- the console commands ---------------------------------------------------
+
+
+def _publish_url(url: str) -> str:
+    u = url.rstrip("/")
+    return u if u.endswith("/api/publish") else u + "/api/publish"
+
+
+def publish_main(args: Any) -> int:
+    """C{twisted-rt publish CHANNEL JSON}: print the receipt; 1 (and one line) on error."""
+    try:
+        data = json.loads(args.data)
+    except ValueError as e:
+        print(f"twisted-rt publish: the data is not JSON: {e}", file=sys.stderr)
+        return 2
+    body: dict[str, Any] = {"channel": args.channel, "data": data}
+    if getattr(args, "id", None):
+        body["id"] = args.id
+    headers = {"Content-Type": "application/json", "User-Agent": "twisted-rt"}
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
+    url = _publish_url(args.url)
+    req = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            print(r.read().decode("utf-8", "replace").strip())
+            return 0
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            err = json.loads(raw)
+            text = f"{err['error']}: {err['message']}"
+        except (ValueError, KeyError, TypeError):
+            text = raw.decode("utf-8", "replace").strip()[:200] or e.reason
+        print(f"twisted-rt publish: {e.code} {text}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        print(f"twisted-rt publish: cannot reach {url}: {reason}", file=sys.stderr)
+        return 1
+
+
+def tail_main(args: Any) -> int:
+    """C{twisted-rt tail PATTERN...}: print events as JSON lines until interrupted (or C{--count})."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import DeferredLock
+
+    from twisted_rt.matcher import PatternError, validate_pattern
+
+    try:
+        for p in args.patterns:
+            validate_pattern(p)
+        _endpoint_description(args.url)
+    except (PatternError, ValueError) as e:
+        print(f"twisted-rt tail: {e}", file=sys.stderr)
+        return 2
+
+    pretty = sys.stdout.isatty()
+    count: int | None = args.count
+    status = [0]
+    done = [0]
+    lock = DeferredLock()
+    forwarder = (
+        Forwarder(args.forward, args.url, args.token, reactor) if getattr(args, "forward", None) else None
+    )
+    sub: Subscription | None = None
+
+    def finish(code: int) -> None:
+        status[0] = code
+        d = sub.stop() if sub is not None else succeed(None)
+        d.addBoth(lambda _: reactor.stop() if reactor.running else None)
+
+    def counted() -> None:
+        done[0] += 1
+        if count is not None and done[0] >= count and sub is not None and sub.state != "stopped":
+            finish(0)
+
+    def on_event(event: dict[str, Any]) -> None:
+        if pretty:
+            sys.stdout.write(json.dumps(event, indent=2, ensure_ascii=False) + "\n")
+        else:
+            sys.stdout.write(json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        if forwarder is None:
+            counted()
+            return
+        fwd = forwarder
+        d = lock.run(fwd.forward, event)
+        d.addErrback(lambda f: log.failure("forwarding failed", f))
+        d.addBoth(lambda _: counted())
+
+    def on_error(msg: dict[str, Any]) -> None:
+        print(f"twisted-rt tail: {msg.get('code')}: {msg.get('message')}", file=sys.stderr)
+        if msg.get("code") in ("forbidden", "invalid_pattern", "invalid_channel", "unauthorized"):
+            finish(1)
+
+    previous = [""]
+
+    def on_state(state: str) -> None:
+        if state == "open" and sub is not None and sub.connections > 1:
+            print(f"twisted-rt tail: reconnected to {args.url}", file=sys.stderr, flush=True)
+        elif state == "waiting" and previous[0] == "open":
+            print(f"twisted-rt tail: disconnected from {args.url}; reconnecting", file=sys.stderr, flush=True)
+        previous[0] = state
+
+    def begin() -> None:
+        nonlocal sub
+        sub = subscribe(
+            args.patterns,
+            on_event,
+            since=args.since,
+            url=args.url,
+            token=args.token,
+            reactor=reactor,
+            on_error=on_error,
+            on_state=on_state,
+            max_delay=10.0,
+        )
+
+    if count is not None and count <= 0:
+        return 0
+    reactor.callWhenRunning(begin)
+    reactor.run()
+    return status[0]
