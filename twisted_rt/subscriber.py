@@ -143,5 +143,5 @@ class _Floor(dict[str, int]):
         super().__init__(base)
         self.floor = floor
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return super().get(key, self.floor)
