@@ -42,7 +42,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
-from OpenSSL.crypto import X509, PKey
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory
@@ -265,12 +264,7 @@ def load_options(files: CertFiles) -> Loaded:
 
         _read(files.dh, "DH parameters", k)
         dh = DiffieHellmanParameters.fromFile(FilePath(files.dh))  # type: ignore[no-untyped-call]
-    opts = context_options(
-        PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        X509.from_cryptography(certs[0]),
-        [X509.from_cryptography(c) for c in chain],
-        dh,
-    )
+    opts = context_options(key, certs[0], chain, dh)
     try:
         ctx = opts.getContext()
     except SSL.Error as e:
@@ -290,16 +284,17 @@ def _set_curves(ctx: SSL.Context, curves: tuple[str, ...]) -> None:
         raise ConfigError("tls.curves", f"OpenSSL does not know one of {', '.join(curves)}")
 
 
-def context_options(
-    key: PKey, cert: X509, chain: list[X509], dh: Any = None
-) -> Any:
-    """The project's L{CertificateOptions} for a server certificate."""
+def context_options(key: Any, cert: x509.Certificate, chain: list[x509.Certificate], dh: Any = None) -> Any:
+    """
+    The project's L{CertificateOptions} for a server certificate (given as
+    C{cryptography} objects, which pyOpenSSL takes directly).
+    """
     from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 
     opts = CertificateOptions(
         privateKey=key,
-        certificate=cert,
-        extraCertChain=chain,
+        certificate=cert,  # type: ignore[arg-type]
+        extraCertChain=chain,  # type: ignore[arg-type]
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),  # type: ignore[no-untyped-call]
         dhParameters=dh,
@@ -326,8 +321,6 @@ def check(config: Config) -> None:
             load_options(CertFiles.for_description(desc, config.tls, key))
     if config.tls.cert and not listeners:
         load_options(CertFiles(config.tls.cert, config.tls.key, config.tls.chain, config.tls.dh, config.tls.curves))
-    if config.server.redirect_http_to_https and not listeners:
-        raise ConfigError("server.redirect_http_to_https", "needs an ssl: listener to redirect to")
 
 
 def _is_ssl(description: str) -> bool:
@@ -491,6 +484,12 @@ def server_endpoint(reactor: Any, description: str, config: Config) -> Any:
         do not match.
     """
     if not _is_ssl(description):
+        if config.server.redirect_http_to_https and not any(_is_ssl(d) for d in config.server.listen):
+            log.warn(
+                "redirect_http_to_https is set but no ssl: listener exists; {desc} serves plain HTTP",
+                desc=description,
+                log_category="RT-T10",
+            )
         return None
     idx = config.server.listen.index(description) if description in config.server.listen else 0
     key = f"server.listen[{idx}]"
