@@ -343,6 +343,8 @@ class Subscription:
             if not isinstance(channel, str) or not isinstance(offset, int):
                 return
             seen = self.offsets.get(channel)
+            if seen is None and isinstance(self.since, int):
+                seen = self.since  # a wildcard's floor, for channels not seen yet
             if seen is not None and offset <= seen:
                 return
             self.offsets[channel] = offset
@@ -614,7 +616,7 @@ def tail_main(args: Any) -> int:
 
     def on_error(msg: dict[str, Any]) -> None:
         print(f"twisted-rt tail: {msg.get('code')}: {msg.get('message')}", file=sys.stderr)
-        if msg.get("code") in ("forbidden", "invalid_pattern", "invalid_channel", "unauthorized"):
+        if msg.get("code") in ("forbidden", "invalid_channel", "bad_request", "too_many_subscriptions"):
             finish(1)
 
     previous = [""]
