@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Union, cast
 from urllib.parse import parse_qsl
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
@@ -210,6 +210,18 @@ def parse_body(content_type: str | None, body: bytes) -> Any:
     )
 
 
+def _deferred(handler: Callable[[Request, _Source], Answer], request: Request, src: _Source) -> Deferred[Reply]:
+    """
+    Run a handler, turning a synchronous error into a failed Deferred so
+    it goes through web.run's one failure mapper.
+    """
+    try:
+        result = handler(request, src)
+    except Exception:  # noqa: BLE001 - every failure goes to web.run's mapper
+        return fail()
+    return result if isinstance(result, Deferred) else succeed(result)
+
+
 def _peer(request: IRequest) -> str:
     address = cast(Any, request).getClientAddress()
     return str(getattr(address, "host", ""))
@@ -287,9 +299,9 @@ class HooksResource:
             return self._error(request, 404, "unknown_source", f"no webhook source is called {name!r}")
         method = request.method
         if method == b"POST":
-            return run(request, lambda r: self._post(r, src))
+            return run(request, lambda r: _deferred(self._post, r, src))
         if method == b"GET" and src.kind in _HANDSHAKE_GET:
-            return run(request, lambda r: self._get(r, src))
+            return run(request, lambda r: _deferred(self._get, r, src))
         self.stats.webhook(name, "method_not_allowed")
         return self._error(
             request,
@@ -344,14 +356,12 @@ class HooksResource:
             raise self._reject(src, e) from None
         kind = src.kind
         if kind == "slack" and isinstance(data, dict) and data.get("type") == "url_verification":
-            self.stats.webhook(src.name, "handshake")
             return Reply(200, {"challenge": data.get("challenge", "")})
         if kind == "zoom" and isinstance(data, dict) and data.get("event") == "endpoint.url_validation":
             payload = data.get("payload")
             token = payload.get("plainToken") if isinstance(payload, dict) else None
             if not isinstance(token, str):
                 raise self._reject(src, JsonError(400, "invalid_body", "endpoint.url_validation without payload.plainToken"))
-            self.stats.webhook(src.name, "handshake")
             return Reply(200, zoom_validation(src.config, token))
         etype, eid = identify(kind, lower, data)
         try:
@@ -396,10 +406,8 @@ class HooksResource:
             except SignatureError as e:
                 raise self._reject(src, JsonError(403, e.code, e.message)) from None
             if challenge is not None:
-                self.stats.webhook(src.name, "handshake")
                 return Reply(200, challenge.encode("utf-8"), content_type=b"text/plain; charset=utf-8")
         elif "crc_token" in args:
-            self.stats.webhook(src.name, "handshake")
             return Reply(200, twitter_crc(src.config, args["crc_token"]))
         raise self._reject(
             src,
