@@ -108,7 +108,7 @@ def test_reconnect_backoff_grows_and_resets() -> None:
         delays.append(call.getTime() - clock.seconds())
         clock.advance(call.getTime() - clock.seconds())
     bases = [1, 2, 4, 8, 8, 8]
-    assert all(b / 2 <= d <= b for d, b in zip(delays, bases)), delays
+    assert all(b / 2 <= d <= b for d, b in zip(delays, bases, strict=True)), delays
     sub._opened(FakeProto())  # type: ignore[arg-type]
     assert sub._attempt == 0
 
