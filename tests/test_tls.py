@@ -257,9 +257,13 @@ def test_context_is_strict(pki: dict[str, Path]) -> None:
     assert ctx.get_session_cache_mode() == SSL.SESS_CACHE_OFF
 
 
-def test_reload_swaps_certificate_or_keeps_old(pki: dict[str, Path], tmp_path: Path) -> None:
+def test_reload_swaps_certificate_or_keeps_old(
+    pki: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """reload_all serves the new files to new connections; bad files keep the old context, each with one log line."""
     import shutil
+
+    monkeypatch.setattr(tls, "install_sighup", lambda *a, **k: None)  # no real handler in pytest
 
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     shutil.copy(pki["cert"], cert)
@@ -293,6 +297,99 @@ def test_reload_swaps_certificate_or_keeps_old(pki: dict[str, Path], tmp_path: P
     assert "RT-T01" in cats and "RT-T02" in cats
     kept = [e for e in observer if e.get("log_category") == "RT-T02"][-1]
     assert "holds no PEM certificate" in kept["problem"]
+
+
+class FakeNotifier:
+    """Records systemd notifications."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def reloading(self) -> bool:
+        self.sent.append("RELOADING=1")
+        return True
+
+    def ready(self, status: str = "") -> bool:
+        self.sent.append(f"READY=1 {status}")
+        return True
+
+
+class ThreadlessReactor(MemoryReactor):
+    """A memory reactor whose callFromThread runs later, on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Any] = []
+
+    def callFromThread(self, f: Any, *a: Any) -> None:
+        self.calls.append((f, a))
+
+
+def test_sighup_handler_reloads_and_tells_systemd() -> None:
+    """The SIGHUP handler schedules a reload in the reactor, chains the old handler, and sends RELOADING=1 then READY=1."""
+    reactor = ThreadlessReactor()
+    notifier = FakeNotifier()
+    reloader = tls.Reloader(reactor, notifier, in_thread=lambda f: maybeDeferred(f))
+    chained: list[int] = []
+    reloader.previous = lambda signum, frame: chained.append(signum)
+    reloader.on_signal(signal.SIGHUP, None)
+    assert chained == [signal.SIGHUP] and notifier.sent == []
+    [(f, a)] = reactor.calls
+    f(*a)
+    assert notifier.sent[0] == "RELOADING=1"
+    assert notifier.sent[1].startswith("READY=1 TLS reload: ")
+
+
+def test_full_chain_is_sent(ca: CA, tmp_path: Path) -> None:
+    """With an intermediate CA in [tls] chain, a client trusting only the root verifies the server."""
+    inter = CA("twisted_rt test intermediate")
+    now = datetime.datetime.now(datetime.UTC)
+    inter.cert = (  # the intermediate, signed by the root
+        x509.CertificateBuilder()
+        .subject_name(inter.cert.subject).issuer_name(ca.cert.subject).public_key(inter.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(inter.cert.extensions.get_extension_for_class(x509.KeyUsage).value, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(inter.key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    cert, key, _ = inter.issue(tmp_path)
+    (tmp_path / "chain.pem").write_bytes(inter.pem())
+    loaded = tls.load_options(tls.CertFiles(str(cert), str(key), chain=str(tmp_path / "chain.pem")))
+    server = SSL.Connection(loaded.options.getContext(), None)
+    server.set_accept_state()
+    cctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    (tmp_path / "root.pem").write_bytes(ca.pem())
+    cctx.load_verify_locations(str(tmp_path / "root.pem"))
+    cctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
+    client = SSL.Connection(cctx, None)
+    client.set_connect_state()
+    client.set_tlsext_host_name(b"localhost")
+    for _ in range(10):  # pump the handshake through memory BIOs
+        for a, b in ((client, server), (server, client)):
+            try:
+                a.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                b.bio_write(a.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    chain = client.get_verified_chain()
+    assert chain is not None
+    assert [c.to_cryptography().subject for c in chain] == [
+        x509.load_pem_x509_certificate(cert.read_bytes()).subject, inter.cert.subject, ca.cert.subject
+    ]
+
+
+def test_curves_are_checked(pki: dict[str, Path]) -> None:
+    """[tls] curves limits the key-exchange groups; an unknown name is a config error."""
+    files = tls.CertFiles(str(pki["cert"]), str(pki["key"]), curves=("X25519", "P-256"))
+    tls.load_options(files)
+    with pytest.raises(ConfigError, match="tls.curves: OpenSSL does not know one of nope"):
+        tls.load_options(tls.CertFiles(str(pki["cert"]), str(pki["key"]), curves=("nope",)))
 
 
 def test_plain_descriptions_are_left_to_twisted() -> None:

@@ -57,6 +57,7 @@ __all__ = [
     "CIPHERS",
     "CertFiles",
     "Loaded",
+    "Reloader",
     "ReloadingContextFactory",
     "TLSEndpoint",
     "check",
@@ -406,36 +407,61 @@ def reload_all(reactor: Any, in_thread: Callable[..., Deferred[Any]] | None = No
     return DeferredList(ds).addCallback(lambda rs: [bool(v) for _, v in rs])
 
 
-def install_sighup(reactor: Any, notifier: Any = None) -> None:
+class Reloader:
     """
-    Reload certificates on C{SIGHUP} (once per process).  A handler that was
-    there before still runs after ours.
+    What C{SIGHUP} does: C{RELOADING=1}, reload every listener, C{READY=1}
+    with a status line saying how many were renewed.
     """
-    if "sighup" in _installed or not hasattr(signal, "SIGHUP"):
-        return
-    from twisted_rt.systemd import Notifier
 
-    note = notifier or Notifier()
-    previous = signal.getsignal(signal.SIGHUP)
+    def __init__(
+        self,
+        reactor: Any,
+        notifier: Any = None,
+        in_thread: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        from twisted_rt.systemd import Notifier
 
-    def reload() -> None:
+        self.reactor = reactor
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.in_thread = in_thread
+        self.previous: Any = None
+
+    def reload(self) -> Deferred[list[bool]]:
+        """Reload now (in the reactor thread)."""
         log.info("SIGHUP: reloading TLS certificates", log_category="RT-T00")
-        note.reloading()
+        self.notifier.reloading()
 
-        def done(results: list[bool]) -> None:
-            note.ready(f"TLS reload: {sum(results)} of {len(results)} listener(s) renewed")
+        def done(results: list[bool]) -> list[bool]:
+            self.notifier.ready(f"TLS reload: {sum(results)} of {len(results)} listener(s) renewed")
+            return results
 
-        reload_all(reactor).addCallback(done).addErrback(
-            lambda f: log.failure("TLS reload", f, log_category="RT-T03")
-        )
+        d = reload_all(self.reactor, self.in_thread).addCallback(done)
+        d.addErrback(lambda f: log.failure("TLS reload", f, log_category="RT-T03"))
+        return d
 
-    def handler(signum: int, frame: Any) -> None:
-        reactor.callFromThread(reload)
-        if callable(previous):
-            previous(signum, frame)
+    def on_signal(self, signum: int, frame: Any) -> None:
+        """The signal handler: schedule L{reload}, then run the handler that was there before."""
+        self.reactor.callFromThread(self.reload)
+        if callable(self.previous):
+            self.previous(signum, frame)
 
-    signal.signal(signal.SIGHUP, handler)
-    _installed["sighup"] = handler
+
+def install_sighup(reactor: Any, notifier: Any = None) -> Reloader | None:
+    """
+    Reload certificates on C{SIGHUP} (installed once per process, from the
+    reactor's thread when the first C{ssl:} listener is built; twistd and
+    the reactor install no C{SIGHUP} handler of their own, and one that was
+    there before still runs after ours).
+    """
+    if "sighup" in _installed:
+        return _installed["sighup"]  # type: ignore[no-any-return]
+    if not hasattr(signal, "SIGHUP"):
+        return None
+    reloader = Reloader(reactor, notifier)
+    reloader.previous = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, reloader.on_signal)
+    _installed["sighup"] = reloader
+    return reloader
 
 
 # -- the endpoint --------------------------------------------------------------
