@@ -157,8 +157,11 @@ class RTService(MultiService):
         if not f.check(_StartError):
             self.log.failure("start failed", f)
         self.log.critical("{msg}", msg=msg, log_category="RT-S99")
-        sys.stderr.write(f"twisted-rt: {msg}\n")
-        sys.stderr.flush()
+        # twistd has redirected sys.stderr into the log; say it on the real one too
+        err = sys.__stderr__
+        if err is not None:
+            err.write(f"twisted-rt: {msg}\n")
+            err.flush()
 
         def leave() -> None:
             sys.stdout.flush()
@@ -187,6 +190,10 @@ class RTService(MultiService):
         await self._drain(self.config.server.shutdown_timeout_seconds)
         await self.broker.stop()
         self.log.info("stopped", log_category="RT-S11")
+        # twistd re-raises a received SIGTERM/SIGINT after the reactor stops, so
+        # the process would die "by signal"; a clean shutdown exits 0 instead.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
 
     async def _drain(self, timeout: float) -> None:
         """Wait until no request is in flight, or C{timeout} passes."""

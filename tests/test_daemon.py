@@ -1,0 +1,163 @@
+"""The daemon as users launch it: twistd/twist plugin, options, defaults, lifecycle, logging, packaging."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import BIN, ROOT, Daemon, free_port, http, http_json
+from twisted_rt.tap import Options
+
+
+def test_options_defaults_are_the_contract() -> None:
+    """With no options the plugin serves tcp:8080 with its journal under ./var/."""
+    o = Options()
+    o.parseOptions([])
+    cfg = o["rtconfig"]
+    assert cfg.server.listen == ("tcp:8080",)
+    assert cfg.journal.path == "var/journal.sqlite3"
+
+
+def test_options_listen_repeatable_and_journal_override() -> None:
+    """--listen (repeatable) replaces [server] listen and --journal replaces [journal] path."""
+    o = Options()
+    o.parseOptions(["--listen", "tcp:1234", "--listen", "unix:/tmp/rt.sock", "--journal", ":memory:"])
+    assert o["rtconfig"].server.listen == ("tcp:1234", "unix:/tmp/rt.sock")
+    assert o["rtconfig"].journal.path == ":memory:"
+
+
+def test_options_refuse_bad_listen_with_one_line() -> None:
+    """A bad --listen endpoint string stops option parsing with one line naming it."""
+    o = Options()
+    with pytest.raises(SystemExit) as e:
+        o.parseOptions(["--listen", "tcp:port"])
+    assert "server.listen[0]: bad endpoint 'tcp:port'" in str(e.value)
+
+
+def test_no_config_serves_with_journal_under_var(tmp_path: Path) -> None:
+    """`twistd -n rt` without a config answers /healthz and /readyz and keeps its journal in ./var/."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "twistd"), "-n", "--pidfile=", "rt", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        d = Daemon(tmp_path, port=port)
+        d.proc = proc  # type: ignore[assignment]
+        d.wait_up("/readyz")
+        assert http_json("GET", d.url + "/healthz") == (200, {"status": "ok"})
+        assert (tmp_path / "var" / "journal.sqlite3").exists()
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
+
+
+def test_twist_runner_starts_it(make_daemon: Callable[..., Daemon]) -> None:
+    """`twist rt --config ...` (Twisted's newer runner) starts the same daemon."""
+    d = make_daemon(runner="twist")
+    assert d.get("/readyz") == (200, {"status": "ready"})
+
+
+def test_several_listeners_and_memory_journal(make_daemon: Callable[..., Daemon]) -> None:
+    """Repeated --listen serves on every endpoint; --journal :memory: works."""
+    other = free_port()
+    d = make_daemon(extra_args=["--listen", f"tcp:{other}:interface=127.0.0.1", "--journal", ":memory:"])
+    assert d.get("/readyz")[0] == 200
+    assert http_json("GET", f"http://127.0.0.1:{other}/readyz")[0] == 200
+    assert not (d.workdir / "var").exists()
+
+
+def test_json_errors_for_unknown_routes_and_methods(daemon: Daemon) -> None:
+    """Unknown paths are a JSON 404 and wrong methods a JSON 405 with Allow."""
+    status, body = daemon.get("/no/such/route")
+    assert status == 404 and body["error"] == "not_found" and body["message"]
+    status, headers, raw = http("DELETE", daemon.url + "/healthz")
+    assert status == 405 and headers["allow"] == "GET"
+    assert json.loads(raw)["error"] == "method_not_allowed"
+
+
+def test_sigterm_stops_cleanly_and_flushes(daemon: Daemon) -> None:
+    """SIGTERM: listeners close, the journal is checkpointed and closed, the process exits 0."""
+    assert daemon.get("/readyz")[0] == 200
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert "stopping: no new connections" in log and "stopped" in log
+    wal = daemon.workdir / "var" / "journal.sqlite3-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", daemon.port), timeout=1).close()
+
+
+def test_port_in_use_fails_start_with_one_line(tmp_path: Path) -> None:
+    """A listener that cannot bind stops the daemon with exit 1 and a line saying which endpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([str(BIN / "twistd"), "-n", "--pidfile=", "rt", "--journal", ":memory:",
+                            "--listen", f"tcp:{port}:interface=127.0.0.1"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"twisted-rt: cannot listen on tcp:{port}:interface=127.0.0.1" in r.stderr
+
+
+def test_corrupt_journal_makes_readyz_503(make_daemon: Callable[..., Daemon]) -> None:
+    """A journal file that cannot be used: /healthz 200 but /readyz 503 naming the journal."""
+    d = make_daemon(start=False)
+    (d.workdir / "var").mkdir(parents=True)
+    (d.workdir / "var" / "journal.sqlite3").write_bytes(b"garbage" * 1000)
+    d.start()
+    assert d.get("/healthz")[0] == 200
+    status, body = d.get("/readyz")
+    assert status == 503 and body["error"] == "not_ready" and "journal" in body["message"]
+
+
+def test_json_log_format(make_daemon: Callable[..., Daemon]) -> None:
+    """--log-format json writes one JSON object per log line, with request lines among them."""
+    d = make_daemon(extra_args=["--log-format", "json"])
+    d.get("/healthz")
+    d.stop()
+    lines = [ln for ln in d.log().splitlines() if ln.startswith("{")]
+    events = [json.loads(ln) for ln in lines]
+    assert any(e.get("log_category") == "RT-ACCESS" and e.get("uri") == "/healthz" for e in events)
+    assert any(e.get("log_category") == "RT-S11" for e in events)
+    late = d.log().split('"RT-S02"', 1)[1]
+    assert all(ln.startswith("{") for ln in late.splitlines()[1:] if ln.strip())
+
+
+def test_text_log_has_one_line_per_request(daemon: Daemon) -> None:
+    """The default log has one readable line per request with method, path, status and time."""
+    daemon.get("/healthz")
+    time.sleep(0.2)
+    assert any("GET /healthz 200" in ln and "ms" in ln for ln in daemon.log().splitlines())
+
+
+def test_wheel_ships_the_plugin(tmp_path: Path) -> None:
+    """A plain (non-editable) install carries twisted/plugins/twisted_rt_plugin.py, and twistd finds `rt` from it alone."""
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "w"), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    [wheel] = list((tmp_path / "w").glob("*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/twisted_rt_plugin.py" in names
+    assert "twisted/plugins/__init__.py" not in names
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    code = (
+        "import sys; sys.path[:] = [sys.argv[1], sys.argv[2]] + [p for p in sys.path if 'site-packages' not in p "
+        "and p != sys.argv[3]];"
+        "from twisted.plugin import getPlugins; from twisted.application.service import IServiceMaker;"
+        "import twisted_rt; assert twisted_rt.__file__.startswith(sys.argv[1]), twisted_rt.__file__;"
+        "print([p.tapname for p in getPlugins(IServiceMaker)])"
+    )
+    r = subprocess.run([sys.executable, "-S", "-c", code, str(target), site, str(ROOT)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "'rt'" in r.stdout

@@ -1,0 +1,286 @@
+"""The SQLite journal: offsets, group commit, dedup, history, trim, reopen, failure, crash safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from twisted_rt.event import Draft, now_iso
+from twisted_rt.journal import Journal, JournalUnavailable
+
+
+async def _journal(path: str, **kw: object) -> Journal:
+    j = Journal(reactor, path, **kw)  # type: ignore[arg-type]
+    await j.open()
+    return j
+
+
+@pytest_twisted.ensureDeferred
+async def test_offsets_start_at_one_and_are_gap_free_per_channel(tmp_path: Path) -> None:
+    """Each channel's offsets are 1, 2, 3... independently of other channels."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        out = []
+        for i in range(5):
+            out += await j.append([Draft("a", {"i": i}), Draft("b", {"i": i})])
+        assert [a.event.offset for a in out if a.event.channel == "a"] == [1, 2, 3, 4, 5]
+        assert [a.event.offset for a in out if a.event.channel == "b"] == [1, 2, 3, 4, 5]
+        assert j.last_offsets == {"a": 5, "b": 5}
+        assert all(not a.duplicate for a in out)
+        assert all(len(a.event.id) == 32 for a in out)
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
+    """Many appends queued at once are committed in far fewer transactions (group commit), gap-free."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        results = await defer.gatherResults([j.append([Draft("c", {"i": i})]) for i in range(500)])
+        offsets = [r[0].event.offset for r in results]
+        assert offsets == list(range(1, 501))
+        assert j.commits < 100, j.commits
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_batch_bounds_one_transaction(tmp_path: Path) -> None:
+    """No commit takes more than max_batch events, and order is kept across batches."""
+    sizes: list[int] = []
+    j = await _journal(str(tmp_path / "j.db"), max_batch=10, on_commit=lambda n, s: sizes.append(n))
+    try:
+        results = await defer.gatherResults([j.append([Draft("c", i)]) for i in range(95)])
+        assert [r[0].event.offset for r in results] == list(range(1, 96))
+        assert max(sizes) <= 10 and sum(sizes) == 95
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_duplicate_ids_answer_the_original(tmp_path: Path) -> None:
+    """The same id on the same source is the same event: no second offset, duplicate=True."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        [first] = await j.append([Draft("x", {"n": 1}, source="github", id="d-1")])
+        [again, other_source] = await j.append(
+            [Draft("x", {"n": 2}, source="github", id="d-1"), Draft("x", {"n": 3}, source="stripe", id="d-1")]
+        )
+        assert again.duplicate and again.event.offset == first.event.offset == 1
+        assert again.event.data == {"n": 1}
+        assert not other_source.duplicate and other_source.event.offset == 2
+        [a, b] = await j.append([Draft("y", 1, source="s", id="same"), Draft("y", 2, source="s", id="same")])
+        assert not a.duplicate and b.duplicate and b.event.offset == a.event.offset == 1
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_and_replay(tmp_path: Path) -> None:
+    """history reads (channel, after, limit) oldest first; replay spans the channels a pattern matches."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        for i in range(10):
+            await j.append([Draft("gh.push", i), Draft("gh.issues", i), Draft("other", i)])
+        h = await j.history("gh.push", after=3, limit=4)
+        assert [e.offset for e in h] == [4, 5, 6, 7]
+        assert [e.data for e in h] == [3, 4, 5, 6]
+        assert await j.history("nope") == []
+        r = await j.replay("gh.*", {"gh.push": 8})
+        assert sorted((e.channel, e.offset) for e in r) == [("gh.issues", i) for i in range(1, 11)] + [
+            ("gh.push", 9), ("gh.push", 10)]
+        assert (r[-1].channel, r[-1].offset) == ("gh.issues", 10)  # acceptance order across channels
+        assert (r[-2].channel, r[-2].offset) == ("gh.push", 10)
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_raw_body_and_headers_are_kept(tmp_path: Path) -> None:
+    """The raw bytes and provider headers of an event come back from history unchanged."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        raw = b'{"a": 1,  "b":"\xc3\xa9"}'
+        await j.append([Draft("h", {"a": 1}, source="github", type="push", raw=raw, headers={"X-GitHub-Event": "push"})])
+        [e] = await j.history("h")
+        assert e.raw == raw and e.headers == {"X-GitHub-Event": "push"}
+        assert e.source == "github" and e.type == "push"
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_trim_keeps_offsets_and_recent_events(tmp_path: Path) -> None:
+    """Trimming by count and age deletes old events, yet offsets continue and are never reused."""
+    j = await _journal(str(tmp_path / "j.db"), max_events_per_channel=3)
+    try:
+        for i in range(10):
+            await j.append([Draft("t", i)])
+        await j.trim()
+        assert [e.offset for e in await j.history("t")] == [8, 9, 10]
+        assert await j.first_offset("t") == 8
+        [a] = await j.append([Draft("t", 10)])
+        assert a.event.offset == 11
+        j.retention_seconds = -1  # everything is older than "now + 1s"
+        await j.trim()
+        assert await j.history("t") == []
+        [b] = await j.append([Draft("t", 11)])
+        assert b.event.offset == 12
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reopen_continues_offsets_and_dedup(tmp_path: Path) -> None:
+    """After close and reopen, offsets continue and known delivery ids are still duplicates."""
+    path = str(tmp_path / "j.db")
+    j = await _journal(path)
+    await j.append([Draft("r", 1, source="s", id="x1"), Draft("r", 2)])
+    await j.close()
+    j = await _journal(path)
+    try:
+        [dup, new] = await j.append([Draft("r", 9, source="s", id="x1"), Draft("r", 3)])
+        assert dup.duplicate and dup.event.offset == 1
+        assert new.event.offset == 3
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_journal(tmp_path: Path) -> None:
+    """':memory:' works for appends and reads."""
+    j = await _journal(":memory:")
+    try:
+        await j.append([Draft("m", 1), Draft("m", 2)])
+        assert [e.data for e in await j.history("m")] == [1, 2]
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_corrupt_file_fails_appends_cleanly_and_recovers(tmp_path: Path) -> None:
+    """A journal file that is not a database: unhealthy, appends fail with JournalUnavailable; healthy again once fixed."""
+    path = tmp_path / "j.db"
+    path.write_bytes(b"this is not an sqlite database" * 200)
+    j = await _journal(str(path))
+    try:
+        assert not j.healthy and j.error
+        with pytest.raises(JournalUnavailable):
+            await j.append([Draft("c", 1)])
+        assert not j.healthy
+        path.unlink()
+        [a] = await j.append([Draft("c", 1)])
+        assert a.event.offset == 1 and j.healthy
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_commit_fails_the_batch_and_assigns_no_offset(tmp_path: Path) -> None:
+    """A commit that fails (an unwritable database, simulated with query_only) fails all its appends; no offset is used up."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        await j.append([Draft("f", "x")])
+
+        def shrink() -> None:
+            assert j._conn is not None
+            j._conn.execute("PRAGMA query_only = 1")
+
+        await j._in_writer(shrink)
+        health: list[bool] = []
+        failed = j.append([Draft("f", "lost")])
+        failed.addErrback(lambda f: health.append(j.healthy) or f)
+        queued = [j.append([Draft("f", i)]) for i in range(2)]
+        with pytest.raises(JournalUnavailable):
+            await failed
+        assert health == [False]
+        # the failed connection was dropped; the queued batch reconnects and commits
+        assert [(await d)[0].event.offset for d in queued] == [2, 3]
+        assert j.healthy
+        assert [e.data for e in await j.history("f")] == ["x", 0, 1]
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_journal_refuses(tmp_path: Path) -> None:
+    """After close, appends and reads fail with JournalUnavailable instead of hanging."""
+    j = await _journal(str(tmp_path / "j.db"))
+    await j.close()
+    with pytest.raises(JournalUnavailable):
+        await j.append([Draft("c", 1)])
+    with pytest.raises(JournalUnavailable):
+        await j.history("c")
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from twisted.internet import reactor, defer
+    from twisted_rt.journal import Journal
+    from twisted_rt.event import Draft
+
+    j = Journal(reactor, sys.argv[1])
+
+    async def main():
+        await j.open()
+        n = 0
+        while True:
+            batch = [j.append([Draft("crash", {"n": n + i}, source="w", id=f"id-{n + i}")]) for i in range(20)]
+            for d in batch:
+                [a] = await d
+                sys.stdout.write(f"{a.event.offset} {a.event.id}\\n")
+                sys.stdout.flush()
+            n += 20
+
+    defer.ensureDeferred(main()).addErrback(lambda f: (f.printTraceback(), reactor.stop()))
+    reactor.run()
+    """
+)
+
+
+def test_kill_9_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    """A writer killed with SIGKILL mid-stream: every event it saw acknowledged is in the journal, gap-free."""
+    path = tmp_path / "crash.db"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+    acked: list[tuple[int, str]] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        off, eid = line.split()
+        acked.append((int(off), eid))
+        if len(acked) >= 3000:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rest = proc.stdout.read()
+    for line in rest.splitlines():
+        if line.strip():
+            off, eid = line.split()
+            acked.append((int(off), eid))
+    db = sqlite3.connect(str(path))
+    rows = db.execute('SELECT "offset", id FROM events WHERE channel = ? ORDER BY "offset"', ("crash",)).fetchall()
+    last = db.execute("SELECT last_offset FROM channels WHERE name = 'crash'").fetchone()[0]
+    db.close()
+    stored = dict(rows)
+    for off, eid in acked:
+        assert stored.get(off) == eid
+    assert [r[0] for r in rows] == list(range(1, len(rows) + 1))
+    assert last == len(rows) >= len(acked)
+
+
+def test_now_iso_format() -> None:
+    """Event times are RFC 3339 UTC with milliseconds."""
+    assert now_iso(0) == "1970-01-01T00:00:00.000Z"
+    assert now_iso(1.5) == "1970-01-01T00:00:01.500Z"
