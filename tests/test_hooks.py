@@ -204,6 +204,7 @@ def test_meta_get_handshake(h: Harness) -> None:
     code, hdrs, content = h.request("GET", "/hooks/meta?" + urlencode(q))
     assert (code, content) == (200, b"1158201444")
     assert hdrs.getRawHeaders("content-type")[0].startswith("text/plain")
+    assert hdrs.getRawHeaders("x-content-type-options") == ["nosniff"]
     code, body = h.json("GET", "/hooks/meta?" + urlencode({**q, "hub.verify_token": "no"}))
     assert code == 403 and body["error"] == "invalid_verify_token"
     assert h.broker.drafts == []

@@ -406,7 +406,12 @@ class HooksResource:
             except SignatureError as e:
                 raise self._reject(src, JsonError(403, e.code, e.message)) from None
             if challenge is not None:
-                return Reply(200, challenge.encode("utf-8"), content_type=b"text/plain; charset=utf-8")
+                return Reply(
+                    200,
+                    challenge.encode("utf-8"),
+                    {"X-Content-Type-Options": "nosniff"},
+                    content_type=b"text/plain; charset=utf-8",
+                )
         elif "crc_token" in args:
             return Reply(200, twitter_crc(src.config, args["crc_token"]))
         raise self._reject(
