@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -233,7 +233,10 @@ class StatsPage(JsonResource):
 
 
 class Metrics(JsonResource):
-    """C{GET /metrics}: the Prometheus text format."""
+    """
+    C{GET /metrics}: the Prometheus text format 0.0.4, or OpenMetrics when
+    the scraper's C{Accept} asks for it.
+    """
 
     def __init__(self, app: App) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -241,7 +244,9 @@ class Metrics(JsonResource):
 
     async def handle_GET(self, request: Request) -> Reply:
         _no_subpath(request)
-        return Reply(200, generate_latest(self.app.stats.registry), content_type=CONTENT_TYPE_LATEST.encode())
+        accept = request.getHeader(b"accept") or b""
+        encode, content_type = choose_encoder(accept.decode("latin-1"))
+        return Reply(200, encode(self.app.stats.registry), content_type=content_type.encode("ascii"))
 
 
 class OpenAPI(JsonResource):

@@ -123,6 +123,11 @@ class _StatsCollector(Collector):
         for k, v in sorted(s.dropped.items()):
             c.add_metric([k], v)
         yield c
+        c = CounterMetricFamily(
+            "rt_slow_consumers_closed", "Subscribers closed because they could not keep up."
+        )
+        c.add_metric([], s.dropped.get("slow_consumer", 0))
+        yield c
         c = CounterMetricFamily("rt_webhooks", "Webhook deliveries by outcome.", labels=["source", "outcome"])
         for (src, outcome), v in sorted(s.webhooks.items()):
             c.add_metric([src, outcome], v)

@@ -528,8 +528,11 @@ def _paths() -> dict[str, Any]:
                 "security": [],
                 "responses": {
                     "200": {
-                        "description": "The text exposition format 0.0.4.",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                        "description": "The text exposition format 0.0.4 (OpenMetrics when `Accept` asks for it).",
+                        "content": {
+                            "text/plain": {"schema": {"type": "string"}},
+                            "application/openmetrics-text": {"schema": {"type": "string"}},
+                        },
                     }
                 },
             }
