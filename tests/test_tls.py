@@ -289,7 +289,7 @@ def test_reload_swaps_certificate_or_keeps_old(
         assert second.leaf.serial_number != first.leaf.serial_number
         cert.write_text("broken")
         tls.reload_all(MemoryReactor(), sync).addCallback(results.append)
-        assert results[-1] == [False] or False in results[-1]
+        assert False in results[-1]
         assert factory.loaded is second
     finally:
         globalLogPublisher.removeObserver(observer)
@@ -388,7 +388,7 @@ def test_curves_are_checked(pki: dict[str, Path]) -> None:
     """[tls] curves limits the key-exchange groups; an unknown name is a config error."""
     files = tls.CertFiles(str(pki["cert"]), str(pki["key"]), curves=("X25519", "P-256"))
     tls.load_options(files)
-    with pytest.raises(ConfigError, match="tls.curves: OpenSSL does not know one of nope"):
+    with pytest.raises(ConfigError, match=r"tls\.curves: OpenSSL does not know one of nope"):
         tls.load_options(tls.CertFiles(str(pki["cert"]), str(pki["key"]), curves=("nope",)))
 
 
@@ -504,6 +504,29 @@ def test_http2_negotiated_by_alpn(tls_daemon: Daemon, pki: dict[str, Path]) -> N
     with httpx.Client(http2=False, verify=ctx, timeout=10) as c:
         r = c.get(_https(tls_daemon) + "/healthz")
         assert r.http_version == "HTTP/1.1" and r.status_code == 200
+
+
+def test_sse_streams_share_one_http2_connection(tls_daemon: Daemon, pki: dict[str, Path]) -> None:
+    """Two /sse streams run at once on one HTTP/2 connection and both get a published event."""
+    import httpx
+
+    base = _https(tls_daemon)
+    with httpx.Client(http2=True, verify=client_context(pki["ca"]), timeout=10) as c:
+        with c.stream("GET", base + "/sse?channel=public.h2a") as a, \
+                c.stream("GET", base + "/sse?channel=public.h2b") as b:
+            assert a.http_version == b.http_version == "HTTP/2"
+            assert a.headers["content-type"].startswith("text/event-stream")
+            assert len(c._transport._pool.connections) == 1  # type: ignore[attr-defined]
+            for ch in ("public.h2a", "public.h2b"):
+                r = c.post(base + "/api/publish", json={"channel": ch, "data": {"to": ch}},
+                           headers={"Authorization": f"Bearer {API_KEY}"})
+                assert r.status_code == 202 and r.http_version == "HTTP/2"
+            for stream, ch in ((a, "public.h2a"), (b, "public.h2b")):
+                for line in stream.iter_lines():
+                    if line.startswith("data:"):
+                        assert json.loads(line[5:])["data"] == {"to": ch}
+                        break
+        assert len(c._transport._pool.connections) == 1  # type: ignore[attr-defined]
 
 
 def test_old_tls_versions_refused(tls_daemon: Daemon) -> None:
