@@ -25,7 +25,8 @@ def use_json_logging(out: IO[str] | None = None) -> None:
     if _installed:
         return
     # twistd has redirected sys.stdout into the log itself; write to the real one
-    observer = jsonFileLogObserver(out or sys.__stdout__, recordSeparator="")
+    stream = out or sys.__stdout__ or sys.stdout
+    observer = jsonFileLogObserver(stream, recordSeparator="")
     observers = list(getattr(globalLogPublisher, "_observers", []))
     globalLogPublisher.addObserver(observer)
     _installed.append(observer)

@@ -31,7 +31,7 @@ __all__ = [
 _CHANNEL = re.compile(r"^[A-Za-z0-9_\-.:@]{1,200}$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_\-:@]+$")
 
-K = TypeVar("K", bound=Hashable)
+K = TypeVar("K")
 
 
 class ChannelError(ValueError):

@@ -42,7 +42,7 @@ def make_broker(config: Config, reactor: Any, stats: Stats) -> Broker:
     if config.broker.kind == "redis":
         from twisted_rt.redis import RedisBroker
 
-        return RedisBroker(config, reactor, stats)  # type: ignore[no-any-return]
+        return RedisBroker(config, reactor, stats)
     j = config.journal
     journal = Journal(
         reactor,

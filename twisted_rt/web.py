@@ -112,7 +112,7 @@ class JsonResource(Resource):
 
     isLeaf = True
 
-    def render(self, request: Request) -> bytes | int:  # type: ignore[override]
+    def render(self, request: Request) -> bytes | int:
         method = request.method.decode("ascii", "replace")
         handler = getattr(self, f"handle_{method}", None) if method.isalpha() else None
         if handler is None and method == "HEAD":
@@ -135,7 +135,7 @@ def run(request: Request, handler: Handler) -> int:
     try:
         result = handler(request)
     except Exception:
-        _answer_failure(request, Failure(), finished)
+        _answer_failure(Failure(), request, finished)
         return NOT_DONE_YET
     if not hasattr(result, "__await__") and not isinstance(result, Deferred):
         _answer(result, request, finished)
@@ -189,7 +189,7 @@ class JsonPage(Resource):
         self.status = status
         self.body = error_body(code, message)
 
-    def render(self, request: Request) -> bytes:  # type: ignore[override]
+    def render(self, request: Request) -> bytes:
         request.setResponseCode(self.status)
         request.setHeader(b"content-type", b"application/json")
         return self.body
@@ -203,7 +203,7 @@ def json_page(status: int, code: str, message: str) -> IResource:
 class Root(Resource):
     """The root: named children, and a JSON 404 for everything else."""
 
-    def getChild(self, path: bytes, request: Request) -> IResource:  # type: ignore[override]
+    def getChild(self, path: bytes, request: Request) -> IResource:
         return json_page(404, "not_found", f"no route for {request.path.decode('utf-8', 'replace')}")
 
 
@@ -223,7 +223,7 @@ class RTRequest(Request):
         from io import BytesIO
 
         self.started = time.monotonic()
-        self.content = BytesIO()
+        self.content: BytesIO = BytesIO()
         if length is not None and length > self.max_body_bytes:
             self._reject_too_large()
 
@@ -265,7 +265,7 @@ class RTRequest(Request):
                 error_body("body_too_large", f"the request body is over {self.max_body_bytes} bytes"),
             )
             return
-        site = self.channel.site if self.channel is not None else None
+        site = getattr(self.channel, "site", None)
         if isinstance(site, RTSite):
             site.inflight.add(self)
             self.notifyFinish().addBoth(lambda _: site.inflight.discard(self))
@@ -291,7 +291,7 @@ class RTSite(Site):
         reactor: Any = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
-        self.requestFactory = type("Request", (RTRequest,), {"max_body_bytes": max_body_bytes})
+        self.requestFactory: type[Request] = type("Request", (RTRequest,), {"max_body_bytes": max_body_bytes})
         self.log_requests = log_requests
         self.inflight: set[Request] = set()
         self._on_too_large = on_too_large
