@@ -1,0 +1,275 @@
+"""
+The inspector: its routes in memory (StubTreq), and the page itself in a real
+headless Chromium against a real daemon, across a daemon restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from typing import Any, Callable
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+from treq.testing import StubTreq
+
+from tests.conftest import API_KEY, ARTIFACTS, DEFAULT_CONFIG, JWT_SECRET, Daemon, http
+from twisted_rt import inspector
+from twisted_rt.auth import Authenticator
+from twisted_rt.config import AuthConfig
+from twisted_rt.event import Event
+from twisted_rt.web import Root
+
+CHROMIUM = "/usr/bin/chromium"
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+HOOK_CONFIG = DEFAULT_CONFIG + """
+[[sources]]
+name = "plain"
+verify = "none"
+channel = "hooks.{source}"
+"""
+
+
+class FakeBroker:
+    """Just C{history}, from a list of events."""
+
+    def __init__(self, events: list[Event]) -> None:
+        self.events = events
+
+    def history(self, channel: str, after: int = 0, limit: int = 1000) -> Deferred[list[Event]]:
+        found = [e for e in self.events if e.channel == channel and e.offset > after]
+        return succeed(found[:limit])
+
+
+class FakeApp:
+    """The parts of L{twisted_rt.app.App} the inspector uses."""
+
+    def __init__(self, events: list[Event]) -> None:
+        self.auth = Authenticator(AuthConfig(api_keys=(API_KEY,), jwt_secret=JWT_SECRET))
+        self.broker = FakeBroker(events)
+
+    def principal(self, request: Any) -> Any:
+        header = request.getHeader(b"authorization")
+        query = (request.args or {}).get(b"token", [None])[0]
+        return self.auth.bearer(header, query)
+
+
+def stub() -> tuple[StubTreq, FakeApp]:
+    """A StubTreq over a root with only the inspector mounted."""
+    raw = b'{ "a" : 1 }'
+    events = [
+        Event("d-1", "hooks.plain", 1, "2026-11-21T18:45:15.123Z", "plain", "push", {"a": 1},
+              raw=raw, headers={"Content-Type": "application/json", "X-Sig": "s"}),
+        Event("d-2", "hooks.plain", 2, "2026-11-21T18:45:16.123Z", "api", "", {"b": 2}),
+    ]
+    app = FakeApp(events)
+    root = Root()
+    inspector.mount(root, app)  # type: ignore[arg-type]
+    return StubTreq(root), app
+
+
+class RoutesTests(SynchronousTestCase):
+    """C{/}, C{/client.js}, C{/static/*} and C{/api/raw/...} in memory."""
+
+    def get(self, path: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
+        treq, _ = stub()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        resp = self.successResultOf(treq.get("http://rt.test" + path, headers=headers))
+        body = self.successResultOf(resp.content())
+        hdrs = {k.decode().lower(): v[0].decode() for k, v in resp.headers.getAllRawHeaders()}
+        return resp.code, hdrs, body
+
+    def test_page_served(self) -> None:
+        """GET / is the HTML page, with a CSP that allows nothing from elsewhere."""
+        code, headers, body = self.get("/")
+        self.assertEqual(code, 200)
+        self.assertTrue(headers["content-type"].startswith("text/html"))
+        self.assertIn(b"/client.js", body)
+        self.assertIn("default-src 'self'", headers["content-security-policy"])
+        # no external resources in the page
+        self.assertNotIn(b"http://", body)
+        self.assertNotIn(b"https://", body)
+
+    def test_client_js_and_assets(self) -> None:
+        """GET /client.js and the page's assets are served with their types; unknown files are JSON 404s."""
+        code, headers, body = self.get("/client.js")
+        self.assertEqual(code, 200)
+        self.assertTrue(headers["content-type"].startswith("text/javascript"))
+        self.assertIn(b"TwistedRT", body)
+        code, headers, _ = self.get("/static/inspector.css")
+        self.assertEqual((code, headers["content-type"].split(";")[0]), (200, "text/css"))
+        code, headers, _ = self.get("/static/inspector.js")
+        self.assertEqual(code, 200)
+        code, _, body = self.get("/static/nope.js")
+        self.assertEqual(code, 404)
+        self.assertEqual(json.loads(body)["error"], "not_found")
+        code, _, body = self.get("/client.js/extra")
+        self.assertEqual(code, 404)
+
+    def test_raw_with_api_key(self) -> None:
+        """An API key reads a webhook's original body (base64) and headers."""
+        code, _, body = self.get("/api/raw/hooks.plain/1", API_KEY)
+        self.assertEqual(code, 200)
+        doc = json.loads(body)
+        self.assertEqual(base64.b64decode(doc["body_base64"]), b'{ "a" : 1 }')
+        self.assertEqual(doc["headers"]["X-Sig"], "s")
+        self.assertEqual((doc["channel"], doc["offset"], doc["id"]), ("hooks.plain", 1, "d-1"))
+
+    def test_raw_of_api_event_is_null(self) -> None:
+        """An event that did not come as a webhook has null body and headers."""
+        code, _, body = self.get("/api/raw/hooks.plain/2", API_KEY)
+        self.assertEqual(code, 200)
+        doc = json.loads(body)
+        self.assertIsNone(doc["body_base64"])
+        self.assertIsNone(doc["headers"])
+
+    def test_raw_needs_read_right(self) -> None:
+        """Anonymous: 401; a JWT without the channel: 403; a JWT that may subscribe: 200."""
+        auth = Authenticator(AuthConfig(jwt_secret=JWT_SECRET))
+        code, _, body = self.get("/api/raw/hooks.plain/1")
+        self.assertEqual((code, json.loads(body)["error"]), (401, "unauthorized"))
+        other = auth.mint("u", subscribe=["other.>"])
+        code, _, body = self.get("/api/raw/hooks.plain/1", other)
+        self.assertEqual((code, json.loads(body)["error"]), (403, "forbidden"))
+        reader = auth.mint("u", subscribe=["hooks.*"])
+        code, _, _ = self.get("/api/raw/hooks.plain/1", reader)
+        self.assertEqual(code, 200)
+        code, _, _ = self.get("/api/raw/hooks.plain/1", "not-a-key")
+        self.assertEqual(code, 401)
+
+    def test_raw_bad_requests(self) -> None:
+        """Unknown offsets are 404, bad offsets or channels 400, wrong shapes 404."""
+        self.assertEqual(self.get("/api/raw/hooks.plain/9", API_KEY)[0], 404)
+        self.assertEqual(self.get("/api/raw/hooks.plain/0", API_KEY)[0], 400)
+        self.assertEqual(self.get("/api/raw/hooks.plain/x", API_KEY)[0], 400)
+        self.assertEqual(self.get("/api/raw/bad%20channel/1", API_KEY)[0], 400)
+        self.assertEqual(self.get("/api/raw/hooks.plain", API_KEY)[0], 404)
+
+
+def test_raw_route_on_real_daemon(make_daemon: Callable[..., Daemon]) -> None:
+    """On the daemon, /api/raw sits beside the API routes and returns a webhook's exact bytes."""
+    d = make_daemon(HOOK_CONFIG)
+    raw = b'{"x":  [1, 2],  "y": "\xc3\xa9"}'
+    status, _, _ = http("POST", d.url + "/hooks/plain", raw, {"Content-Type": "application/json", "X-Test": "1"})
+    assert status == 202
+    status, doc = d.get("/api/raw/hooks.plain/1", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert status == 200
+    assert base64.b64decode(doc["body_base64"]) == raw
+    assert {k.lower(): v for k, v in doc["headers"].items()}["x-test"] == "1"
+    status, body = d.get("/api/channels", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert status == 200  # the API routes are still there
+
+
+# -- the page in a real browser ---------------------------------------------------
+
+
+def _chromium_available() -> bool:
+    if not os.path.exists(CHROMIUM):
+        return False
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+browser_needed = pytest.mark.skipif(
+    not _chromium_available() and not os.environ.get("CI"), reason="needs /usr/bin/chromium and playwright"
+)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@browser_needed
+def test_page_live_tail_survives_restart(make_daemon: Callable[..., Daemon]) -> None:
+    """The page lists channels, tails a webhook live, resumes after a daemon restart, and publishes."""
+    from playwright.sync_api import expect, sync_playwright
+
+    d = make_daemon(HOOK_CONFIG)
+    # a channel that exists before the page opens
+    status, _, _ = http("POST", d.url + "/hooks/plain", b'{"seq": 0}', {"Content-Type": "application/json"})
+    assert status == 202
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or CHROMIUM, args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(d.url + "/")
+            expect(page.locator("h1")).to_contain_text("twisted_rt")
+            page.fill("#token", API_KEY)
+            page.click("#token-form button[type=submit]")
+            # channels with subscriber counts and last offsets
+            row = page.locator('#channels tr[data-channel="hooks.plain"]')
+            expect(row.locator(".last-offset")).to_have_text("1")
+
+            page.fill("#pattern", "hooks.>")
+            page.click("#tail-start")
+            expect(page.locator("#status")).to_have_attribute("data-state", "open")
+            expect(row.locator(".subscribers")).to_have_text("1", timeout=10000)
+
+            # a webhook posted during the test shows up live, with source and pretty JSON
+            status, _, _ = http("POST", d.url + "/hooks/plain", b'{"seq": 1, "who": "live"}',
+                                {"Content-Type": "application/json"})
+            assert status == 202
+            first = page.locator('#events li[data-offset="2"]')
+            expect(first).to_be_visible()
+            expect(first.locator(".source")).to_have_text("plain")
+            expect(first.locator(".json")).to_contain_text('"who": "live"')
+            expect(first.locator("time")).not_to_be_empty()
+
+            # restart the daemon (same port, same journal); publish while the page is away
+            d.stop()
+            expect(page.locator("#status")).not_to_have_attribute("data-state", "open")
+            d.start()
+            for seq in (2, 3):
+                status, _, _ = http("POST", d.url + "/hooks/plain", json.dumps({"seq": seq}).encode(),
+                                    {"Content-Type": "application/json"})
+                assert status == 202
+            expect(page.locator("#status")).to_have_attribute("data-state", "open", timeout=20000)
+            expect(page.locator('#events li[data-offset="4"] .json')).to_contain_text('"seq": 3', timeout=20000)
+            expect(page.locator('#events li[data-offset="3"] .json')).to_contain_text('"seq": 2')
+            offsets = page.locator("#events li").evaluate_all("els => els.map(e => +e.dataset.offset)")
+            assert offsets == [4, 3, 2]  # newest first, no gap, no duplicate
+
+            # send a test event from the page; it arrives in the tail
+            page.fill("#publish-channel", "hooks.page")
+            page.fill("#publish-data", '{"from": "the page"}')
+            page.click("#publish-form button[type=submit]")
+            expect(page.locator("#publish-result")).to_contain_text("accepted")
+            expect(page.locator('#events li[data-channel="hooks.page"] .json')).to_contain_text("the page")
+
+            # history of the channel
+            row.locator("button", has_text="history").click()
+            expect(page.locator("#history li")).to_have_count(4)
+            expect(page.locator("#history li").first).to_have_attribute("data-offset", "4")
+
+            page.screenshot(path=str(ARTIFACTS / "inspector.png"), full_page=True)
+
+            # the token and pattern were kept in localStorage: a reload tails again by itself
+            page.reload()
+            expect(page.locator("#token")).to_have_value(API_KEY)
+            expect(page.locator("#pattern")).to_have_value("hooks.>")
+            expect(page.locator("#status")).to_have_attribute("data-state", "open")
+            assert not errors, errors
+
+            # usable on a phone: no horizontal scrolling at 390px
+            phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+            phone.add_init_script(f"localStorage.setItem('twisted_rt.token', '{API_KEY}')")
+            phone.goto(d.url + "/?pattern=hooks.plain")
+            expect(phone.locator("#status")).to_have_attribute("data-state", "open")
+            http("POST", d.url + "/hooks/plain", b'{"seq": 4, "on": "a phone"}', {"Content-Type": "application/json"})
+            expect(phone.locator('#events li[data-offset="5"]')).to_be_visible()
+            width = phone.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, width
+            phone.screenshot(path=str(ARTIFACTS / "inspector-phone.png"), full_page=True)
+        finally:
+            browser.close()
+    assert re.search(r"GET /client\.js 200", d.log())
