@@ -13,9 +13,9 @@ import shutil
 from typing import Any, Callable
 
 import pytest
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
-from treq.testing import StubTreq
 
 from tests.conftest import API_KEY, ARTIFACTS, DEFAULT_CONFIG, JWT_SECRET, Daemon, http
 from twisted_rt import inspector
@@ -162,7 +162,7 @@ def test_raw_route_on_real_daemon(make_daemon: Callable[..., Daemon]) -> None:
     assert status == 200
     assert base64.b64decode(doc["body_base64"]) == raw
     assert {k.lower(): v for k, v in doc["headers"].items()}["x-test"] == "1"
-    status, body = d.get("/api/channels", headers={"Authorization": f"Bearer {API_KEY}"})
+    status, _ = d.get("/api/channels", headers={"Authorization": f"Bearer {API_KEY}"})
     assert status == 200  # the API routes are still there
 
 
