@@ -420,7 +420,7 @@ class Bench:
             vs = [v for v in m.values.get(name, []) if v is not None and v == v]
             return statistics.fmean(vs) if vs else None
 
-        rows = [("measure", "unit", "baseline (runs)", "twisted_rt (runs)", "ours/base", "target", "met")]
+        rows: list[tuple[str, ...]] = [("measure", "unit", "baseline (runs)", "twisted_rt (runs)", "ours/base", "target", "met")]
         for m in self.metrics.values():
             b, o = mean(m, "baseline"), mean(m, "twisted_rt")
             ratio = f"{o / b:.2f}x" if b and o is not None else "n/a"
