@@ -340,6 +340,42 @@ def test_sighup_handler_reloads_and_tells_systemd() -> None:
     assert notifier.sent[1].startswith("READY=1 TLS reload: ")
 
 
+def pump(client: SSL.Connection, server: SSL.Connection) -> None:
+    """Run a handshake between two memory-BIO connections."""
+    for _ in range(10):
+        for x, y in ((client, server), (server, client)):
+            try:
+                x.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                y.bio_write(x.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+
+
+def test_renegotiation_refused(pki: dict[str, Path]) -> None:
+    """A TLS 1.2 client asking to renegotiate gets an error from the server, not a new handshake."""
+    loaded = tls.load_options(tls.CertFiles(str(pki["cert"]), str(pki["key"])))
+    server = SSL.Connection(loaded.options.getContext(), None)
+    server.set_accept_state()
+    cctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    cctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    client = SSL.Connection(cctx, None)
+    client.set_connect_state()
+    pump(client, server)
+    assert server.get_protocol_version_name() == "TLSv1.2"
+    assert client.renegotiate()
+    with pytest.raises(SSL.WantReadError):
+        client.do_handshake()  # sends the new ClientHello
+    server.bio_write(client.bio_read(65536))
+    with pytest.raises(SSL.WantReadError):
+        server.recv(1024)  # the server answers it with a no_renegotiation alert
+    client.bio_write(server.bio_read(65536))
+    with pytest.raises(SSL.Error, match="no renegotiation"):
+        client.do_handshake()
+
+
 def test_full_chain_is_sent(ca: CA, tmp_path: Path) -> None:
     """With an intermediate CA in [tls] chain, a client trusting only the root verifies the server."""
     inter = CA("twisted_rt test intermediate")
@@ -367,16 +403,7 @@ def test_full_chain_is_sent(ca: CA, tmp_path: Path) -> None:
     client = SSL.Connection(cctx, None)
     client.set_connect_state()
     client.set_tlsext_host_name(b"localhost")
-    for _ in range(10):  # pump the handshake through memory BIOs
-        for a, b in ((client, server), (server, client)):
-            try:
-                a.do_handshake()
-            except SSL.WantReadError:
-                pass
-            try:
-                b.bio_write(a.bio_read(65536))
-            except SSL.WantReadError:
-                pass
+    pump(client, server)
     chain = client.get_verified_chain()
     assert chain is not None
     assert [c.to_cryptography().subject for c in chain] == [
