@@ -211,3 +211,22 @@ async def test_resume_across_daemon_restart(daemon: Daemon) -> None:
     assert per_channel == {"py.a": [2, 3, 4], "py.b.c": [1, 2], "py.b.d": [1]}
     assert sub.connections == 2
     assert states[-1] == "stopped"
+
+
+def test_plain_websocket_client_example(daemon: Daemon) -> None:
+    """The module docstring's websocket-client example subscribes, resumes with since and gets events."""
+    import websocket
+
+    daemon.publish("plain.a", {"n": 1})
+    daemon.publish("plain.b", {"n": 2})
+    ws = websocket.create_connection(daemon.ws_url, header=[f"Authorization: Bearer {API_KEY}"], timeout=10)
+    try:
+        ws.send(json.dumps({"op": "subscribe", "channel": "plain.*", "since": {"plain.a": 0, "plain.b": 0}}))
+        got = []
+        while len(got) < 2:
+            msg = json.loads(ws.recv())
+            if msg["op"] == "event":
+                got.append((msg["channel"], msg["offset"], msg["data"]["n"]))
+    finally:
+        ws.close()
+    assert sorted(got) == [("plain.a", 1, 1), ("plain.b", 1, 2)]

@@ -26,6 +26,31 @@ older point.  With C{since=None} and C{start_at_end=True} (the default) the
 client first asks C{GET /api/channels} for the current last offsets, so even
 channels it has not seen an event of yet resume without a gap.
 
+Without Twisted, the same resume rule with the plain C{websocket-client}
+package (C{pip install websocket-client})::
+
+    import json, time, websocket
+
+    def follow(pattern, handle, url="ws://127.0.0.1:8080/ws", token=None):
+        last = {}                                   # channel -> last offset seen
+        while True:
+            try:
+                ws = websocket.create_connection(
+                    url, header=[f"Authorization: Bearer {token}"] if token else [])
+                sub = {"op": "subscribe", "channel": pattern}
+                if last:
+                    sub["since"] = dict(last)       # replay what was missed
+                ws.send(json.dumps(sub))
+                while True:
+                    msg = json.loads(ws.recv())
+                    if msg["op"] == "event" and msg["offset"] > last.get(msg["channel"], 0):
+                        last[msg["channel"]] = msg["offset"]
+                        handle(msg)
+                    elif msg["op"] == "error":
+                        raise SystemExit(msg["message"])
+            except (websocket.WebSocketException, OSError):
+                time.sleep(1)                       # the daemon restarts: retry
+
 C{twisted-rt tail --forward URL} re-delivers each event's original request
 body and headers (from C{GET /api/raw/<channel>/<offset>}) to a local URL,
 the smee-client use case, retrying while the local server is down.
