@@ -64,9 +64,10 @@ def http(
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
-def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+              timeout: float = 10) -> tuple[int, Any]:
     """Like L{http}, with the answer parsed as JSON."""
-    status, _, raw = http(method, url, body, headers)
+    status, _, raw = http(method, url, body, headers, timeout)
     return status, json.loads(raw) if raw else None
 
 
@@ -158,7 +159,7 @@ class Daemon:
         self.stop()
         return self.start()
 
-    def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+    def get(self, path: str, **kw: Any) -> tuple[int, Any]:  # kw: headers, timeout
         return http_json("GET", self.url + path, **kw)
 
     def post(self, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:

@@ -161,3 +161,22 @@ def test_wheel_ships_the_plugin(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "'rt'" in r.stdout
+
+
+def test_sigterm_lets_in_flight_requests_finish(daemon: Daemon) -> None:
+    """A long-poll in flight when SIGTERM arrives is answered (not cut) before the process exits 0."""
+    import threading
+
+    answers: list[tuple[int, object]] = []
+
+    def poll() -> None:
+        answers.append(daemon.get("/poll?channel=public.x&since=0&timeout=30", timeout=30))
+
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    t.join(10)
+    assert answers and answers[0][0] == 200, answers
+    assert time.monotonic() - started < 15
