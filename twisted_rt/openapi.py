@@ -163,10 +163,17 @@ def _schemas() -> dict[str, Any]:
                 "last_offset": {"type": "integer", "minimum": 0},
             },
         },
-        "Events": {
+        "Poll": {
             "type": "object",
             "required": ["events"],
-            "properties": {"events": {"type": "array", "items": _ref("Event")}},
+            "properties": {
+                "events": {"type": "array", "items": _ref("Event")},
+                "last_offset": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "The offset to poll from next.",
+                },
+            },
         },
         "Stats": {
             "type": "object",
@@ -216,7 +223,10 @@ def _responses() -> dict[str, Any]:
             "not yet valid, wrong algorithm).",
             www,
         ),
-        "Forbidden": _error("A valid token without the right for this channel."),
+        "Forbidden": _error(
+            "A valid token without the right for this channel (`forbidden`), or on the streaming routes "
+            "a forbidden Origin (`forbidden_origin`)."
+        ),
         "NotFound": _error("No such route or resource."),
         "MethodNotAllowed": _error(
             "The method is not served here.",
@@ -425,6 +435,10 @@ def _paths() -> dict[str, Any]:
                 "parameters": [_token_param()],
                 "responses": {
                     "101": {"description": "Switching protocols."},
+                    "200": {
+                        "description": "Not an upgrade request: Autobahn's status page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
                     "400": {"description": "Not a valid WebSocket upgrade request."},
                     "401": _resp("Unauthorized"),
                     "403": _error("The Origin is not allowed."),
@@ -445,6 +459,11 @@ def _paths() -> dict[str, Any]:
                 "security": _BEARER_OR_ANON,
                 "parameters": [
                     channels_param,
+                    _q(
+                        "since",
+                        {"type": "string"},
+                        "Where to resume: `chan=offset,...` (or one offset), like `Last-Event-ID`.",
+                    ),
                     _token_param(),
                     {
                         "name": "Last-Event-ID",
@@ -475,13 +494,18 @@ def _paths() -> dict[str, Any]:
                 "tags": ["streams"],
                 "security": _BEARER_OR_ANON,
                 "parameters": [
-                    channels_param,
-                    _q("since", {"type": "integer", "minimum": 0}, "The last offset seen."),
-                    _q("timeout", {"type": "number", "minimum": 0}, "Seconds to wait (default 30)."),
+                    _q("channel", _ref("Channel"), "One exact channel.", required=True),
+                    _q("since", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}, "The last offset seen."),
+                    _q("limit", {"type": "integer", "minimum": 0}, "At most this many events."),
+                    _q(
+                        "timeout",
+                        {"type": "number", "minimum": 0},
+                        "Seconds to wait (default 30, capped by `[sse] max_poll_timeout_seconds`).",
+                    ),
                     _token_param(),
                 ],
                 "responses": {
-                    "200": _json(_ref("Events"), "The events after `since` (maybe none)."),
+                    "200": _json(_ref("Poll"), "The events after `since` (maybe none)."),
                     "400": _resp("BadRequest"),
                     "401": _resp("Unauthorized"),
                     "403": _resp("Forbidden"),
