@@ -1,0 +1,935 @@
+# -*- test-case-name: tests.test_redis -*-
+"""
+The Redis broker: several daemons serving the same channels.
+
+Every node talks to one Redis (reached with C{txredisapi}, so the reactor
+never blocks) over two connections of its own:
+
+  - the I{command} connection runs one Lua script per publish batch.  For
+    each draft the script checks the delivery-id key (C{<p>:dl:<source>:<id>},
+    shared by all nodes, kept C{retention_seconds}), C{INCR}s the channel's
+    counter (C{<p>:seq:<channel>}), C{XADD}s the event to the channel's stream
+    (C{<p>:s:<channel>}, entry id C{<offset>-0}, trimmed to about
+    C{max_events_per_channel}), records the channel (C{<p>:channels}) and
+    C{PUBLISH}es it on C{<p>:ev}.  The script is atomic, so offsets are unique
+    and gap-free per channel across nodes, and a 2xx is sent only after
+    Redis answered.  History and resume read the streams (C{XRANGE}), so a
+    client may resume on any node.
+  - the I{pub/sub} connection receives every event on C{<p>:ev}, in offset
+    order per channel.  A node remembers the last offset it delivered per
+    channel; an event past C{last + 1} (a missed message) makes it fill the
+    gap from the stream first, buffering what arrives meanwhile.  On every
+    (re)subscribe it takes a snapshot of all counters and fills, from the
+    streams, whatever its listeners missed while it was disconnected.
+
+Subscriber counts are cluster-wide: each node writes its local counts to a
+hash with a TTL (C{<p>:node:<id>}) every few seconds and when they change;
+C{channels()} sums them.
+
+Redis down: L{RedisBroker.ready} is C{False} (C{/readyz} 503), C{publish}
+fails with L{JournalUnavailable} (503, nothing acknowledged), subscribers stay
+connected, and both connections come back with exponential backoff and
+jitter.  A publish whose connection drops after the script was sent is
+answered 503 although Redis may have applied it: a retry with the same
+delivery id is then answered as a duplicate.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import json
+import random
+import time
+from collections import deque
+from itertools import islice
+from typing import Any, Callable, Sequence
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import txredisapi
+from twisted.application.internet import ClientService
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_rt.broker import Broker, ChannelInfo, Listener
+from twisted_rt.config import Config
+from twisted_rt.event import Accepted, Draft, Event, dumps, new_id, now_iso
+from twisted_rt.journal import JournalUnavailable
+from twisted_rt.matcher import is_wildcard, matches
+from twisted_rt.metrics import Stats
+
+__all__ = ["RedisBroker", "backoff", "parse_url"]
+
+#: Seconds to wait for Redis in L{RedisBroker.start} before serving anyway.
+START_WAIT = 5.0
+#: Seconds between writes of this node's subscriber counts.
+COUNTS_INTERVAL = 5.0
+#: Events per XRANGE page when filling a gap.
+FILL_PAGE = 1000
+#: Pub/sub messages buffered while filling; past it they are dropped and a
+#: full resync (snapshot + fill from the streams) replaces them.
+MAX_QUEUE = 100000
+#: Seconds a command may wait for its reply before the connection is dropped.
+REPLY_TIMEOUT = 10.0
+
+
+# The append script.  ARGV: prefix, maxlen, ttl, n, then n times
+# (channel, source, id, dedup "1"/"0", body).  Returns 4 values per draft:
+# offset, duplicate (0/1), channel, stored body ("" unless duplicate).
+_APPEND = """
+local p = ARGV[1]
+local maxlen = ARGV[2]
+local ttl = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local out = {}
+local i = 5
+for k = 1, n do
+  local ch, src, id, dd, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  i = i + 5
+  local dkey = p .. ':dl:' .. src .. ':' .. id
+  local prior = false
+  if dd == '1' then
+    prior = redis.call('GET', dkey)
+  end
+  if prior then
+    local sp = string.find(prior, ' ', 1, true)
+    local off = string.sub(prior, 1, sp - 1)
+    local pch = string.sub(prior, sp + 1)
+    local e = redis.call('XRANGE', p .. ':s:' .. pch, off, off)
+    local b = ''
+    if #e > 0 then
+      b = e[1][2][2]
+    end
+    out[#out + 1] = tonumber(off)
+    out[#out + 1] = 1
+    out[#out + 1] = pch
+    out[#out + 1] = b
+  else
+    local off = redis.call('INCR', p .. ':seq:' .. ch)
+    local skey = p .. ':s:' .. ch
+    redis.call('XADD', skey, 'MAXLEN', '~', maxlen, off .. '-0', 'e', body)
+    redis.call('EXPIRE', skey, ttl)
+    redis.call('SADD', p .. ':channels', ch)
+    if dd == '1' then
+      redis.call('SET', dkey, off .. ' ' .. ch, 'EX', ttl)
+    end
+    redis.call('PUBLISH', p .. ':ev', off .. ' ' .. ch .. ' ' .. body)
+    out[#out + 1] = off
+    out[#out + 1] = 0
+    out[#out + 1] = ch
+    out[#out + 1] = ''
+  end
+end
+return out
+"""
+
+# Every channel with its last offset.  ARGV: prefix, a fresh epoch id.
+# Returns the epoch (set once per Redis data set, so a Redis that lost its
+# data is noticed), then ch, last, ...
+_SNAPSHOT = """
+local p = ARGV[1]
+redis.call('SET', p .. ':epoch', ARGV[2], 'NX')
+local out = {redis.call('GET', p .. ':epoch')}
+for _, ch in ipairs(redis.call('SMEMBERS', p .. ':channels')) do
+  out[#out + 1] = ch
+  out[#out + 1] = redis.call('GET', p .. ':seq:' .. ch) or '0'
+end
+return out
+"""
+
+# Write this node's subscriber counts.  ARGV: prefix, node, ttl, then
+# channel, count pairs.
+_COUNTS = """
+local p, node, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local key = p .. ':node:' .. node
+local now = redis.call('TIME')[1]
+redis.call('DEL', key)
+if #ARGV > 3 then
+  for i = 4, #ARGV - 1, 2 do
+    redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+  end
+  redis.call('EXPIRE', key, ttl)
+end
+redis.call('ZADD', p .. ':nodes', now, node)
+return 1
+"""
+
+# The other nodes' counts, summed.  ARGV: prefix, this node, max age.
+# Returns ch, count, ...
+_REMOTE_COUNTS = """
+local p, me, age = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZREMRANGEBYSCORE', p .. ':nodes', '-inf', now - age)
+local sums = {}
+for _, node in ipairs(redis.call('ZRANGE', p .. ':nodes', 0, -1)) do
+  if node ~= me then
+    local h = redis.call('HGETALL', p .. ':node:' .. node)
+    for i = 1, #h, 2 do
+      sums[h[i]] = (sums[h[i]] or 0) + tonumber(h[i + 1])
+    end
+  end
+end
+local out = {}
+for ch, n in pairs(sums) do
+  out[#out + 1] = ch
+  out[#out + 1] = n
+end
+return out
+"""
+
+
+class _Script:
+    """A Lua script run with EVALSHA, falling back to EVAL when unknown."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+    def run(self, proto: Any, args: Sequence[Any]) -> Deferred[Any]:
+        d: Deferred[Any] = maybeDeferred(proto.execute_command, "EVALSHA", self.sha, 0, *args)
+
+        def noscript(f: Failure) -> Any:
+            if isinstance(f.value, txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
+                return proto.execute_command("EVAL", self.source, 0, *args)
+            return f
+
+        return d.addErrback(noscript)
+
+
+APPEND = _Script(_APPEND)
+SNAPSHOT = _Script(_SNAPSHOT)
+COUNTS = _Script(_COUNTS)
+REMOTE_COUNTS = _Script(_REMOTE_COUNTS)
+
+
+def backoff(attempt: int, rand: Callable[[], float] = random.random,
+            initial: float = 0.1, cap: float = 2.0) -> float:
+    """
+    Seconds before reconnect attempt C{attempt} (1 = first retry):
+    exponential up to C{cap}, with "equal jitter" (half fixed, half random)
+    so that many nodes do not reconnect in lockstep.
+    """
+    base = min(cap, initial * float(2 ** min(max(attempt - 1, 0), 30)))
+    return base / 2 + rand() * base / 2
+
+
+class RedisURL:
+    """A parsed C{redis://} or C{unix://} URL."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 6379, path: str = "",
+                 db: int = 0, username: str | None = None, password: str | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.path = path
+        self.db = db
+        self.username = username
+        self.password = password
+
+    def endpoint(self, reactor: Any, timeout: float = 5.0) -> IStreamClientEndpoint:
+        """A client endpoint for this URL."""
+        if self.path:
+            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)  # type: ignore[no-untyped-call]
+        return HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
+
+
+def parse_url(url: str) -> RedisURL:
+    """
+    Parse C{redis://[[user]:password@]host[:port][/db]} or
+    C{unix:///path/to/socket[?db=N&password=P]}.
+    """
+    u = urlsplit(url)
+    q = parse_qs(u.query)
+    password = unquote(u.password) if u.password else (q.get("password", [None])[0])
+    username = unquote(u.username) if u.username else None
+    if u.scheme == "unix":
+        db = int(q.get("db", ["0"])[0])
+        return RedisURL(path=u.path, db=db, username=username, password=password)
+    if u.scheme != "redis":
+        raise ValueError(f"expected a redis:// or unix:// URL, got {url!r}")
+    path = u.path.strip("/")
+    db = int(path) if path else int(q.get("db", ["0"])[0])
+    return RedisURL(host=u.hostname or "127.0.0.1", port=u.port or 6379, db=db,
+                    username=username or None, password=password)
+
+
+class _CommandProtocol(txredisapi.BaseRedisProtocol):  # type: ignore[misc]
+    """The command connection's protocol; tells its link when it is lost."""
+
+    link: _Link
+
+    def connectionLost(self, why: Failure) -> None:
+        super().connectionLost(why)
+        self.link.lost(self, why)
+
+
+class _SubProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    """The pub/sub connection's protocol; hands messages to the broker."""
+
+    link: _Link
+    on_message: Callable[[str], None]
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        self.on_message(message)
+
+    def connectionLost(self, why: Failure) -> None:
+        super().connectionLost(why)
+        self.link.lost(self, why)
+
+
+class _Factory(protocol.Factory):
+    """Builds one link's protocols (and takes txredisapi's callbacks)."""
+
+    isLazy = True
+    noisy = False
+
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+
+    def buildProtocol(self, addr: Any) -> Any:
+        link = self.link
+        url = link.url
+        p = link.protocol_class(
+            charset="utf-8",
+            replyTimeout=REPLY_TIMEOUT,
+            password=url.password,
+            dbid=url.db or None,
+            convertNumbers=False,
+            username=url.username,
+        )
+        p.factory = self
+        p.link = link
+        p.callLater = link.reactor.callLater
+        if link.on_message is not None:
+            p.on_message = link.on_message
+        return p
+
+    def stopTrying(self) -> None:
+        """txredisapi calls this when AUTH or SELECT fails; we keep retrying."""
+
+    def connectionError(self, why: str) -> None:
+        """txredisapi reports AUTH or SELECT failures here."""
+        self.link.error = why
+
+
+class _Link:
+    """
+    One connection to Redis kept up by a L{ClientService}: reconnects with
+    L{backoff}, calls C{on_up(protocol)} once the connection is usable (after
+    AUTH/SELECT) and C{on_down(reason)} when it is lost.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, url: RedisURL, name: str, protocol_class: type,
+                 on_up: Callable[[Any], None], on_down: Callable[[str], None],
+                 on_message: Callable[[str], None] | None = None) -> None:
+        self.reactor = reactor
+        self.url = url
+        self.name = name
+        self.protocol_class = protocol_class
+        self.on_up = on_up
+        self.on_down = on_down
+        self.on_message = on_message
+        self.proto: Any = None
+        self.error = "not connected yet"
+        self.service = ClientService(
+            url.endpoint(reactor),
+            _Factory(self),
+            retryPolicy=backoff,
+            clock=reactor,
+            prepareConnection=self._prepare,
+        )
+
+    def start(self) -> None:
+        self.service.startService()
+
+    def stop(self) -> Deferred[None]:
+        return self.service.stopService()
+
+    def _prepare(self, proxy: Any) -> Deferred[None]:
+        # ClientService hands us a proxy; whenConnected fires with the
+        # protocol itself, which is what calls lost() later.
+        d: Deferred[None] = Deferred()
+
+        def usable(proto: Any) -> None:
+            if not d.called:
+                d.callback(proto)
+
+        def gone(_: object) -> None:
+            if not d.called:
+                d.errback(txredisapi.ConnectionError(self.error))
+
+        proxy.whenConnected().addCallback(usable)
+        proxy.whenDisconnected().addCallback(gone)
+        d.addCallback(self._up)
+        return d
+
+    def _up(self, proto: Any) -> None:
+        self.proto = proto
+        self.error = ""
+        self.log.info("redis {name} connection ready", name=self.name, log_category="RT-R02")
+        try:
+            self.on_up(proto)
+        except Exception:  # noqa: BLE001 - a bug in a callback must not kill the link
+            self.log.failure("redis {name} on_up", name=self.name)
+
+    def lost(self, proto: Any, why: Failure) -> None:
+        if self.proto is not proto:
+            return
+        self.proto = None
+        self.error = f"{self.name} connection lost: {why.getErrorMessage()}"
+        self.log.error("redis {error}", error=self.error, log_category="RT-R01")
+        try:
+            self.on_down(self.error)
+        except Exception:  # noqa: BLE001 - a bug in a callback must not kill the link
+            self.log.failure("redis {name} on_down", name=self.name)
+
+
+def _encode_body(draft: Draft, eid: str, stamp: str) -> str:
+    return dumps(
+        {
+            "id": eid,
+            "time": stamp,
+            "source": draft.source,
+            "type": draft.type,
+            "data": draft.data,
+            "raw": base64.b64encode(draft.raw).decode("ascii") if draft.raw is not None else None,
+            "headers": draft.headers,
+        }
+    ).decode("utf-8")
+
+
+def _decode(channel: str, offset: int, body: str | bytes) -> Event:
+    o = json.loads(body)
+    raw = o.get("raw")
+    return Event(
+        id=o["id"],
+        channel=channel,
+        offset=offset,
+        time=o["time"],
+        source=o["source"],
+        type=o["type"],
+        data=o["data"],
+        raw=base64.b64decode(raw) if raw is not None else None,
+        headers=o.get("headers"),
+    )
+
+
+def _pairs(flat: Sequence[Any]) -> list[tuple[str, Any]]:
+    return [(_s(flat[i]), flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
+
+
+def _s(v: Any) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def _entry_offset(entry_id: Any) -> int:
+    return int(_s(entry_id).split("-", 1)[0])
+
+
+class RedisBroker(Broker):
+    """
+    The L{Broker} of a cluster of nodes sharing one Redis.
+
+    @ivar node_id: this node's name in the cluster-wide subscriber counts.
+    @ivar live_last: the last offset delivered live, per channel, on this node.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, stats: Stats, node_id: str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.stats = stats
+        self.prefix = config.broker.prefix
+        self.node_id = node_id or new_id()[:16]
+        self.url = parse_url(config.broker.url)
+        self.maxlen = config.journal.max_events_per_channel
+        self.ttl = max(1, int(config.journal.retention_seconds))
+        self.live_last: dict[str, int] = {}
+        self._epoch: str | None = None
+        self._queue: deque[tuple[str, int, str]] = deque()
+        self._busy = True  # live messages are queued, not processed
+        self._subscribed = False
+        self._subscribing = False
+        self._baselined = False
+        self._sync_running = False
+        self._sync_again = False
+        self._need_sync = False
+        self._retry_call: IDelayedCall | None = None
+        self._counts_call: IDelayedCall | None = None
+        self._waiters: list[Deferred[None]] = []
+        self._stopped = False
+        self.cmd = _Link(reactor, self.url, "command", _CommandProtocol, self._cmd_up, self._cmd_down)
+        self.sub = _Link(reactor, self.url, "pubsub", _SubProtocol, self._sub_up, self._sub_down,
+                         on_message=self._on_message)
+        self._counts_loop = LoopingCall(self._write_counts)
+        self._counts_loop.clock = reactor
+
+    # -- keys --------------------------------------------------------------
+
+    def _key(self, kind: str, name: str = "") -> str:
+        return f"{self.prefix}:{kind}:{name}" if name else f"{self.prefix}:{kind}"
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Connect; fires when ready, or after L{START_WAIT} seconds regardless."""
+        self.cmd.start()
+        self.sub.start()
+        self._counts_loop.start(COUNTS_INTERVAL, now=False).addErrback(
+            lambda f: self.log.failure("redis counts loop stopped", f)
+        )
+        if self.ready:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+
+        def give_up() -> None:
+            if not d.called:
+                self._waiters.remove(d)
+                self.log.warn("redis not ready after {t}s: {why}; serving anyway",
+                              t=START_WAIT, why=self.not_ready_reason, log_category="RT-R03")
+                d.callback(None)
+
+        call = self.reactor.callLater(START_WAIT, give_up)
+
+        def done(result: None) -> None:
+            if call.active():
+                call.cancel()
+
+        return d.addCallback(done)
+
+    def stop(self) -> Deferred[None]:
+        """Forget this node's counts and close both connections."""
+        self._stopped = True
+        if self._counts_loop.running:
+            self._counts_loop.stop()
+        for call in (self._retry_call, self._counts_call):
+            if call is not None and call.active():
+                call.cancel()
+        proto = self.cmd.proto
+        if proto is not None:
+            d: Deferred[Any] = maybeDeferred(proto.execute_command, "DEL", self._key("node", self.node_id))
+            d.addErrback(lambda f: None)
+        else:
+            d = succeed(None)
+
+        def close(_: object) -> Deferred[Any]:
+            return gatherResults([self.cmd.stop(), self.sub.stop()], consumeErrors=True)
+
+        d.addCallback(close)
+        d.addErrback(lambda f: None)
+        return d.addCallback(lambda _: None)
+
+    @property
+    def ready(self) -> bool:
+        return self.cmd.proto is not None and self.sub.proto is not None and self._subscribed
+
+    @property
+    def not_ready_reason(self) -> str:
+        if self.ready:
+            return ""
+        if self.cmd.proto is None:
+            return f"redis: {self.cmd.error or 'command connection down'}"
+        if self.sub.proto is None:
+            return f"redis: {self.sub.error or 'pubsub connection down'}"
+        return "redis: subscribing"
+
+    def _check_ready(self) -> None:
+        if self.ready and self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    # -- connection events -------------------------------------------------
+
+    def _cmd_up(self, proto: Any) -> None:
+        sub = self.sub.proto
+        if sub is not None and not self._subscribed and not self._subscribing:
+            self._sub_up(sub)
+        if self._subscribed and (self._busy or self._need_sync):
+            self._request_sync()
+        self._schedule_counts()
+        self._check_ready()
+
+    def _cmd_down(self, why: str) -> None:
+        pass
+
+    def _sub_up(self, proto: Any) -> None:
+        if self._subscribing or (not self._baselined and self.cmd.proto is None):
+            return  # the command link's return subscribes
+        self._subscribing = True
+        ensureDeferred(self._subscribe(proto)).addErrback(self._subscribe_failed, proto)
+
+    async def _subscribe(self, proto: Any) -> None:
+        """
+        Subscribe to the live feed.  The very first time, first take every
+        channel's last offset as the baseline: whatever comes after it is
+        delivered (from the feed or, when missed, from the streams).
+        """
+        if not self._baselined:
+            for ch, last in (await self._snapshot()).items():
+                self.live_last.setdefault(ch, last)
+            self._baselined = True
+        await proto.subscribe(self._key("ev"))
+        self._subscribing = False
+        if self.sub.proto is not proto:
+            self._resubscribe(proto)
+            return
+        self._subscribed = True
+        self._request_sync()
+        self._check_ready()
+
+    def _subscribe_failed(self, f: Failure, proto: Any) -> None:
+        self._subscribing = False
+        self.log.warn("redis subscribe failed: {e}", e=f.getErrorMessage())
+        if proto.transport is not None:
+            proto.transport.loseConnection()
+        self._resubscribe(proto)
+
+    def _resubscribe(self, old: Any) -> None:
+        cur = self.sub.proto
+        if cur is not None and cur is not old and not self._subscribed:
+            self._sub_up(cur)
+
+    def _sub_down(self, why: str) -> None:
+        self._subscribed = False
+        self._busy = True
+        self._queue.clear()
+
+    # -- live feed ---------------------------------------------------------
+
+    def _on_message(self, message: str) -> None:
+        try:
+            off_s, channel, body = message.split(" ", 2)
+            offset = int(off_s)
+        except ValueError:
+            self.log.warn("redis: ignoring a malformed message {m!r}", m=message[:80])
+            return
+        if self._busy:
+            if len(self._queue) >= MAX_QUEUE:
+                # The streams have them all: a resync replaces the buffer.
+                self._queue.clear()
+                self._need_sync = True
+                self._sync_again = True
+            self._queue.append((channel, offset, body))
+            return
+        self._process(channel, offset, body)
+
+    def _has_listeners(self, channel: str) -> bool:
+        for _ in self.index.match(channel):
+            return True
+        return False
+
+    def _process(self, channel: str, offset: int, body: str) -> None:
+        last = self.live_last.get(channel, 0)
+        if offset <= last:
+            return
+        if offset == last + 1 or not self._has_listeners(channel):
+            self._deliver(channel, offset, body)
+            return
+        # A gap: fill it from the stream before anything else.
+        self.log.info("redis: gap on {channel} ({last} -> {offset}), filling from the stream",
+                      channel=channel, last=last, offset=offset, log_category="RT-R04")
+        self._busy = True
+        self._queue.appendleft((channel, offset, body))
+        d = ensureDeferred(self._fill(channel, last, offset - 1))
+
+        def filled(_: object) -> None:
+            if not self._subscribed:
+                return  # the pub/sub link's return syncs
+            if self._need_sync:
+                self._request_sync()
+                return
+            self._busy = False
+            self._drain()
+
+        def failed(f: Failure) -> None:
+            self.log.warn("redis: filling {channel} failed: {e}", channel=channel, e=f.getErrorMessage())
+            self._need_sync = True
+            self._request_sync()
+
+        d.addCallbacks(filled, failed)
+
+    def _drain(self) -> None:
+        q = self._queue
+        while q and not self._busy:
+            self._process(*q.popleft())
+
+    def _deliver(self, channel: str, offset: int, body: str) -> None:
+        self.live_last[channel] = offset
+        if not self._has_listeners(channel):
+            return
+        try:
+            event = _decode(channel, offset, body)
+        except (ValueError, KeyError, TypeError):
+            self.log.warn("redis: undecodable event {channel}#{offset}", channel=channel, offset=offset)
+            return
+        self.fanout(event)
+
+    async def _fill(self, channel: str, after: int, upto: int) -> None:
+        """Deliver the stream's events of C{channel} in C{(after, upto]}."""
+        while after < upto:
+            entries = await self._xrange(channel, after + 1, upto, FILL_PAGE)
+            for entry_id, fields in entries:
+                offset = _entry_offset(entry_id)
+                if offset > self.live_last.get(channel, 0):
+                    self._deliver(channel, offset, _field(fields, "e"))
+            if len(entries) < FILL_PAGE:
+                break
+            after = _entry_offset(entries[-1][0])
+        if upto > self.live_last.get(channel, 0):
+            self.live_last[channel] = upto
+
+    # -- resync ------------------------------------------------------------
+
+    def _request_sync(self) -> None:
+        if self._stopped:
+            return
+        if self._sync_running:
+            self._sync_again = True
+            return
+        self._busy = True
+        self._sync_running = True
+        ensureDeferred(self._sync()).addErrback(self._sync_failed)
+
+    async def _sync(self) -> None:
+        """
+        Catch up with Redis: snapshot every counter, fill from the streams
+        what this node's listeners missed, then process the buffered feed.
+        """
+        while True:
+            self._sync_again = False
+            self._need_sync = False
+            snapshot = await self._snapshot()
+            for ch, last in snapshot.items():
+                # A channel never seen was created after the baseline.
+                prev = self.live_last.get(ch, 0)
+                if last < prev:
+                    self.log.warn("redis: {channel} went back from {prev} to {last} (Redis lost data?)",
+                                  channel=ch, prev=prev, last=last, log_category="RT-R05")
+                    prev = last
+                self.live_last[ch] = prev
+                if last > prev and self._has_listeners(ch):
+                    await self._fill(ch, prev, last)
+                self.live_last[ch] = max(self.live_last[ch], last)
+            if not self._sync_again:
+                break
+        self._sync_running = False
+        if not self._subscribed:
+            return  # the pub/sub link went down meanwhile; its return syncs again
+        self._busy = False
+        self.log.info("redis: live feed in sync ({n} channels)", n=len(self.live_last), log_category="RT-R06")
+        self._drain()
+
+    def _sync_failed(self, f: Failure) -> None:
+        self._sync_running = False
+        self._need_sync = True
+        self.log.warn("redis: resync failed ({e}); will retry", e=f.getErrorMessage())
+        if self._stopped or self.cmd.proto is None:
+            return  # the command link's return retries
+        if self._retry_call is None or not self._retry_call.active():
+            self._retry_call = self.reactor.callLater(backoff(2), self._retry_sync)
+
+    def _retry_sync(self) -> None:
+        if self._subscribed and self._need_sync:
+            self._request_sync()
+
+    # -- Redis commands ----------------------------------------------------
+
+    def _proto(self) -> Any:
+        proto = self.cmd.proto
+        if proto is None:
+            raise JournalUnavailable(f"redis unavailable: {self.cmd.error or 'not connected'}")
+        return proto
+
+    def _command(self, *args: Any) -> Deferred[Any]:
+        try:
+            proto = self._proto()
+        except JournalUnavailable as e:
+            return fail(e)
+        return maybeDeferred(proto.execute_command, *args).addErrback(_unavailable)
+
+    def _script(self, script: _Script, args: Sequence[Any]) -> Deferred[Any]:
+        try:
+            proto = self._proto()
+        except JournalUnavailable as e:
+            return fail(e)
+        return script.run(proto, args).addErrback(_unavailable)
+
+    def _xrange(self, channel: str, start: int, end: int | None, count: int) -> Deferred[list[Any]]:
+        d = self._command("XRANGE", self._key("s", channel), str(start), "+" if end is None else str(end),
+                          "COUNT", str(count))
+        return d.addCallback(lambda r: r or [])
+
+    def _snapshot(self) -> Deferred[dict[str, int]]:
+        d = self._script(SNAPSHOT, [self.prefix, new_id()])
+
+        def parsed(flat: list[Any]) -> dict[str, int]:
+            epoch = _s(flat[0])
+            if self._epoch is not None and epoch != self._epoch:
+                self.log.error(
+                    "redis lost its data (restarted without persistence?): offsets start over",
+                    log_category="RT-R05",
+                )
+                self.live_last.clear()
+            self._epoch = epoch
+            return {ch: int(_s(v)) for ch, v in _pairs(flat[1:])}
+
+        return d.addCallback(parsed)
+
+    # -- the Broker interface ----------------------------------------------
+
+    def subscribe(self, pattern: str, listener: Listener) -> None:
+        super().subscribe(pattern, listener)
+        self._schedule_counts()
+
+    def unsubscribe(self, pattern: str, listener: Listener) -> None:
+        super().unsubscribe(pattern, listener)
+        self._schedule_counts()
+
+    def publish(self, drafts: Sequence[Draft]) -> Deferred[list[Accepted]]:
+        if not drafts:
+            return succeed([])
+        stamp = now_iso(time.time())
+        args: list[Any] = [self.prefix, str(self.maxlen), str(self.ttl), str(len(drafts))]
+        ids: list[str] = []
+        for draft in drafts:
+            eid = draft.id if draft.id is not None else new_id()
+            ids.append(eid)
+            args += [draft.channel, draft.source, eid, "1" if draft.id is not None else "0",
+                     _encode_body(draft, eid, stamp)]
+        started = time.perf_counter()
+        d = self._script(APPEND, args)
+
+        def appended(flat: list[Any]) -> list[Accepted]:
+            out: list[Accepted] = []
+            for i, draft in enumerate(drafts):
+                offset, dup, channel, body = flat[4 * i: 4 * i + 4]
+                offset = int(offset)
+                channel = _s(channel)
+                if int(dup):
+                    if body:
+                        event = _decode(channel, offset, body)
+                    else:
+                        event = Event(id=ids[i], channel=channel, offset=offset, time="",
+                                      source=draft.source, type="", data=None)
+                    out.append(Accepted(event, duplicate=True))
+                else:
+                    out.append(Accepted(Event(
+                        id=ids[i], channel=channel, offset=offset, time=stamp, source=draft.source,
+                        type=draft.type, data=draft.data, raw=draft.raw, headers=draft.headers,
+                    )))
+            self.stats.on_commit(len(drafts), time.perf_counter() - started)
+            return out
+
+        def failed(f: Failure) -> Failure:
+            self.log.warn("redis publish failed: {e}", e=f.getErrorMessage(), log_category="RT-R07")
+            return f
+
+        return d.addCallbacks(appended, failed)
+
+    def history(self, channel: str, after: int = 0, limit: int = 1000) -> Deferred[list[Event]]:
+        if limit <= 0:
+            return succeed([])
+        d = self._xrange(channel, after + 1, None, limit)
+        return d.addCallback(lambda entries: [
+            _decode(channel, _entry_offset(eid), _field(fields, "e")) for eid, fields in entries
+        ])
+
+    def replay(self, pattern: str, since: dict[str, int], limit: int = 100000) -> Deferred[list[Event]]:
+        if not is_wildcard(pattern):
+            return self.history(pattern, since.get(pattern, 0), limit)
+        return ensureDeferred(self._replay(pattern, since, limit))
+
+    async def _replay(self, pattern: str, since: dict[str, int], limit: int) -> list[Event]:
+        snapshot = await self._snapshot()
+        wanted = [(ch, since.get(ch, 0)) for ch, last in snapshot.items()
+                  if matches(pattern, ch) and last > since.get(ch, 0)]
+        if not wanted:
+            return []
+        lists: list[list[Event]] = await gatherResults(
+            [self.history(ch, after, limit) for ch, after in wanted], consumeErrors=True
+        ).addErrback(_first_error)
+        if len(lists) == 1:
+            return lists[0][:limit]
+        # Merge by time while keeping each channel's own order.
+        return list(islice(heapq.merge(*lists, key=lambda e: e.time), limit))
+
+    def last_offset(self, channel: str) -> Deferred[int]:
+        return self._command("GET", self._key("seq", channel)).addCallback(lambda v: int(_s(v)) if v else 0)
+
+    def channels(self) -> Deferred[list[ChannelInfo]]:
+        return ensureDeferred(self._channels())
+
+    async def _channels(self) -> list[ChannelInfo]:
+        snapshot, remote = await gatherResults(
+            [
+                self._snapshot(),
+                self._script(REMOTE_COUNTS, [self.prefix, self.node_id, str(int(COUNTS_INTERVAL * 3))]),
+            ],
+            consumeErrors=True,
+        ).addErrback(_first_error)
+        counts: dict[str, int] = {ch: int(_s(n)) for ch, n in _pairs(remote or [])}
+        return [
+            {"name": ch, "subscribers": self.local_subscribers(ch) + counts.get(ch, 0), "last_offset": last}
+            for ch, last in sorted(snapshot.items())
+        ]
+
+    # -- cluster-wide subscriber counts ------------------------------------
+
+    def _schedule_counts(self) -> None:
+        if self._stopped or (self._counts_call is not None and self._counts_call.active()):
+            return
+        self._counts_call = self.reactor.callLater(0.2, self._write_counts)
+
+    def _write_counts(self) -> Deferred[None]:
+        """Write this node's per-channel subscriber counts (best effort)."""
+        if self.cmd.proto is None or self._stopped:
+            return succeed(None)
+        args: list[str] = [self.prefix, self.node_id, str(int(COUNTS_INTERVAL * 3))]
+        for ch in self.live_last:
+            n = self.local_subscribers(ch)
+            if n:
+                args += [ch, str(n)]
+        for ch in self.index.patterns_exact():
+            if ch not in self.live_last:
+                args += [ch, str(self.local_subscribers(ch))]
+        d = self._script(COUNTS, args)
+
+        def failed(f: Failure) -> None:
+            self.log.debug("redis: writing counts failed: {e}", e=f.getErrorMessage())
+
+        return d.addCallbacks(lambda _: None, failed)
+
+
+def _field(fields: Sequence[Any], name: str) -> str:
+    for i in range(0, len(fields) - 1, 2):
+        if _s(fields[i]) == name:
+            return _s(fields[i + 1])
+    raise KeyError(name)
+
+
+def _unavailable(f: Failure) -> Failure:
+    if isinstance(f.value, JournalUnavailable):
+        return f
+    raise JournalUnavailable(f"redis: {f.getErrorMessage()}")
+
+
+def _first_error(f: Failure) -> Failure:
+    from twisted.internet.defer import FirstError
+
+    if isinstance(f.value, FirstError):
+        sub: Failure = f.value.subFailure
+        return sub
+    return f
