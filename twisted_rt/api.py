@@ -138,7 +138,7 @@ class Publish(JsonResource):
     """C{POST /api/publish}."""
 
     def __init__(self, app: App) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.app = app
 
     async def handle_POST(self, request: Request) -> Reply:
@@ -182,7 +182,7 @@ class Channels(JsonResource):
     """C{GET /api/channels} and C{GET /api/channels/<name>/history}."""
 
     def __init__(self, app: App) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.app = app
 
     async def handle_GET(self, request: Request) -> dict[str, Any]:
@@ -223,7 +223,7 @@ class StatsPage(JsonResource):
     """C{GET /api/stats}."""
 
     def __init__(self, app: App) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.app = app
 
     async def handle_GET(self, request: Request) -> dict[str, Any]:
@@ -239,7 +239,7 @@ class Metrics(JsonResource):
     """
 
     def __init__(self, app: App) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.app = app
 
     async def handle_GET(self, request: Request) -> Reply:
@@ -253,7 +253,7 @@ class OpenAPI(JsonResource):
     """C{GET /openapi.json}: the document, encoded once."""
 
     def __init__(self, app: App) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         from twisted_rt.openapi import document
 
         self._body = dumps(document())
@@ -268,13 +268,13 @@ class ApiRoot(Root):
 
     def render(self, request: Request) -> bytes:
         request.setResponseCode(404)
-        request.setHeader(b"content-type", b"application/json")  # type: ignore[no-untyped-call]
+        request.setHeader(b"content-type", b"application/json")
         return error_body("not_found", "see /openapi.json for the API's routes")
 
 
 def mount(root: Resource, app: App) -> None:
     """Put C{/api/*}, C{/metrics} and C{/openapi.json} under C{root}."""
-    api = ApiRoot()  # type: ignore[no-untyped-call]
+    api = ApiRoot()
     api.putChild(b"publish", Publish(app))
     api.putChild(b"channels", Channels(app))
     api.putChild(b"stats", StatsPage(app))
