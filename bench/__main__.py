@@ -37,7 +37,8 @@ from bench.loadgen import (
     spawn,
     subscriber_worker,
 )
-from bench.servers import BENCH_DIR, Baseline, Ours, Server
+from bench.profile import Profiler
+from bench.servers import BENCH_DIR, Baseline, Ours, Server, sched_wait
 from bench.wire import HttpConn
 
 
@@ -123,8 +124,10 @@ class Bench:
     """One run: servers, scenarios, table."""
 
     def __init__(self, sizes: Sizes, rounds: int, only: set[str], pin: bool, verbose: bool,
-                 keep: bool = False) -> None:
+                 keep: bool = False, profile: Path | None = None) -> None:
         self.sizes = sizes
+        self.profile = profile
+        self.servers: list[type[Server]] = [Baseline, Ours]
         self.rounds = rounds
         self.only = only
         self.verbose = verbose
@@ -168,6 +171,16 @@ class Bench:
             raise RuntimeError(f"only {total}/{n} subscribers: {problems}")
         return workers
 
+    def _profiler(self, server: Server, name: str, seconds: float) -> Profiler | None:
+        if self.profile is None or not isinstance(server, Ours) or server.proc is None:
+            return None
+        return Profiler(server.proc.pid, self.profile / f"{name}.txt.raw", seconds)
+
+    def _profiled(self, prof: Profiler | None) -> None:
+        if prof is not None:
+            summary = prof.finish()
+            self.say(f"profile {prof.out.with_suffix('')}:\n" + "\n".join(summary.splitlines()[:18]))
+
     def _mark(self, workers: list[tuple[Any, Connection]], cmd: str = "mark") -> list[dict[str, Any]]:
         for _, pipe in workers:
             pipe.send(cmd)
@@ -191,11 +204,14 @@ class Bench:
         pub, pipe = spawn(publisher_worker, server.host, server.port, server.publish_path,
                           server.publish_headers, channel, rate, sz.warm + window + 0.1, sz.pad, self.gen_cpus)
         time.sleep(sz.warm)
+        gens = [p.pid for p, _ in workers] + [pub.pid]
         m0 = self._mark(workers)
-        c0, t0 = server.cpu(), time.time()
+        c0, t0, w0, g0 = server.cpu(), time.time(), server.wait(), sum(sched_wait(x) for x in gens)
+        prof = self._profiler(server, f"{channel}.{round(rate * n)}", window)
         time.sleep(window)
         m1 = self._mark(workers)
-        c1, t1 = server.cpu(), time.time()
+        c1, t1, w1, g1 = server.cpu(), time.time(), server.wait(), sum(sched_wait(x) for x in gens)
+        self._profiled(prof)
         p = _recv(pipe, 120, "publisher")
         pub.join(10)
         delivered = sum(m["events"] for m in m1) - sum(m["events"] for m in m0)
@@ -215,11 +231,14 @@ class Bench:
             "server_cpu": (c1 - c0) / (t1 - t0),
             "server_cpu_s": c1 - c0,
             "gen_cpu": gen_cpu / (t1 - t0),
+            "server_wait": (w1 - w0) / (t1 - t0),
+            "gen_wait": (g1 - g0) / (t1 - t0),
             "lat": lat,
             "closed": closed,
         }
         self.say(f"{server.name} n={n} offered {rate * n:,.0f}/s delivered {out['delivered']:,.0f}/s "
-                 f"server {out['server_cpu']:.0%} gen {out['gen_cpu']:.0%} closed {closed or '-'}"
+                 f"server {out['server_cpu']:.0%} (waited {out['server_wait']:.0%}) gen {out['gen_cpu']:.0%} "
+                 f"(waited {out['gen_wait']:.0%}) closed {closed or '-'}"
                  + (f" publish errors {out['pub_errors']}" if out["pub_errors"] else ""))
         return out
 
@@ -234,20 +253,25 @@ class Bench:
         self.metric(f"{tag}.cpu", f"fan-out {n:,} subs: server CPU s / 1M deliveries", "s", "{:.2f}")
         self.metric(f"{tag}.scpu", f"fan-out {n:,} subs: server CPU at saturation", "% core", "{:.0f}")
         self.metric(f"{tag}.gcpu", f"fan-out {n:,} subs: generator CPU at saturation", "% core", "{:.0f}")
+        self.metric(f"{tag}.swait", f"fan-out {n:,} subs: server runnable, no CPU", "% time", "{:.0f}")
         channel = f"bench.fan{n}.r{rnd}"
         sample_every = max(1, n // 100)
         workers = self._subscribers(server, n, channel, sample_every, min(sz.sub_procs, n))
         best: dict[str, Any] | None = None
         try:
             target = sz.start_deliveries
+            prev = 0.0
             for _ in range(sz.max_steps):
                 if target > sz.max_deliveries:
                     break
                 r = self._step(server, workers, n, target / n, sz.window, channel)
                 if best is None or r["delivered"] > best["delivered"]:
                     best = r
-                if r["delivered"] < 0.85 * r["offered"] or r["closed"]:
+                if r["closed"]:
                     break
+                if r["delivered"] < 0.85 * r["offered"] and r["delivered"] < 1.1 * prev:
+                    break  # short of the offered rate and no longer rising: saturated
+                prev = r["delivered"]
                 target *= 2
         finally:
             self._stop(workers)
@@ -257,6 +281,7 @@ class Bench:
         self.record(f"{tag}.cpu", server, best["server_cpu_s"] / max(best["deliveries"], 1) * 1e6)
         self.record(f"{tag}.scpu", server, best["server_cpu"] * 100)
         self.record(f"{tag}.gcpu", server, best["gen_cpu"] * 100)
+        self.record(f"{tag}.swait", server, best["server_wait"] * 100)
         # latency at half the saturation rate, on fresh subscribers and a drained server
         server.wait_quiet()
         channel = f"bench.fan{n}.r{rnd}.lat"
@@ -279,14 +304,17 @@ class Bench:
                     target="< 25 ms", check=lambda o, b: o < 25)
         self.metric("ingest.scpu", "ingest: server CPU", "% core", "{:.0f}")
         self.metric("ingest.gcpu", "ingest: generator CPU", "% core", "{:.0f}")
+        self.metric("ingest.swait", "ingest: server runnable, no CPU", "% time", "{:.0f}")
         procs = max(1, min(sz.ingest_procs, c))
         counts = [c // procs + (1 if i < c % procs else 0) for i in range(procs)]
         workers = [spawn(ingest_worker, server.host, server.port, server.hook_path, k, sz.ingest_warm,
                          sz.ingest_seconds, server.github_secret, self.gen_cpus) for k in counts]
         time.sleep(sz.ingest_warm)
-        c0, t0 = server.cpu(), time.time()
+        c0, t0, w0 = server.cpu(), time.time(), server.wait()
+        prof = self._profiler(server, f"ingest.r{rnd}", sz.ingest_seconds)
         time.sleep(sz.ingest_seconds)
-        c1, t1 = server.cpu(), time.time()
+        c1, t1, w1 = server.cpu(), time.time(), server.wait()
+        self._profiled(prof)
         res = [_recv(pipe, 120, "ingest") for _, pipe in workers]
         for proc, _ in workers:
             proc.join(10)
@@ -307,6 +335,7 @@ class Bench:
         self.record("ingest.p99", server, percentile(lat, 99) * 1000)
         self.record("ingest.scpu", server, (c1 - c0) / (t1 - t0) * 100)
         self.record("ingest.gcpu", server, sum(r["cpu"] for r in res) / sz.ingest_seconds * 100)
+        self.record("ingest.swait", server, (w1 - w0) / (t1 - t0) * 100)
         server.wait_quiet()
 
     # -------------------------------------------------------------- resume
@@ -376,7 +405,7 @@ class Bench:
 
     def run(self) -> None:
         for rnd in range(1, self.rounds + 1):
-            for cls in (Baseline, Ours):
+            for cls in self.servers:
                 server: Server = cls(self.server_cpus, keep=self.keep)
                 self.say(f"round {rnd}: {server.label}")
                 try:
@@ -465,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the raw figures as JSON")
     parser.add_argument("--write-readme", action="store_true", help="put the table into bench/README.md")
     parser.add_argument("--keep", action="store_true", help="keep the servers' work directories (logs, journal)")
+    parser.add_argument("--servers", default="baseline,ours", help="which servers: baseline, ours (default both)")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the daemon in every measurement window into DIR")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
@@ -477,7 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile()
     if nofile < sizes.idle_conns + 1000 and "idle" in only:
         print(f"warning: open-file limit {nofile} is low for {sizes.idle_conns} connections", file=sys.stderr)
-    bench = Bench(sizes, args.rounds, only, pin=not args.no_pin, verbose=not args.quiet, keep=args.keep)
+    bench = Bench(sizes, args.rounds, only, pin=not args.no_pin, verbose=not args.quiet, keep=args.keep,
+                  profile=Path(args.profile) if args.profile else None)
+    bench.servers = [{"baseline": Baseline, "ours": Ours}[x.strip()] for x in args.servers.split(",")]
     started = time.time()
     bench.run()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))

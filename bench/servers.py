@@ -24,7 +24,7 @@ from typing import Callable
 
 import psutil  # type: ignore[import-untyped]
 
-__all__ = ["BENCH_DIR", "Baseline", "Ours", "Server", "free_port"]
+__all__ = ["BENCH_DIR", "Baseline", "Ours", "Server", "free_port", "sched_wait"]
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -36,6 +36,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def sched_wait(pid: int) -> float:
+    """
+    Seconds the threads of C{pid} spent runnable but waiting for a CPU
+    (C{/proc/<pid>/task/*/schedstat}, second field): how much the machine's
+    other load held this process back.  0.0 where unavailable.
+    """
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    except OSError:
+        return 0.0
+    return total / 1e9
 
 
 class Server:
@@ -107,6 +125,10 @@ class Server:
         assert self._ps is not None
         t = self._ps.cpu_times()
         return float(t.user + t.system)
+
+    def wait(self) -> float:
+        """Seconds spent runnable but not running, so far (see L{sched_wait})."""
+        return sched_wait(self.proc.pid) if self.proc is not None else 0.0
 
     def rss(self) -> int:
         """Resident memory in bytes."""
