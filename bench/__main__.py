@@ -128,6 +128,8 @@ class Bench:
         self.sizes = sizes
         self.profile = profile
         self.servers: list[type[Server]] = [Baseline, Ours]
+        self.wait_idle = 0.0
+        self.idle_below = 15.0
         self.rounds = rounds
         self.only = only
         self.verbose = verbose
@@ -174,7 +176,7 @@ class Bench:
     def _profiler(self, server: Server, name: str, seconds: float) -> Profiler | None:
         if self.profile is None or not isinstance(server, Ours) or server.proc is None:
             return None
-        return Profiler(server.proc.pid, self.profile / f"{name}.txt.raw", seconds)
+        return Profiler(server.proc.pid, self.profile / f"{name}.raw", seconds)
 
     def _profiled(self, prof: Profiler | None) -> None:
         if prof is not None:
@@ -403,10 +405,21 @@ class Bench:
             self.errors.append(msg)
             self.say("FAILED " + msg)
 
+    def _wait_idle(self) -> None:
+        """Wait (at most C{wait_idle} s) until the machine's other load has gone."""
+        if not self.wait_idle:
+            return
+        deadline = time.monotonic() + self.wait_idle
+        busy = psutil.cpu_percent(interval=1.0)
+        while busy > self.idle_below and time.monotonic() < deadline:
+            busy = psutil.cpu_percent(interval=1.0)
+        self.say(f"machine {busy:.0f}% busy before this server's round")
+
     def run(self) -> None:
         for rnd in range(1, self.rounds + 1):
             for cls in self.servers:
                 server: Server = cls(self.server_cpus, keep=self.keep)
+                self._wait_idle()
                 self.say(f"round {rnd}: {server.label}")
                 try:
                     self.run_server(server, rnd)
@@ -495,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-readme", action="store_true", help="put the table into bench/README.md")
     parser.add_argument("--keep", action="store_true", help="keep the servers' work directories (logs, journal)")
     parser.add_argument("--servers", default="baseline,ours", help="which servers: baseline, ours (default both)")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                        help="before each server's round, wait up to SECONDS for the machine to be < 15%% busy")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the daemon in every measurement window into DIR")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
@@ -511,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(sizes, args.rounds, only, pin=not args.no_pin, verbose=not args.quiet, keep=args.keep,
                   profile=Path(args.profile) if args.profile else None)
     bench.servers = [{"baseline": Baseline, "ours": Ours}[x.strip()] for x in args.servers.split(",")]
+    bench.wait_idle = args.wait_idle
     started = time.time()
     bench.run()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
