@@ -191,6 +191,7 @@ def test_page_live_tail_survives_restart(make_daemon: Callable[..., Daemon]) -> 
     """The page lists channels, tails a webhook live, resumes after a daemon restart, and publishes."""
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=15000)  # generous under a loaded CI machine; polls, not a speed check
     d = make_daemon(HOOK_CONFIG)
     # a channel that exists before the page opens
     status, _, _ = http("POST", d.url + "/hooks/plain", b'{"seq": 0}', {"Content-Type": "application/json"})

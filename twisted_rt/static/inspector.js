@@ -56,7 +56,6 @@
       el.textContent = STATUS_TEXT[s.state] || s.state;
     }
     el.dataset.state = s.state;
-    if (s.state === "open") refreshChannels();
   };
 
   client.onError = (msg) => {
@@ -65,7 +64,10 @@
     el.textContent = (msg.code || "error") + ": " + (msg.message || "");
   };
   client.onReply = (msg) => {
-    if (msg.op === "subscribed" && msg.channel === tailing) $("tail-error").hidden = true;
+    if (msg.op === "subscribed") {
+      if (msg.channel === tailing) $("tail-error").hidden = true;
+      refreshChannels();  // the subscriber counts changed
+    }
   };
 
   // -- events ---------------------------------------------------------------
@@ -269,6 +271,8 @@
     const params = new URLSearchParams(location.search);
     const pattern = params.get("pattern") || store.get(KEY_PATTERN);
     refreshChannels();
+    // keep the counts fresh while the page is visible
+    setInterval(() => { if (!document.hidden) refreshChannels(); }, 10000);
     if (pattern) { $("pattern").value = pattern; startTail(pattern); }
   }
 
