@@ -259,3 +259,31 @@ def test_tail_forward_replays_original_bytes(
     assert "retrying" in t.stderr()
     # and the events were printed too
     assert [e["offset"] for e in t.lines()] == [1, 2]
+
+
+def test_tail_pretty_on_a_terminal(daemon: Daemon) -> None:
+    """When stdout is a terminal, ``tail`` pretty-prints each event (indented JSON)."""
+    import os
+    import pty
+
+    daemon.publish("tty.a", {"deep": {"n": 1}})
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen([CLI, "tail", "tty.a", "--url", daemon.ws_url, "--token", API_KEY,
+                                 "--since", "0", "--count", "1"], stdout=follower, stderr=subprocess.PIPE)
+        os.close(follower)
+        assert proc.wait(30) == 0
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(leader)
+    text = out.decode().replace("\r\n", "\n")
+    assert '\n  "data": {\n    "deep": {\n      "n": 1' in text
+    assert json.loads(text)["offset"] == 1
