@@ -138,9 +138,9 @@ def test_publish_errors_are_one_line(daemon: Daemon) -> None:
 
 
 def test_tail_prints_json_lines(daemon: Daemon, tails: Callable[..., Tail]) -> None:
-    """``tail --since 0`` prints the backlog then live events, one JSON object per line, and stops at --count."""
+    """``tail --since 0`` (given the http:// base URL) prints backlog then live events as JSON lines; stops at --count."""
     daemon.publish("tail.a", {"n": 1})
-    t = tails("tail.*", "--url", daemon.ws_url, "--token", API_KEY, "--since", "0", "--count", "3")
+    t = tails("tail.*", "--url", daemon.url, "--token", API_KEY, "--since", "0", "--count", "3")
     wait_for(lambda: len(t.lines()) >= 1, what="the backlog event")
     daemon.publish("tail.a", {"n": 2})
     daemon.publish("tail.b", {"n": 3})

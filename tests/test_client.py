@@ -17,7 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from tests.conftest import API_KEY, Daemon
-from twisted_rt.client import Subscription, _endpoint_description, http_base, subscribe
+from twisted_rt.client import Subscription, _endpoint_description, http_base, subscribe, ws_url
 
 
 def make(patterns: list[str], since: Any = None, **kw: Any) -> tuple[Subscription, list[dict[str, Any]], MemoryReactorClock]:
@@ -50,13 +50,16 @@ class FakeProto:
 
 
 def test_http_base_and_endpoint() -> None:
-    """The HTTP base and endpoint are derived from the ws:// or wss:// URL."""
+    """The HTTP base and endpoint come from the ws:// or wss:// URL; an http:// base URL maps to its /ws."""
     assert http_base("ws://127.0.0.1:8080/ws") == "http://127.0.0.1:8080"
     assert http_base("wss://rt.example.com/prefix/ws") == "https://rt.example.com/prefix"
     assert _endpoint_description("ws://127.0.0.1:8080/ws") == "tcp:host=127.0.0.1:port=8080"
     assert _endpoint_description("wss://rt.example.com/ws") == "tls:rt.example.com:443"
     with pytest.raises(ValueError):
         _endpoint_description("http://127.0.0.1/ws")
+    assert ws_url("http://127.0.0.1:8080") == "ws://127.0.0.1:8080/ws"
+    assert ws_url("https://rt.example.com/") == "wss://rt.example.com/ws"
+    assert ws_url("ws://127.0.0.1:8080/ws") == "ws://127.0.0.1:8080/ws"
 
 
 def test_events_delivered_once_in_order() -> None:

@@ -203,8 +203,14 @@ def test_page_live_tail_survives_restart(make_daemon: Callable[..., Daemon]) -> 
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
             page.goto(d.url + "/")
             expect(page.locator("h1")).to_contain_text("twisted_rt")
+            # client.js's pattern matcher agrees with the server's
+            assert page.evaluate(
+                "[TwistedRT.matches('a.>', 'a.b.c'), TwistedRT.matches('a.*', 'a.b.c'),"
+                " TwistedRT.matches('a.*', 'a.b'), TwistedRT.matches('a.>', 'a'), TwistedRT.matches('a.b', 'a.b')]"
+            ) == [True, False, True, False, True]
             page.fill("#token", API_KEY)
             page.click("#token-form button[type=submit]")
             # channels with subscriber counts and last offsets

@@ -86,6 +86,7 @@ __all__ = [
     "publish_main",
     "subscribe",
     "tail_main",
+    "ws_url",
 ]
 
 log = Logger()
@@ -118,6 +119,20 @@ def http_base(ws_url: str) -> str:
     if path.endswith("/ws"):
         path = path[: -len("/ws")]
     return urllib.parse.urlunsplit((scheme, u.netloc, path.rstrip("/"), "", ""))
+
+
+def ws_url(url: str) -> str:
+    """
+    The C{/ws} URL for what a user typed: C{ws://} and C{wss://} URLs as
+    they are, C{http://h:p} (the daemon's base URL) as C{ws://h:p/ws}.
+    """
+    u = urllib.parse.urlsplit(url)
+    if u.scheme in ("http", "https"):
+        path = u.path.rstrip("/")
+        if not path.endswith("/ws"):
+            path += "/ws"
+        return urllib.parse.urlunsplit(({"http": "ws", "https": "wss"}[u.scheme], u.netloc, path, u.query, ""))
+    return url
 
 
 def _endpoint_description(ws_url: str) -> str:
@@ -597,6 +612,7 @@ def tail_main(args: Any) -> int:
 
     from twisted_rt.matcher import PatternError, validate_pattern
 
+    args.url = ws_url(args.url)
     try:
         for p in args.patterns:
             validate_pattern(p)
