@@ -234,7 +234,7 @@ class RedisURL:
     def endpoint(self, reactor: Any, timeout: float = 5.0) -> IStreamClientEndpoint:
         """A client endpoint for this URL."""
         if self.path:
-            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)  # type: ignore[no-untyped-call]
+            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
         return HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
 
 
