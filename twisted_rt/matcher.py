@@ -15,7 +15,7 @@ wildcard branches actually present), not O(subscriptions).
 from __future__ import annotations
 
 import re
-from typing import Generic, Hashable, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 __all__ = [
     "ChannelError",
@@ -113,7 +113,9 @@ class PatternIndex(Generic[K]):
 
     Keys are kept in insertion-ordered dicts, so C{match} yields them in a
     stable order.  A key added under several matching patterns is yielded
-    once per pattern; callers that need a set deduplicate.
+    once per pattern; callers that need a set deduplicate.  C{match} works
+    on snapshots, so a listener may unsubscribe (itself or others) while a
+    fan-out is iterating.
     """
 
     def __init__(self) -> None:
@@ -189,7 +191,7 @@ class PatternIndex(Generic[K]):
         """Yield the keys of every pattern that C{channel} matches."""
         bucket = self._exact.get(channel)
         if bucket:
-            yield from bucket
+            yield from tuple(bucket)
         root = self._root
         if not (root.children or root.tail):
             return
@@ -199,10 +201,11 @@ class PatternIndex(Generic[K]):
         while stack:
             node, i = stack.pop()
             if i == n:
-                yield from node.here
+                if node.here:
+                    yield from tuple(node.here)
                 continue
             if node.tail:
-                yield from node.tail
+                yield from tuple(node.tail)
             children = node.children
             if not children:
                 continue

@@ -114,7 +114,8 @@ class _Stream:
         self.owner = owner
         self.request = request
         self.principal = principal
-        self.subscriber = Subscriber(owner.app.broker, self._send)
+        self.subscriber = Subscriber(owner.app.broker, self._send, backlog=self._backlog, on_overflow=self._overflow)
+        self.waiters: list[Deferred[None]] = []
         self.paused = False
         self.queue: list[bytes] = []
         self.queued = 0
@@ -133,6 +134,24 @@ class _Stream:
             self.queue = []
             self.queued = 0
             self.request.write(data)
+        if not self.paused:
+            self._fire_waiters()
+
+    def _backlog(self) -> Deferred[None] | None:
+        if not self.paused or self.done:
+            return None
+        d: Deferred[None] = Deferred()
+        self.waiters.append(d)
+        return d
+
+    def _fire_waiters(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _overflow(self) -> None:
+        self.owner.app.stats.dropped["slow_consumer"] += 1
+        self.finish()
 
     def stopProducing(self) -> None:
         self.paused = True
@@ -144,9 +163,8 @@ class _Stream:
             self.queue.append(data)
             self.queued += len(data)
             if self.queued > self.limit:
-                self.owner.app.stats.dropped["slow_consumer"] += 1
                 self.queue = []
-                self.finish()
+                self._overflow()
             return
         self.request.write(data)
 
@@ -177,6 +195,7 @@ class _Stream:
         if self.done:
             return
         self.done = True
+        self._fire_waiters()
         stats = self.owner.app.stats
         stats.connections["sse"] -= 1
         stats.subscriptions["sse"] -= len(self.subscriber.patterns)

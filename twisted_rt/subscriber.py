@@ -23,10 +23,13 @@ from twisted_rt.broker import Broker
 from twisted_rt.event import Event
 from twisted_rt.matcher import is_wildcard
 
-__all__ = ["Subscriber", "Since", "REPLAY_PAGE"]
+__all__ = ["MAX_BUFFER", "REPLAY_PAGE", "Since", "Subscriber"]
 
 Since = int | dict[str, int] | None
-REPLAY_PAGE = 5000
+#: events read from the journal per replay query
+REPLAY_PAGE = 1000
+#: live events held while a replay runs before the client is given up on
+MAX_BUFFER = 20000
 
 
 class Subscriber:
@@ -34,18 +37,36 @@ class Subscriber:
     One client's live subscriptions.
 
     @param send: called with each event to deliver, in order, exactly once.
+    @param backlog: optional; returns a Deferred while the client's send
+        queue is too full to take more replayed events (fires when it has
+        drained), else C{None}.  Replays and buffer drains wait on it, so a
+        long resume is paced by the client instead of filling memory.
+    @param on_overflow: called when more than C{max_buffer} live events
+        piled up during a replay (the transport closes the client, which
+        resumes later with C{since}); default: L{close}.
     @ivar seen: the last offset delivered per channel.
     """
 
     log = Logger()
 
-    def __init__(self, broker: Broker, send: Callable[[Event], None]) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        send: Callable[[Event], None],
+        backlog: Callable[[], Deferred[None] | None] | None = None,
+        on_overflow: Callable[[], None] | None = None,
+        max_buffer: int = MAX_BUFFER,
+    ) -> None:
         self.broker = broker
         self.send = send
+        self.backlog = backlog
+        self.on_overflow = on_overflow
+        self.max_buffer = max_buffer
         self.patterns: dict[str, None] = {}
         self.seen: dict[str, int] = {}
         self._buffer: list[Event] | None = None
         self._replaying = 0
+        self._draining = False
         self.closed = False
 
     def deliver(self, event: Event) -> None:
@@ -53,6 +74,8 @@ class Subscriber:
         buf = self._buffer
         if buf is not None:
             buf.append(event)
+            if len(buf) > self.max_buffer:
+                self._overflow()
             return
         seen = self.seen
         ch = event.channel
@@ -108,16 +131,55 @@ class Subscriber:
                 cursor: dict[str, int] = _Floor(since_map, floor) if floor else dict(since_map)
                 events = await self.broker.replay(pattern, cursor, REPLAY_PAGE)
                 for e in events:
+                    if self.closed:
+                        return
                     self._emit(e)
                     since_map[e.channel] = e.offset
+                    await self._pace()
                 if len(events) < REPLAY_PAGE:
                     break
         finally:
             self._replaying -= 1
-            if self._replaying == 0:
-                buf, self._buffer = self._buffer, None
-                for e in buf or ():
+        await self._drain()
+
+    async def _pace(self) -> None:
+        """Wait while the client's send queue is full (replays only)."""
+        if self.backlog is not None:
+            w = self.backlog()
+            if w is not None:
+                await w
+
+    async def _drain(self) -> None:
+        """
+        Send the live events buffered during replays, paced like a replay.
+        Live events keep being buffered until the buffer is empty; a replay
+        that starts meanwhile takes the rest over.
+        """
+        if self._draining:
+            return  # the running drain picks up what is buffered now
+        self._draining = True
+        try:
+            while self._replaying == 0 and self._buffer and not self.closed:
+                buf = self._buffer
+                self._buffer = []
+                for i, e in enumerate(buf):
+                    if self._replaying or self.closed:
+                        if self._buffer is not None:
+                            self._buffer[:0] = buf[i:]
+                        return
                     self._emit(e)
+                    await self._pace()
+            if self._replaying == 0 and not self._buffer:
+                self._buffer = None
+        finally:
+            self._draining = False
+
+    def _overflow(self) -> None:
+        self._buffer = []
+        if self.on_overflow is not None:
+            self.on_overflow()
+        else:
+            self.close()
 
     def remove(self, pattern: str) -> bool:
         """Unsubscribe from C{pattern}; C{False} if it was not subscribed."""

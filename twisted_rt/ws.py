@@ -66,6 +66,9 @@ CLOSE_TOKEN_EXPIRED = 4001
 MAX_BAD_MESSAGES = 10
 #: seconds to wait for the peer's close frame before dropping TCP
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
+#: seconds a closed slow consumer gets to read what is already in flight and
+#: the 1013 (its queue is gone: only the transport's bounded buffer is held)
+SLOW_CLOSE_TIMEOUT = 30.0
 #: seconds the shutdown hook waits for clients to answer the 1001 close
 SHUTDOWN_WAIT = 3.0
 
@@ -125,9 +128,12 @@ class _Backpressure:
     def resumeProducing(self) -> None:
         p = self.proto
         p._paused = False
-        if p._queue and not p._dirty:
-            p._dirty = True
-            p.factory.mark(p)
+        if p._queue:
+            if not p._dirty:
+                p._dirty = True
+                p.factory.mark(p)
+        elif p._drain_waiters:
+            p._fire_waiters()
 
     def stopProducing(self) -> None:
         self.proto._paused = True
@@ -151,6 +157,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._bad = 0
         self._expiry: IDelayedCall | None = None
         self._compress = False
+        self._drain_waiters: list[Deferred[None]] = []
         self.principal: Principal | None = None
         self.subscriber: Subscriber | None = None
 
@@ -188,7 +195,9 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._compress = self._perMessageCompress is not None
         f.clients.add(self)
         app.stats.connections["ws"] += 1
-        self.subscriber = Subscriber(app.broker, self._send_event)
+        self.subscriber = Subscriber(
+            app.broker, self._send_event, backlog=self._backlog, on_overflow=self._slow_consumer
+        )
         transport: Any = self.transport
         try:
             # the HTTP channel that carried the upgrade is still registered
@@ -210,6 +219,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._expiry = None
         self._queue = []
         self._queued = 0
+        self._fire_waiters()
         if not self._opened:
             return
         self._opened = False
@@ -259,7 +269,22 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         else:
             t: Any = self.transport
             t.write(b"".join(queue) if len(queue) > 1 else queue[0])
+        if self._drain_waiters and not self._paused:
+            self._fire_waiters()
         return n
+
+    def _backlog(self) -> Deferred[None] | None:
+        """For replays: a Deferred while the queue is half full or the transport is full."""
+        if self._closing or not (self._paused or self._queued > self.factory.max_send_buffer // 2):
+            return None
+        d: Deferred[None] = Deferred()
+        self._drain_waiters.append(d)
+        return d
+
+    def _fire_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def _slow_consumer(self) -> None:
         f = self.factory
@@ -270,10 +295,17 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             limit=f.max_send_buffer,
             log_category="RT-WS13",
         )
-        self.close_with(CLOSE_TRY_AGAIN, f"slow consumer: send buffer over {f.max_send_buffer} bytes")
+        self.closeHandshakeTimeout = SLOW_CLOSE_TIMEOUT
+        self.close_with(CLOSE_TRY_AGAIN, f"slow consumer: send buffer over {f.max_send_buffer} bytes", False)
 
-    def close_with(self, code: int, reason: str) -> None:
-        """Drop the queue, stop deliveries and close with C{code} (any code)."""
+    def close_with(self, code: int, reason: str, flush: bool = True) -> None:
+        """
+        Stop deliveries and close with C{code} (any code, unlike
+        C{sendClose}).  With C{flush}, what is queued is written first
+        (unless the transport is full); else it is dropped.
+        """
+        if flush and self._queue and not self._closing and self.state == _STATE_OPEN:
+            self._flush()
         self._queue = []
         self._queued = 0
         self._queued_events = 0
@@ -281,6 +313,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         if self.subscriber is not None:
             self.factory.app.stats.subscriptions["ws"] -= len(self.subscriber.patterns)
             self.subscriber.close()
+        self._fire_waiters()
         if self.state == _STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
 

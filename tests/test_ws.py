@@ -1,0 +1,433 @@
+"""
+/ws against the real daemon, with real clients: websocket-client and websockets.
+
+Every close code of the contract (1001, 1008, 1009, 1013, 4001) and the
+upgrade refusals (401, 403, 429) are pinned here, as are resume with no gap
+and no duplicate across forced disconnects, wildcards and the slow-consumer
+memory bound.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+import psutil
+import pytest
+import websocket
+from conftest import API_KEY, DEFAULT_CONFIG, JWT_SECRET, Daemon
+from websockets.sync.client import connect as ws_connect
+
+
+def token(sub: str = "user", subscribe: list[str] | None = None, publish: list[str] | None = None,
+          ttl: float = 3600) -> str:
+    """A JWT signed with the test secret."""
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "exp": now + int(ttl), "iat": now, "subscribe": subscribe or [],
+                       "publish": publish or []}, JWT_SECRET, algorithm="HS256")
+
+
+def conn(d: Daemon, tok: str | None = API_KEY, timeout: float = 10, **kw: Any) -> websocket.WebSocket:
+    """A websocket-client connection to /ws."""
+    url = d.ws_url + (f"?token={tok}" if tok else "")
+    return websocket.create_connection(url, timeout=timeout, **kw)
+
+
+def send(ws: websocket.WebSocket, **msg: Any) -> None:
+    ws.send(json.dumps(msg))
+
+
+def recv(ws: websocket.WebSocket) -> dict[str, Any]:
+    """The next message (events that request() stepped over come first)."""
+    held = getattr(ws, "held", None)
+    if held:
+        m: dict[str, Any] = held.pop(0)
+        return m
+    msg: dict[str, Any] = json.loads(ws.recv())
+    return msg
+
+
+def request(ws: websocket.WebSocket, **msg: Any) -> dict[str, Any]:
+    """Send one op and return its reply (events in between are kept for recv)."""
+    send(ws, **msg)
+    if not hasattr(ws, "held"):
+        ws.held = []  # type: ignore[attr-defined]
+    while True:
+        m = json.loads(ws.recv())
+        if m["op"] != "event":
+            return m  # type: ignore[no-any-return]
+        ws.held.append(m)  # type: ignore[attr-defined]
+
+
+def read_until_close(ws: websocket.WebSocket) -> tuple[int | None, list[dict[str, Any]]]:
+    """Read every message until the server's close frame: (close code, messages)."""
+    msgs: list[dict[str, Any]] = []
+    while True:
+        try:
+            opcode, frame = ws.recv_data_frame(control_frame=True)
+        except (websocket.WebSocketConnectionClosedException, ConnectionError):
+            return None, msgs
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            data = frame.data
+            return (struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None), msgs
+        if opcode == websocket.ABNF.OPCODE_TEXT:
+            msgs.append(json.loads(frame.data))
+
+
+class Publisher:
+    """Publishes through the WebSocket 'publish' op with the API key."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.ws = conn(d)
+
+    def publish(self, channel: str, data: Any = None) -> dict[str, Any]:
+        send(self.ws, op="publish", channel=channel, data=data, ref="p")
+        while True:
+            m = recv(self.ws)
+            if m.get("ref") == "p":
+                assert m["op"] == "published", m
+                return m
+
+    def many(self, channel: str, n: int, data: Any = None, window: int = 32) -> list[int]:
+        """Publish n events, at most `window` unanswered at a time; the offsets."""
+        offsets: list[int] = []
+        sent = 0
+        while len(offsets) < n:
+            while sent < n and sent - len(offsets) < window:
+                send(self.ws, op="publish", channel=channel, data=data if data is not None else sent, ref=sent)
+                sent += 1
+            m = recv(self.ws)
+            if m["op"] == "published":
+                offsets.append(m["offset"])
+        return offsets
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def with_config(extra: str) -> str:
+    return DEFAULT_CONFIG + "\n" + extra
+
+
+def test_ping_pong_echoes_ref(daemon: Daemon) -> None:
+    """ping gets pong with the same ref; a message without ref gets a reply without ref."""
+    ws = conn(daemon)
+    assert request(ws, op="ping", ref=4) == {"op": "pong", "ref": 4}
+    assert request(ws, op="ping") == {"op": "pong"}
+    ws.close()
+
+
+def test_publish_subscribe_exact_and_wildcards(daemon: Daemon) -> None:
+    """Exact, '*' and '>' subscriptions get exactly the matching live events, with contract fields."""
+    pub = Publisher(daemon)
+    ws = conn(daemon)
+    assert request(ws, op="subscribe", channel="w.a", ref=1) == {"op": "subscribed", "channel": "w.a", "ref": 1}
+    assert request(ws, op="subscribe", channel="w.*", ref=2)["op"] == "subscribed"
+    assert request(ws, op="subscribe", channel="deep.>", ref=3)["op"] == "subscribed"
+    receipt = pub.publish("w.a", {"k": 1})
+    assert receipt["channel"] == "w.a" and receipt["offset"] == 1 and receipt["id"]
+    pub.publish("w.b.c", 1)       # matches nothing
+    pub.publish("deep", 1)        # '>' needs one more segment
+    pub.publish("w.b", 2)
+    pub.publish("deep.x.y", 3)
+    got = [recv(ws) for _ in range(3)]
+    assert [(m["channel"], m["offset"]) for m in got] == [("w.a", 1), ("w.b", 1), ("deep.x.y", 1)]
+    first = got[0]
+    assert first["op"] == "event" and first["data"] == {"k": 1} and first["source"] == "ws"
+    assert first["id"] == receipt["id"] and first["time"].endswith("Z")
+    assert request(ws, op="unsubscribe", channel="w.*", ref=9) == {"op": "unsubscribed", "channel": "w.*", "ref": 9}
+    pub.publish("w.b", 3)
+    pub.publish("w.a", 4)
+    assert (recv(ws)["channel"]) == "w.a"
+    assert request(ws, op="unsubscribe", channel="nope")["code"] == "not_subscribed"
+    ws.close()
+    pub.close()
+
+
+def test_since_replays_then_live_with_wildcard_object(daemon: Daemon) -> None:
+    """since=N replays offsets > N then live; a wildcard takes {channel: offset}, unnamed channels from 1."""
+    pub = Publisher(daemon)
+    pub.many("g.push", 5)
+    pub.many("g.pr", 3)
+    pub.many("g.tag", 1)
+    ws = conn(daemon)
+    assert request(ws, op="subscribe", channel="g.push", since=3)["op"] == "subscribed"
+    assert [recv(ws)["offset"] for _ in range(2)] == [4, 5]
+    ws2 = conn(daemon)
+    assert request(ws2, op="subscribe", channel="g.*", since={"g.push": 4, "g.pr": 2})["op"] == "subscribed"
+    got = sorted((m["channel"], m["offset"]) for m in (recv(ws2) for _ in range(3)))
+    assert got == [("g.pr", 3), ("g.push", 5), ("g.tag", 1)]
+    pub.publish("g.push")
+    assert (recv(ws)["offset"], recv(ws2)["offset"]) == (6, 6)
+    for bad in (-1, "x", {"g.push": "1"}, {"bad..chan": 1}, True):
+        assert request(ws, op="subscribe", channel="g.x", since=bad)["code"] == "bad_request"
+    for w in (ws, ws2, pub):
+        w.close()
+
+
+def test_resume_across_forced_disconnects_no_gap_no_duplicate(daemon: Daemon) -> None:
+    """While a publisher keeps publishing, a subscriber cut off three times and resuming with since sees 1..N once each."""
+    n = 600
+    done = threading.Event()
+
+    def publish() -> None:
+        pub = Publisher(daemon)
+        try:
+            pub.many("resume.x", n, window=8)
+        finally:
+            pub.close()
+            done.set()
+
+    seen: list[int] = []
+    last = 0
+    t = threading.Thread(target=publish)
+    t.start()
+    try:
+        for cut in (50, 150, 300, None):
+            with ws_connect(daemon.ws_url + f"?token={API_KEY}", open_timeout=10, close_timeout=1) as c:
+                c.send(json.dumps({"op": "subscribe", "channel": "resume.x", "since": last}))
+                assert json.loads(c.recv(timeout=10))["op"] == "subscribed"
+                while (cut is None and last < n) or (cut is not None and len(seen) < cut):
+                    m = json.loads(c.recv(timeout=20))
+                    assert m["op"] == "event"
+                    seen.append(m["offset"])
+                    last = m["offset"]
+                if cut is not None:
+                    # a forced disconnect: no close handshake
+                    c.socket.shutdown(socket.SHUT_RDWR)
+    finally:
+        t.join(60)
+    assert done.is_set()
+    assert seen == list(range(1, n + 1))
+
+
+def test_upgrade_refused_with_401_for_bad_or_expired_token(daemon: Daemon) -> None:
+    """A bad key or an expired JWT is refused at the upgrade with 401."""
+    for tok in ("wrong-key", token(ttl=-10), "a.b.c"):
+        with pytest.raises(websocket.WebSocketBadStatusException) as e:
+            conn(daemon, tok)
+        assert e.value.status_code == 401
+    with pytest.raises(websocket.WebSocketBadStatusException) as e:
+        websocket.create_connection(daemon.ws_url, timeout=5, header=["Authorization: Bearer nope"])
+    assert e.value.status_code == 401
+    ws = websocket.create_connection(daemon.ws_url, timeout=5, header=[f"Authorization: Bearer {API_KEY}"])
+    assert request(ws, op="ping")["op"] == "pong"
+    ws.close()
+
+
+def test_forbidden_origin_refused_with_403(make_daemon: Callable[..., Daemon]) -> None:
+    """An Origin not in allowed_origins is refused with 403; a listed one is accepted."""
+    d = make_daemon(with_config('[server]\nallowed_origins = ["https://app.example.com"]\n'))
+    with pytest.raises(websocket.WebSocketBadStatusException) as e:
+        conn(d, origin="https://evil.example.com")
+    assert e.value.status_code == 403
+    ws = conn(d, origin="https://app.example.com")
+    assert request(ws, op="ping")["op"] == "pong"
+    ws.close()
+
+
+def test_rights_anonymous_and_jwt(daemon: Daemon) -> None:
+    """Anonymous may only read public.>; a JWT may subscribe/publish only within its patterns."""
+    anon = conn(daemon, None)
+    assert request(anon, op="subscribe", channel="public.news")["op"] == "subscribed"
+    assert request(anon, op="subscribe", channel="private")["code"] == "forbidden"
+    assert request(anon, op="publish", channel="public.news", data=1)["code"] == "forbidden"
+    user = conn(daemon, token(subscribe=["chat.>"], publish=["chat.room1"]))
+    assert request(user, op="subscribe", channel="chat.*")["op"] == "subscribed"
+    assert request(user, op="subscribe", channel=">")["code"] == "forbidden"
+    assert request(user, op="publish", channel="chat.room2", data=1)["code"] == "forbidden"
+    r = request(user, op="publish", channel="chat.room1", data={"t": "hi"}, id="idem-1", ref=3)
+    assert r["op"] == "published" and r["ref"] == 3 and r["id"] == "idem-1" and r["offset"] == 1
+    ev = recv(user)
+    assert ev["op"] == "event" and ev["channel"] == "chat.room1" and ev["data"] == {"t": "hi"}
+    again = request(user, op="publish", channel="chat.room1", data={"t": "hi"}, id="idem-1")
+    assert again["offset"] == 1
+    for w in (anon, user):
+        w.close()
+
+
+def test_bad_messages_get_errors_then_1008(daemon: Daemon) -> None:
+    """Bad JSON and unknown ops get error replies; the 10th bad message closes with 1008."""
+    ws = conn(daemon)
+    assert request(ws, op="nope", ref=1) == {
+        "op": "error", "code": "unknown_op", "ref": 1,
+        "message": "unknown op 'nope': use subscribe, unsubscribe, publish, ping, auth"}
+    ws.send("{not json")
+    assert recv(ws)["code"] == "bad_json"
+    ws.send("[1]")
+    assert recv(ws)["code"] == "bad_request"
+    assert request(ws, op="subscribe", channel="a..b")["code"] == "invalid_channel"
+    for _ in range(5):
+        ws.send("x")
+        assert recv(ws)["code"] == "bad_json"
+    ws.send("x")
+    code, msgs = read_until_close(ws)
+    assert code == 1008
+    assert msgs and msgs[-1]["code"] == "bad_json"
+
+
+def test_binary_frame_closes_1008(daemon: Daemon) -> None:
+    """A binary message closes the connection with 1008."""
+    ws = conn(daemon)
+    ws.send_binary(b"\x00\x01")
+    assert read_until_close(ws)[0] == 1008
+
+
+def test_oversized_message_closes_1009(make_daemon: Callable[..., Daemon]) -> None:
+    """A message over max_message_bytes gets a real 1009 close frame (not a dropped TCP)."""
+    d = make_daemon(with_config("[websocket]\nmax_message_bytes = 4096\n"))
+    ws = conn(d)
+    assert request(ws, op="ping")["op"] == "pong"
+    send(ws, op="publish", channel="big", data="x" * 3000)
+    assert recv(ws)["op"] == "published"
+    send(ws, op="publish", channel="big", data="x" * 5000)
+    assert read_until_close(ws)[0] == 1009
+
+
+def test_limits_subscriptions_and_connections_per_ip(make_daemon: Callable[..., Daemon]) -> None:
+    """max_subscriptions per connection, and max_connections_per_ip refused with 429 at the upgrade."""
+    d = make_daemon(with_config("[websocket]\nmax_subscriptions = 2\nmax_connections_per_ip = 2\n"))
+    a = conn(d)
+    assert request(a, op="subscribe", channel="x.1")["op"] == "subscribed"
+    assert request(a, op="subscribe", channel="x.2")["op"] == "subscribed"
+    assert request(a, op="subscribe", channel="x.2")["op"] == "subscribed"  # again: not a new one
+    assert request(a, op="subscribe", channel="x.3")["code"] == "too_many_subscriptions"
+    b = conn(d)
+    with pytest.raises(websocket.WebSocketBadStatusException) as e:
+        conn(d)
+    assert e.value.status_code == 429
+    b.close()
+    deadline = time.monotonic() + 10
+    while True:  # the server notices the close asynchronously
+        try:
+            c = conn(d)
+            break
+        except websocket.WebSocketBadStatusException:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    c.close()
+    a.close()
+
+
+def test_slow_consumer_closed_1013_and_memory_bounded(make_daemon: Callable[..., Daemon]) -> None:
+    """
+    A client that stops reading is closed with 1013 and the daemon's RSS
+    grows by less than 40 MB while 48 MB of events are published past it
+    (an unbounded queue would hold all 48 MB; max_send_buffer_bytes = 256 KiB).
+    """
+    d = make_daemon(with_config("[websocket]\nmax_send_buffer_bytes = 262144\n"))
+    proc = psutil.Process(d.proc.pid)  # type: ignore[union-attr]
+    slow = conn(d, timeout=30, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 8192),))
+    assert request(slow, op="subscribe", channel="slow.x")["op"] == "subscribed"
+    fast = conn(d)
+    assert request(fast, op="subscribe", channel="slow.x")["op"] == "subscribed"
+    pub = Publisher(d)
+    chunk = "x" * 65536
+    pub.many("slow.warmup", 16, chunk, window=8)
+    before = proc.memory_info().rss
+    for _ in range(256):  # 256 x 3 x 64 KiB = 48 MiB
+        pub.many("slow.x", 3, chunk)
+        for _ in range(3):  # the fast reader keeps up
+            assert recv(fast)["op"] == "event"
+    after = proc.memory_info().rss
+    code, msgs = read_until_close(slow)
+    assert code == 1013
+    assert 0 < len(msgs) < 256 * 3
+    offsets = [m["offset"] for m in msgs if m["op"] == "event"]
+    assert offsets == list(range(1, len(offsets) + 1))
+    assert after - before < 40 * 2**20, (before, after)
+    # the fast subscriber was never affected, and the slow one may come back and resume
+    again = conn(d)
+    assert request(again, op="subscribe", channel="slow.x", since=offsets[-1])["op"] == "subscribed"
+    assert recv(again)["offset"] == offsets[-1] + 1
+    for w in (again, fast, pub):
+        w.close()
+
+
+def test_token_expiry_closes_4001_and_auth_refreshes(daemon: Daemon) -> None:
+    """A connection whose JWT expires is closed with 4001, unless it sent a fresh token with op auth."""
+    short = conn(daemon, token(subscribe=["public.>"], ttl=2))
+    refreshed = conn(daemon, token(subscribe=["public.>"], ttl=2))
+    r = request(refreshed, op="auth", token=token(sub="later", subscribe=["public.>"], ttl=3600), ref=1)
+    assert r == {"op": "authenticated", "sub": "later", "ref": 1}
+    assert request(refreshed, op="auth", token="bad-token")["code"] == "invalid_token"
+    assert read_until_close(short)[0] == 4001
+    assert request(refreshed, op="ping")["op"] == "pong"
+    refreshed.close()
+
+
+def test_server_pings_and_drops_dead_connections(make_daemon: Callable[..., Daemon]) -> None:
+    """With ping_interval_seconds the server pings; a client that never answers is dropped, one that reads stays."""
+    d = make_daemon(with_config("[websocket]\nping_interval_seconds = 0.5\nping_timeout_seconds = 1\n"))
+    live = conn(d)
+    frames: list[int] = []
+
+    def read() -> None:  # websocket-client answers each ping with a pong while reading
+        try:
+            while True:
+                frames.append(live.recv_data_frame(control_frame=True)[0])
+        except Exception:
+            frames.append(-1)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    dead = conn(d)  # never reads, so never answers a ping
+    deadline = time.monotonic() + 15
+    gone = False
+    dead.sock.settimeout(0.2)
+    while not gone and time.monotonic() < deadline:
+        try:  # raw reads: the pings are consumed but never answered
+            gone = dead.sock.recv(65536) == b""
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            gone = True
+    assert gone
+    assert websocket.ABNF.OPCODE_PING in frames and -1 not in frames
+    send(live, op="ping")
+    while websocket.ABNF.OPCODE_TEXT not in frames:
+        assert time.monotonic() < deadline and -1 not in frames
+        time.sleep(0.02)
+    live.close()
+
+
+def test_compression_negotiated_when_enabled(make_daemon: Callable[..., Daemon]) -> None:
+    """With compression = true, permessage-deflate is accepted and events still arrive intact."""
+    d = make_daemon(with_config("[websocket]\ncompression = true\n"))
+    pub = Publisher(d)
+    with ws_connect(d.ws_url + f"?token={API_KEY}", compression="deflate") as c:
+        assert "permessage-deflate" in (c.response.headers.get("Sec-WebSocket-Extensions") or "")
+        c.send(json.dumps({"op": "subscribe", "channel": "z", "ref": 1}))
+        assert json.loads(c.recv(timeout=10))["op"] == "subscribed"
+        pub.many("z", 3, {"text": "abc" * 100})
+        got = [json.loads(c.recv(timeout=10)) for _ in range(3)]
+        assert [m["offset"] for m in got] == [1, 2, 3] and got[0]["data"] == {"text": "abc" * 100}
+    plain = make_daemon(name="plain")
+    with ws_connect(plain.ws_url + f"?token={API_KEY}", compression="deflate") as c:
+        assert not c.response.headers.get("Sec-WebSocket-Extensions")
+    pub.close()
+
+
+def test_shutdown_closes_clients_with_1001(daemon: Daemon) -> None:
+    """Stopping the daemon closes every WebSocket client with 1001 and the daemon exits promptly."""
+    clients = [conn(daemon) for _ in range(3)]
+    for c in clients:
+        assert request(c, op="subscribe", channel="s")["op"] == "subscribed"
+    codes: list[int | None] = []
+
+    def read(c: websocket.WebSocket) -> None:
+        codes.append(read_until_close(c)[0])
+
+    readers = [threading.Thread(target=read, args=(c,)) for c in clients]
+    for t in readers:
+        t.start()
+    daemon.stop()
+    for t in readers:
+        t.join(10)
+    assert codes == [1001, 1001, 1001]
