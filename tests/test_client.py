@@ -38,9 +38,13 @@ def event(channel: str, offset: int, **extra: Any) -> dict[str, Any]:
 class FakeProto:
     """Stands in for the WebSocket protocol: records sent messages."""
 
+    STATE_OPEN = 3
+
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
         self.closed: int | None = None
+        self.state = self.STATE_OPEN
+        self.transport = None
 
     def sendMessage(self, payload: bytes) -> None:
         self.sent.append(json.loads(payload))

@@ -277,7 +277,10 @@ class Subscription:
             self._stopped = succeed(None)
             return self._stopped
         self._stopped = Deferred()
-        proto.sendClose(1000)
+        if proto.state == proto.STATE_OPEN:
+            proto.sendClose(1000)  # the close handshake times out after 2 s
+        elif proto.transport is not None:
+            proto.transport.loseConnection()  # still in the opening handshake
         return self._stopped
 
     def since_for(self, pattern: str) -> int | dict[str, int] | None:
@@ -354,6 +357,8 @@ class Subscription:
         self._call = self.reactor.callLater(delay, self._connect)
 
     def _opened(self, proto: _Protocol) -> None:
+        if self._stopped is not None:
+            return
         self._proto = proto
         self._attempt = 0
         self.connections += 1

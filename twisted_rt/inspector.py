@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
@@ -104,7 +103,8 @@ class RawEvent(JsonResource):
 
     async def handle_GET(self, request: Request) -> dict[str, Any]:
         """The raw body (base64) and headers of one journaled event."""
-        parts = [unquote(p.decode("utf-8", "replace")) for p in request.postpath or [] if p]
+        # Twisted has already percent-decoded each segment
+        parts = [p.decode("utf-8", "replace") for p in request.postpath or [] if p]
         if len(parts) != 2:
             raise JsonError(404, "not_found", "use /api/raw/<channel>/<offset>")
         channel, offset_text = parts
