@@ -161,19 +161,21 @@ async def test_live_event_reaches_listener_on_other_node_in_order(brokers: Calla
     b.subscribe("other", other)
     for i in range(5):
         await a.publish([Draft("chat.room1", i) for _ in range(10)] + [Draft("chat.room2", i)])
-    try:
-        await until(lambda: len(rec.events) == 55, what="55 events on B")
-    except AssertionError:
-        print("DEBUG", rec.offsets("chat.room1"), rec.offsets("chat.room2"), b.live_last, b._busy, len(b._queue), b._sync_running, b._need_sync)
-        raise
+    await until(lambda: len(rec.events) == 55, what="55 events on B")
     assert rec.offsets("chat.room1") == list(range(1, 51))
     assert rec.offsets("chat.room2") == list(range(1, 6))
     assert other.events == []
+    await a.publish([Draft("chat.raw", {"k": 1}, source="github", type="push", raw=b"k=1\x00",
+                           headers={"X-GitHub-Event": "push"})])
+    await until(lambda: len(rec.events) == 56, what="the raw event on B")
+    raw_event = rec.events[-1]
+    assert (raw_event.raw, raw_event.headers, raw_event.source, raw_event.type) == (
+        b"k=1\x00", {"X-GitHub-Event": "push"}, "github", "push")
     b.unsubscribe("chat.*", rec)
     await a.publish([Draft("chat.room1", "late")])
     await a.publish([Draft("other", "x")])
     await until(lambda: len(other.events) == 1, what="the 'other' event")
-    assert len(rec.events) == 55
+    assert len(rec.events) == 56
 
 
 @pytest_twisted.ensureDeferred
@@ -274,6 +276,21 @@ async def test_channels_counts_subscribers_of_every_node(brokers: Callable[..., 
     assert by_name(await b.channels()) == {"room.1": 3, "room.2": 1}
     await b.stop()
     assert by_name(await a.channels()) == {"room.1": 1, "room.2": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_pubsub_ping_is_answered_and_feed_continues(brokers: Callable[..., RedisBroker]) -> None:
+    """The periodic PING on the subscribed link is answered and does not disturb the live feed."""
+    a, b = brokers(), brokers()
+    await gatherResults([a.start(), b.start()])
+    rec = Recorder()
+    b.subscribe("p", rec)
+    reply = await b.sub.proto.execute_command("PING")
+    assert "pong" in [str(x).lower() for x in reply]
+    await b._tick()
+    await a.publish([Draft("p", 1)])
+    await until(lambda: rec.offsets() == [1], what="event after ping")
+    assert b.ready
 
 
 @pytest_twisted.ensureDeferred
@@ -447,7 +464,7 @@ def test_e2e_webhook_on_node_a_reaches_websocket_on_node_b(
     routes_ready(a)
     ws = WSClient(b.ws_url)
     try:
-        ws.subscribe("github.*")
+        ws.subscribe("github.push")
         status, receipt = github_post(a, "push", "delivery-1", {"ref": "refs/heads/main"})
         assert status == 202, receipt
         assert receipt["channel"] == "github.push" and receipt["offset"] == 1
@@ -457,10 +474,16 @@ def test_e2e_webhook_on_node_a_reaches_websocket_on_node_b(
         assert ev["data"] == {"ref": "refs/heads/main"} and ev["source"] == "github"
         status, again = github_post(b, "push", "delivery-1", {"ref": "refs/heads/main"})
         assert status == 200 and again["duplicate"] is True and again["offset"] == 1
-        status, chans = b.get("/api/channels", headers={"Authorization": f"Bearer {API_KEY}"})
-        assert status == 200
-        assert {"name": "github.push", "last_offset": 1} in [
-            {"name": c["name"], "last_offset": c["last_offset"]} for c in chans["channels"]]
+        # Node A counts node B's subscriber (cluster-wide /api/channels).
+        deadline = time.monotonic() + 10
+        while True:
+            status, chans = a.get("/api/channels", headers={"Authorization": f"Bearer {API_KEY}"})
+            assert status == 200
+            row = [c for c in chans["channels"] if c["name"] == "github.push"]
+            if row == [{"name": "github.push", "subscribers": 1, "last_offset": 1}]:
+                break
+            assert time.monotonic() < deadline, chans
+            time.sleep(0.05)
     finally:
         ws.close()
 

@@ -472,7 +472,7 @@ class RedisBroker(Broker):
         self.cmd = _Link(reactor, self.url, "command", _CommandProtocol, self._cmd_up, self._cmd_down)
         self.sub = _Link(reactor, self.url, "pubsub", _SubProtocol, self._sub_up, self._sub_down,
                          on_message=self._on_message)
-        self._counts_loop = LoopingCall(self._write_counts)
+        self._counts_loop = LoopingCall(self._tick)
         self._counts_loop.clock = reactor
 
     # -- keys --------------------------------------------------------------
@@ -646,8 +646,8 @@ class RedisBroker(Broker):
         d = ensureDeferred(self._fill(channel, last, offset - 1))
 
         def filled(_: object) -> None:
-            if not self._subscribed:
-                return  # the pub/sub link's return syncs
+            if not self._subscribed or self._sync_running:
+                return  # the pub/sub link's return, or the running sync, drains
             if self._need_sync:
                 self._request_sync()
                 return
@@ -892,6 +892,15 @@ class RedisBroker(Broker):
         if self._stopped or (self._counts_call is not None and self._counts_call.active()):
             return
         self._counts_call = self.reactor.callLater(0.2, self._write_counts)
+
+    def _tick(self) -> Deferred[None]:
+        """Every L{COUNTS_INTERVAL}: ping the pub/sub link, write the counts."""
+        sub = self.sub.proto
+        if sub is not None and self._subscribed:
+            # A Redis that stopped answering is noticed by the reply timeout,
+            # which drops the link: it reconnects and resyncs.
+            maybeDeferred(sub.execute_command, "PING").addErrback(lambda f: None)
+        return self._write_counts()
 
     def _write_counts(self) -> Deferred[None]:
         """Write this node's per-channel subscriber counts (best effort)."""
