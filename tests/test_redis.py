@@ -19,10 +19,12 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import pytest_twisted
+import txredisapi
 from conftest import API_KEY, Daemon, RedisServer, free_port, http
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 
 from twisted_rt import redis as rt_redis
 from twisted_rt.config import BrokerConfig, Config, JournalConfig
@@ -101,6 +103,107 @@ def test_parse_url_reads_host_port_db_and_password() -> None:
     assert (u.path, u.db) == ("/run/redis.sock", 3)
     with pytest.raises(ValueError):
         parse_url("http://x")
+
+
+# -- the live feed's ordering, on a fake Redis (no reactor) -----------------
+
+
+class FakeRedis:
+    """A command connection whose replies the test gives by hand."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[Any, ...], Deferred[Any]]] = []
+
+    def execute_command(self, *args: Any, **kw: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((args, d))
+        return d
+
+    def pop(self, command: str) -> tuple[tuple[Any, ...], Deferred[Any]]:
+        for i, (args, d) in enumerate(self.calls):
+            if args[0] == command:
+                del self.calls[i]
+                return args, d
+        raise AssertionError(f"no {command} call in {[c[0][:3] for c in self.calls]}")
+
+
+def fake_broker() -> tuple[RedisBroker, FakeRedis]:
+    cfg = Config(broker=BrokerConfig(kind="redis", url="redis://127.0.0.1:1/0"))
+    b = RedisBroker(cfg, MemoryReactorClock(), Stats())
+    fake = FakeRedis()
+    b.cmd.proto = fake
+    b.sub.proto = object()
+    b._subscribed = True
+    b._baselined = True
+    b._busy = False
+    return b, fake
+
+
+def body(i: int) -> str:
+    return rt_redis._encode_body(Draft("c", {"i": i}), f"id{i}", "2026-11-21T00:00:00.000Z")
+
+
+def test_gap_is_filled_before_later_messages_are_delivered() -> None:
+    """A message past last+1 triggers an XRANGE; messages arriving meanwhile wait, then all go out in order."""
+    b, fake = fake_broker()
+    rec = Recorder()
+    b.subscribe("c", rec)
+    b._on_message(f"1 c {body(1)}")
+    b._on_message(f"3 c {body(3)}")
+    b._on_message(f"4 c {body(4)}")
+    assert rec.offsets() == [1]
+    args, d = fake.pop("XRANGE")
+    assert args[1:4] == ("rt:s:c", "2", "2")
+    d.callback([["2-0", ["e", body(2)]]])
+    assert rec.offsets() == [1, 2, 3, 4]
+    assert [e.data for e in rec.events] == [{"i": 1}, {"i": 2}, {"i": 3}, {"i": 4}]
+    b._on_message(f"4 c {body(4)}")
+    b._on_message(f"2 c {body(2)}")
+    assert rec.offsets() == [1, 2, 3, 4]
+    assert fake.calls == []
+
+
+def test_gap_without_local_listeners_is_not_filled() -> None:
+    """A node with no listener on a channel just moves its marker; it reads nothing from Redis."""
+    b, fake = fake_broker()
+    b._on_message(f"7 c {body(7)}")
+    assert b.live_last["c"] == 7
+    assert fake.calls == []
+
+
+def test_resync_fills_only_channels_with_listeners_then_drains() -> None:
+    """After a reconnect the snapshot drives fills for listened channels, then the buffered feed follows."""
+    b, fake = fake_broker()
+    rec = Recorder()
+    b.subscribe("c", rec)
+    b.live_last.update({"c": 1, "quiet": 4})
+    b._request_sync()
+    b._on_message(f"4 c {body(4)}")  # arrives while syncing: buffered
+    assert rec.events == []
+    args, d = fake.pop("EVALSHA")
+    d.callback(["epoch-1", "c", "3", "quiet", "9", "new", "2"])
+    args, d = fake.pop("XRANGE")
+    assert args[1:4] == ("rt:s:c", "2", "3")
+    d.callback([["2-0", ["e", body(2)]], ["3-0", ["e", body(3)]]])
+    assert rec.offsets() == [2, 3, 4]
+    assert b.live_last == {"c": 4, "quiet": 9, "new": 2}
+    assert fake.calls == [] and not b._busy
+
+
+def test_failed_resync_is_retried_after_a_backoff() -> None:
+    """A resync that fails (Redis went away again) keeps the feed buffered and retries later."""
+    b, fake = fake_broker()
+    rec = Recorder()
+    b.subscribe("c", rec)
+    b._request_sync()
+    _, d = fake.pop("EVALSHA")
+    d.errback(txredisapi.ConnectionError("Lost connection"))
+    b._on_message(f"1 c {body(1)}")
+    assert rec.events == [] and b._busy
+    b.reactor.advance(5)
+    _, d = fake.pop("EVALSHA")
+    d.callback(["epoch-1", "c", "0"])
+    assert rec.offsets() == [1]
 
 
 # -- one and two brokers on a real redis ------------------------------------
@@ -306,6 +409,28 @@ async def test_unreachable_redis_is_not_ready_and_refuses_publish(
     for d in (b.publish([Draft("x", 1)]), b.history("x"), b.replay("x.*", {}), b.channels(), b.last_offset("x")):
         with pytest.raises(JournalUnavailable):
             await d
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_started_before_redis_becomes_ready_when_it_appears(
+    brokers: Callable[..., RedisBroker], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A node started while Redis is down serves unready, then connects (with backoff) once Redis is up."""
+    monkeypatch.setattr(rt_redis, "START_WAIT", 0.1)
+    late = RedisServer(tmp_path / "late-redis")
+    b = brokers(url=late.url)
+    await b.start()
+    assert not b.ready
+    late.start()
+    try:
+        await until(lambda: b.ready, timeout=15, what="ready once redis is up")
+        rec = Recorder()
+        b.subscribe("late", rec)
+        assert (await b.publish([Draft("late", 1)]))[0].event.offset == 1
+        await until(lambda: rec.offsets() == [1], what="live event")
+    finally:
+        await b.stop()
+        late.stop()
 
 
 @pytest_twisted.ensureDeferred
