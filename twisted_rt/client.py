@@ -71,7 +71,7 @@ from typing import Any, Callable, Iterable
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
@@ -307,13 +307,13 @@ class Subscription:
     @inlineCallbacks
     def _fetch_offsets(self) -> Any:
         """Best effort: C{since} = the current last offset of every matching channel."""
-        from twisted.web.client import Agent, readBody
+        from twisted.web.client import Agent
 
         agent = Agent(self.reactor, connectTimeout=5)
         headers = _headers({"Authorization": f"Bearer {self.token}"} if self.token else {})
         try:
             resp = yield agent.request(b"GET", (http_base(self.url) + "/api/channels").encode(), headers)
-            body = yield readBody(resp)
+            body = yield _read_body(resp)
             if resp.code != 200:
                 return
             channels = json.loads(body)["channels"]
@@ -446,6 +446,32 @@ def _headers(h: dict[str, str | list[str]]) -> Any:
     return out
 
 
+class _Collect(Protocol):
+    """Collects a response body (like C{readBody}, without its transport warning)."""
+
+    def __init__(self, done: Deferred[bytes]) -> None:
+        self.done = done
+        self.parts: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        from twisted.web.client import ResponseDone
+        from twisted.web.http import PotentialDataLoss
+
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+def _read_body(response: Any) -> Deferred[bytes]:
+    d: Deferred[bytes] = Deferred()
+    response.deliverBody(_Collect(d))
+    return d
+
+
 @dataclass
 class _Delivery:
     body: bytes
@@ -487,14 +513,12 @@ class Forwarder:
     @inlineCallbacks
     def original(self, event: dict[str, Any]) -> Any:
         """The request to re-deliver for C{event} (a L{_Delivery})."""
-        from twisted.web.client import readBody
-
         channel = urllib.parse.quote(str(event["channel"]), safe="")
         url = f"{self.base}/api/raw/{channel}/{int(event['offset'])}"
         auth: dict[str, str | list[str]] = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
             resp = yield self.agent.request(b"GET", url.encode(), _headers(auth))
-            body = yield readBody(resp)
+            body = yield _read_body(resp)
             raw = json.loads(body) if resp.code == 200 else None
         except Exception as e:  # noqa: BLE001 - fall back to the JSON data
             self.log.warn("could not fetch the raw body of {url}: {e}", url=url, e=e)
@@ -516,7 +540,6 @@ class Forwarder:
     def forward(self, event: dict[str, Any]) -> Any:
         """Deliver one event; fires with the final HTTP status (or C{None} if it never got through)."""
         from twisted.internet.task import deferLater
-        from twisted.web.client import readBody
 
         delivery = yield self.original(event)
         where = f"{event['channel']}#{event['offset']}"
@@ -528,7 +551,7 @@ class Forwarder:
                     _headers(delivery.headers),
                     _Body(delivery.body),
                 )
-                yield readBody(resp)
+                yield _read_body(resp)
                 problem = f"HTTP {resp.code}" if resp.code >= 500 else None
             except Exception as e:  # noqa: BLE001 - retried, then reported
                 problem = str(e) or e.__class__.__name__
