@@ -264,7 +264,7 @@ def load_options(files: CertFiles) -> Loaded:
         from twisted.python.filepath import FilePath
 
         _read(files.dh, "DH parameters", k)
-        dh = DiffieHellmanParameters.fromFile(FilePath(files.dh))  # type: ignore[no-untyped-call]
+        dh = DiffieHellmanParameters.fromFile(FilePath(files.dh))
     opts = context_options(key, certs[0], chain, dh)
     try:
         ctx = opts.getContext()
@@ -297,7 +297,7 @@ def context_options(key: Any, cert: x509.Certificate, chain: list[x509.Certifica
         certificate=cert,  # type: ignore[arg-type]
         extraCertChain=chain,  # type: ignore[arg-type]
         raiseMinimumTo=TLSVersion.TLSv1_2,
-        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),  # type: ignore[no-untyped-call]
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
         dhParameters=dh,
         enableSessions=False,
         enableSessionTickets=False,
@@ -494,7 +494,7 @@ class TLSEndpoint:
         from twisted.internet.endpoints import SSL4ServerEndpoint
 
         install_policy(factory, self.config)
-        ep: Any = SSL4ServerEndpoint(  # type: ignore[no-untyped-call]
+        ep: Any = SSL4ServerEndpoint(
             self.reactor, self.port, self.context, backlog=self.backlog, interface=self.interface
         )
         d: Deferred[IListeningPort] = ep.listen(factory)
@@ -534,7 +534,7 @@ class _RedirectPage(Resource):
     isLeaf = True
 
     def __init__(self, location: str) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.location = location
 
     def render(self, request: Any) -> bytes:
@@ -554,7 +554,7 @@ class HTTPSPolicy(Resource):
     """
 
     def __init__(self, inner: IResource, redirect_port: int | None, hsts_seconds: int) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.inner: Any = inner
         self.redirect_port = redirect_port
         self.hsts_seconds = hsts_seconds
