@@ -419,6 +419,39 @@ def test_curves_are_checked(pki: dict[str, Path]) -> None:
         tls.load_options(tls.CertFiles(str(pki["cert"]), str(pki["key"]), curves=("nope",)))
 
 
+class HostRequest:
+    """Just what HTTPSPolicy.location reads from a request."""
+
+    def __init__(self, host: bytes | None, uri: bytes = b"/a?b=1") -> None:
+        self.host = host
+        self.uri = uri
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        return self.host if name == b"host" else None
+
+    def getHost(self) -> Any:
+        from twisted.internet.address import IPv4Address
+
+        return IPv4Address("TCP", "10.0.0.1", 80)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        (b"example.com:8080", 8443, "https://example.com:8443/a?b=1"),
+        (b"example.com", 443, "https://example.com/a?b=1"),
+        (b"[::1]:8080", 8443, "https://[::1]:8443/a?b=1"),
+        (None, 443, "https://10.0.0.1/a?b=1"),
+    ],
+)
+def test_redirect_location(host: bytes | None, port: int, expected: str) -> None:
+    """The redirect keeps host, path and query, swaps the port (none for 443), and handles IPv6 literals."""
+    from twisted.web.resource import Resource
+
+    policy = tls.HTTPSPolicy(Resource(), port, 0)
+    assert policy.location(HostRequest(host)) == expected
+
+
 def test_plain_descriptions_are_left_to_twisted() -> None:
     """server_endpoint returns None for anything but ssl:."""
     assert tls.server_endpoint(MemoryReactor(), "tcp:8080", Config()) is None

@@ -20,6 +20,13 @@ compression, no renegotiation, no session tickets and no session cache
 ALPN offers C{h2} then C{http/1.1}; a browser's WebSocket connection only
 offers C{http/1.1}, so C{/ws} stays HTTP/1.1.
 
+With C{[server] redirect_http_to_https}, plain listeners answer C{308}
+to the first C{ssl:} listener's port (C{/healthz} and C{/readyz} excepted:
+probes speak plain HTTP); with C{hsts_seconds}, TLS responses carry
+C{Strict-Transport-Security: max-age=N}.  Both are put in front of the
+site's root by L{TLSEndpoint.listen}.  C{sslmethod=} is accepted and
+ignored: the versions are always TLS 1.2 and newer.
+
 C{SIGHUP} re-reads the files of every C{ssl:} listener in a thread and swaps
 the context for new connections; open connections keep the one they were
 made with.  Files that do not load keep the old certificate.  One log line
