@@ -116,6 +116,7 @@ class _Stream:
         self.principal = principal
         self.subscriber = Subscriber(owner.app.broker, self._send, backlog=self._backlog, on_overflow=self._overflow)
         self.waiters: list[Deferred[None]] = []
+        self.position: dict[str, int] = {}
         self.paused = False
         self.queue: list[bytes] = []
         self.queued = 0
@@ -169,10 +170,11 @@ class _Stream:
         self.request.write(data)
 
     def _send(self, event: Event) -> None:
+        self.position[event.channel] = event.offset
         self.write(
             b"id: %s\nevent: %s\ndata: %s\n\n"
             % (
-                encode_position(self.subscriber.seen).encode(),
+                encode_position(self.position).encode(),
                 event.channel.encode(),
                 event.json(),
             )
@@ -297,12 +299,18 @@ class SSEResource(Resource):
         if stream.done:
             return
         sub = stream.subscriber
-        replays = []
+        pos = stream.position
         for p, s in zip(patterns, sinces, strict=True):
-            replays.append(sub.add(p, s))
-        self.app.stats.subscriptions["sse"] += len(sub.patterns)
+            if isinstance(s, dict):
+                for c, o in s.items():
+                    pos[c] = max(o, pos.get(c, 0))
+            elif isinstance(s, int) and not is_wildcard(p):
+                pos[p] = max(s, pos.get(p, 0))
         # every listed channel's starting position, before any replayed event
-        stream.write(b"id: %s\n\n" % encode_position(sub.seen).encode())
+        # ("0" when no listed channel has an event yet: all is new)
+        stream.write(b"id: %s\n\n" % (encode_position(pos) or "0").encode())
+        replays = [sub.add(p, s) for p, s in zip(patterns, sinces, strict=True)]
+        self.app.stats.subscriptions["sse"] += len(sub.patterns)
         for r in replays:
             await r
 
