@@ -20,7 +20,7 @@
 set -eu
 
 DEST=${TWISTED_RT_TLS_DIR:-/etc/twisted-rt/tls}
-OWNER=${TWISTED_RT_USER:-twisted-rt}
+OWNER=${TWISTED_RT_USER:-twisted-rt}   # the unit's User=/Group=
 UNIT=${TWISTED_RT_UNIT:-twisted-rt.service}
 
 # certbot sets RENEWED_LINEAGE to /etc/letsencrypt/live/<name>
