@@ -411,11 +411,16 @@ class PollResource(JsonResource):
         waiter = _Waiter(app.reactor, since)
         app.broker.subscribe(channel, waiter)
         self.waiters.add(waiter)
+        stats = app.stats
+        stats.connections["poll"] += 1
+        stats.subscriptions["poll"] += 1
         try:
             events = await app.broker.history(channel, since, limit)
             if not events and timeout > 0 and not app.stopping:
                 events = await waiter.wait(timeout)
         finally:
+            stats.connections["poll"] -= 1
+            stats.subscriptions["poll"] -= 1
             waiter._stop_timers()
             self.waiters.discard(waiter)
             app.broker.unsubscribe(channel, waiter)

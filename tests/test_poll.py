@@ -1,0 +1,121 @@
+"""/poll against the real daemon: immediate answers, waiting, timeouts, limits, errors, cleanup."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from conftest import API_KEY, DEFAULT_CONFIG, Daemon, http_json
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def poll(d: Daemon, query: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    return http_json("GET", d.url + "/poll?" + query, headers=AUTH if headers is None else headers)
+
+
+def publish(d: Daemon, channel: str, data: Any) -> int:
+    status, body = d.publish(channel, data)
+    assert status == 202, body
+    return int(body["offset"])
+
+
+def stats(d: Daemon) -> dict[str, Any]:
+    status, body = d.get("/api/stats", headers=AUTH)
+    assert status == 200
+    return body  # type: ignore[no-any-return]
+
+
+def test_answers_at_once_when_events_exist(daemon: Daemon) -> None:
+    """Events after since are returned at once, oldest first, with last_offset."""
+    for i in range(3):
+        publish(daemon, "p.a", i)
+    status, body = poll(daemon, "channel=p.a&since=1")
+    assert status == 200
+    assert [e["offset"] for e in body["events"]] == [2, 3]
+    assert body["events"][0]["data"] == 1 and body["last_offset"] == 3
+    status, body = poll(daemon, "channel=p.a&since=0&limit=2")
+    assert [e["offset"] for e in body["events"]] == [1, 2] and body["last_offset"] == 2
+
+
+def test_waits_for_the_next_event(daemon: Daemon) -> None:
+    """With nothing after since, the poll is answered by the next published event."""
+    publish(daemon, "p.w", 0)
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(poll(daemon, "channel=p.w&since=1&timeout=20")))
+    t.start()
+    deadline = time.monotonic() + 10
+    while stats(daemon)["subscriptions"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the poll is waiting (its live listener counts as a subscriber)
+    publish(daemon, "p.w", {"n": 2})
+    t.join(20)
+    status, body = result[0]
+    assert status == 200
+    assert [(e["offset"], e["data"]) for e in body["events"]] == [(2, {"n": 2})]
+    assert body["last_offset"] == 2
+
+
+def test_timeout_answers_empty(make_daemon: Callable[..., Daemon]) -> None:
+    """At the timeout the answer is 200 {"events": []}; timeouts are capped at max_poll_timeout_seconds."""
+    d = make_daemon(DEFAULT_CONFIG + "\n[sse]\nmax_poll_timeout_seconds = 0.3\n")
+    status, body = poll(d, "channel=p.t&since=0&timeout=0.1")
+    assert (status, body["events"]) == (200, [])
+    status, body = poll(d, "channel=p.t&since=0&timeout=3600")  # capped: answered long before the client gives up
+    assert (status, body["events"]) == (200, [])
+    status, body = poll(d, "channel=p.t&since=0&timeout=0")
+    assert (status, body) == (200, {"events": [], "last_offset": 0})
+
+
+def test_bad_parameters_are_400(daemon: Daemon) -> None:
+    """Missing/extra/wildcard channel, bad since, bad timeout: 400 with a JSON error."""
+    for query in ["", "channel=a&channel=b", "channel=a.*", "channel=a..b", "channel=a&since=-1",
+                  "channel=a&since=x", "channel=a&timeout=abc", "channel=a&timeout=-1", "channel=a&timeout=nan",
+                  "channel=a&limit=x"]:
+        status, body = poll(daemon, query)
+        assert status == 400, query
+        assert body["error"] in ("bad_request", "invalid_channel") and body["message"]
+
+
+def test_auth_and_rights(daemon: Daemon) -> None:
+    """A bad token is 401; anonymous may poll public.> only (403 otherwise); token via ?token= works."""
+    status, body = poll(daemon, "channel=a&timeout=0", {"Authorization": "Bearer nope"})
+    assert (status, body["error"]) == (401, "invalid_token")
+    status, body = poll(daemon, "channel=private&timeout=0", {})
+    assert (status, body["error"]) == (403, "forbidden")
+    assert poll(daemon, "channel=public.x&timeout=0", {})[0] == 200
+    assert poll(daemon, f"channel=private&timeout=0&token={API_KEY}", {})[0] == 200
+
+
+def test_client_going_away_cleans_up(daemon: Daemon) -> None:
+    """A client that hangs up on a waiting poll leaves no listener behind."""
+    s = socket.create_connection(("127.0.0.1", daemon.port))
+    s.sendall(f"GET /poll?channel=p.gone&timeout=30&token={API_KEY} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    deadline = time.monotonic() + 10
+    while stats(daemon)["subscriptions"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    s.close()
+    while True:
+        _, body = daemon.get("/api/channels", headers=AUTH)
+        waiting = stats(daemon)["subscriptions"]
+        if waiting == 0:
+            break
+        assert time.monotonic() < deadline, body
+        time.sleep(0.02)
+
+
+def test_shutdown_answers_waiting_polls(daemon: Daemon) -> None:
+    """Stopping the daemon answers a waiting poll with 200 and no events, and the daemon exits."""
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(poll(daemon, "channel=p.s&timeout=30")))
+    t.start()
+    deadline = time.monotonic() + 10
+    while stats(daemon)["subscriptions"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    daemon.stop()
+    t.join(10)
+    assert result and result[0][0] == 200 and result[0][1]["events"] == []
