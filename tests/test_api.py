@@ -193,10 +193,13 @@ def test_publish_400(shared: Daemon, body: Any, code: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", [b"", b"{", b"not json", b'{"channel":"pub.x","data":NaN}', b"\xff\xfe", b"[" * 100000 + b"]" * 100000]
+    "raw",
+    [b"", b"{", b"not json", b'{"channel":"pub.x","data":NaN}', b'{"channel":"pub.x","data":-Infinity}',
+     b'{"channel":"pub.x","data":1e999}', b'{"channel":"pub.x","data":' + b"9" * 5000 + b"}",
+     b"\xff\xfe", b"[" * 100000 + b"]" * 100000],
 )
 def test_publish_unparsable(shared: Daemon, raw: bytes) -> None:
-    """A body that is not JSON (or has NaN, or nests absurdly deep) is 400 invalid_json."""
+    """A body that is not JSON (NaN, infinities, absurd numbers or nesting) is 400 invalid_json."""
     status, got = raw_post(shared, raw)
     assert_error(status, got, 400, "invalid_json")
 

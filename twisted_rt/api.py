@@ -68,6 +68,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def _json_content_type(request: Request) -> bool:
     ctype = request.getHeader(b"content-type")
     if not ctype:
@@ -107,9 +114,9 @@ def parse_publish(body: bytes) -> tuple[list[Draft], bool]:
     @raise JsonError: 400 for anything malformed.
     """
     try:
-        obj = json.loads(body, parse_constant=_reject_constant)
+        obj = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
-        raise _bad("invalid_json", "the body is not valid JSON") from None
+        raise _bad("invalid_json", "the body is not valid JSON (or has a number out of range)") from None
     if not isinstance(obj, dict):
         raise _bad("invalid_body", "the body must be a JSON object: {channel, data} or {events: [...]}")
     try:
