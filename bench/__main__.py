@@ -305,6 +305,7 @@ class Bench:
         self.metric("ingest.p99", f"ingest (c={c}): p99 latency", "ms", "{:.1f}",
                     target="< 25 ms", check=lambda o, b: o < 25)
         self.metric("ingest.scpu", "ingest: server CPU", "% core", "{:.0f}")
+        self.metric("ingest.cpureq", "ingest: server CPU per 2xx request", "ms", "{:.3f}")
         self.metric("ingest.gcpu", "ingest: generator CPU", "% core", "{:.0f}")
         self.metric("ingest.swait", "ingest: server runnable, no CPU", "% time", "{:.0f}")
         procs = max(1, min(sz.ingest_procs, c))
@@ -336,6 +337,7 @@ class Bench:
         self.record("ingest.rps", server, ok / sz.ingest_seconds)
         self.record("ingest.p99", server, percentile(lat, 99) * 1000)
         self.record("ingest.scpu", server, (c1 - c0) / (t1 - t0) * 100)
+        self.record("ingest.cpureq", server, (c1 - c0) / ok * 1000 * sz.ingest_seconds / (t1 - t0))
         self.record("ingest.gcpu", server, sum(r["cpu"] for r in res) / sz.ingest_seconds * 100)
         self.record("ingest.swait", server, (w1 - w0) / (t1 - t0) * 100)
         server.wait_quiet()

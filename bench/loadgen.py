@@ -90,7 +90,7 @@ def open_subscribers(
     channel: str,
     sample_every: int = 0,
     since: int | None = None,
-    inflight: int = 48,
+    inflight: int = 24,
     timeout: float = 120,
 ) -> tuple[list[WSConn], Counter[str]]:
     """
