@@ -284,3 +284,30 @@ def test_now_iso_format() -> None:
     """Event times are RFC 3339 UTC with milliseconds."""
     assert now_iso(0) == "1970-01-01T00:00:00.000Z"
     assert now_iso(1.5) == "1970-01-01T00:00:01.500Z"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unencodable_event_fails_alone(tmp_path: Path) -> None:
+    """An event whose data cannot be JSON-encoded is refused by itself; the appends queued with it commit."""
+    from twisted_rt.journal import UnencodableEvent
+
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        good = [j.append([Draft("u", i)]) for i in range(3)]
+        with pytest.raises(UnencodableEvent):
+            await j.append([Draft("u", "\ud800")])
+        with pytest.raises(UnencodableEvent):
+            await j.append([Draft("u", {1, 2})])
+        assert [(await d)[0].event.offset for d in good] == [1, 2, 3]
+    finally:
+        await j.close()
+
+
+def test_strict_json_loads() -> None:
+    """event.loads refuses what cannot be written back: NaN, 1e999, lone surrogates, deep nesting."""
+    from twisted_rt.event import loads
+
+    assert loads(b'{"a":[1,2.5,"\\ud83d\\ude00"]}') == {"a": [1, 2.5, "\U0001f600"]}
+    for bad in (b"NaN", b"[Infinity]", b"[1e999]", b'"\\ud800"', b'"\\uDFFF"', b"[" * 100000, b"{"):
+        with pytest.raises(ValueError):
+            loads(bad)

@@ -60,7 +60,7 @@ class Broker(abc.ABC):
         for listener in self.index.match(event.channel):
             try:
                 listener.deliver(event)
-            except Exception:
+            except Exception:  # noqa: BLE001 - one bad listener must not stop the fan-out
                 self.log.failure("delivering {event} to {listener}", event=event, listener=listener)
 
     def local_subscribers(self, channel: str) -> int:

@@ -10,18 +10,50 @@ and caches it, so a fan-out to many subscribers costs one C{json.dumps}.
 from __future__ import annotations
 
 import json
+import re
 import time as _time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["Accepted", "Draft", "Event", "dumps", "new_id", "now_iso"]
+__all__ = ["Accepted", "Draft", "Event", "dumps", "loads", "new_id", "now_iso"]
 
 
 def dumps(obj: Any) -> bytes:
     """Compact JSON as UTF-8 bytes (the one encoder of the project)."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def loads(body: bytes | str) -> Any:
+    """
+    Strict JSON: what L{dumps} can write back.  No C{NaN}/C{Infinity}, no
+    number that overflows to infinity, no lone surrogate (C{"\\ud800"}).
+
+    @raise ValueError: on anything else (C{RecursionError} included).
+    """
+    try:
+        obj = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    probe = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
+    if b"\\u" in probe and re.search(rb"\\u[dD][89abAB89cdefCDEF]", probe):
+        try:
+            dumps(obj)
+        except UnicodeEncodeError:
+            raise ValueError("a string has a lone surrogate (\\ud800-\\udfff)") from None
+    return obj
 
 
 def new_id() -> str:
@@ -33,7 +65,7 @@ def now_iso(t: float | None = None) -> str:
     """RFC 3339 UTC time with milliseconds, e.g. C{2026-11-21T18:45:15.123Z}."""
     if t is None:
         t = _time.time()
-    d = datetime.fromtimestamp(t, tz=timezone.utc)
+    d = datetime.fromtimestamp(t, tz=UTC)
     return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
 
 
@@ -65,18 +97,18 @@ class Event:
     """
 
     __slots__ = (
-        "id",
-        "channel",
-        "offset",
-        "time",
-        "source",
-        "type",
-        "data",
-        "raw",
-        "headers",
+        "_cache",
         "_json",
         "_ws",
-        "_cache",
+        "channel",
+        "data",
+        "headers",
+        "id",
+        "offset",
+        "raw",
+        "source",
+        "time",
+        "type",
     )
 
     def __init__(

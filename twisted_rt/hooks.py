@@ -21,7 +21,6 @@ the body, templates compiled once per source.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import TYPE_CHECKING, Any, Callable, Union, cast
 from urllib.parse import parse_qsl
@@ -34,7 +33,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from twisted_rt.config import SourceConfig
-from twisted_rt.event import Accepted, Draft
+from twisted_rt.event import Accepted, Draft, loads
 from twisted_rt.matcher import ChannelError, validate_channel
 from twisted_rt.ratelimit import RateLimiter
 from twisted_rt.verify import SignatureError, identify, meta_challenge, twitter_crc, verify, zoom_validation
@@ -174,8 +173,8 @@ def parse_body(content_type: str | None, body: bytes) -> Any:
         if not body:
             return None
         try:
-            return json.loads(body, parse_constant=_no_constant)
-        except (ValueError, RecursionError) as e:
+            return loads(body)
+        except ValueError as e:
             raise JsonError(400, "invalid_body", f"the body is not valid JSON: {e}") from None
     if mime == "application/x-www-form-urlencoded":
         try:
@@ -194,7 +193,7 @@ def parse_body(content_type: str | None, body: bytes) -> Any:
         payload = fields.get("payload")
         if isinstance(payload, str) and payload[:1] in ("{", "["):
             try:
-                fields["payload"] = json.loads(payload)
+                fields["payload"] = loads(payload)
             except ValueError as e:
                 raise JsonError(400, "invalid_body", f"the form's payload field is not valid JSON: {e}") from None
         return fields

@@ -33,7 +33,6 @@ import time
 from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -43,7 +42,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted_rt.event import Accepted, Draft, Event, dumps, new_id, now_iso
 from twisted_rt.matcher import matches
 
-__all__ = ["Journal", "JournalUnavailable"]
+__all__ = ["Journal", "JournalUnavailable", "UnencodableEvent"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -80,6 +79,10 @@ _COLUMNS = 'id, channel, "offset", time, source, type, data, raw, headers'
 
 class JournalUnavailable(Exception):
     """The journal cannot take or give events right now."""
+
+
+class UnencodableEvent(ValueError):
+    """An event whose data cannot be written as JSON (refused alone, before its batch)."""
 
 
 def _row_event(row: Sequence[Any]) -> Event:
@@ -135,7 +138,7 @@ class Journal:
         self._conn: sqlite3.Connection | None = None  # writer thread only
         self._wlast: dict[str, int] = {}  # writer thread only
         self._local = threading.local()
-        self._pending: list[tuple[Sequence[Draft], Deferred[list[Accepted]]]] = []
+        self._pending: list[tuple[tuple[Sequence[Draft], list[str]], Deferred[list[Accepted]]]] = []
         self._writing = False
         self._flushed: list[Deferred[None]] = []
         self._closed = False
@@ -230,8 +233,13 @@ class Journal:
         """
         if self._closed:
             return _fail(JournalUnavailable("the journal is closed"))
+        # Encode here, so that one bad event fails alone, not the batch it would join.
+        try:
+            texts = [dumps(draft.data).decode("utf-8") for draft in drafts]
+        except (TypeError, ValueError) as e:
+            return _fail(UnencodableEvent(f"the event data cannot be stored as JSON: {e}"))
         d: Deferred[list[Accepted]] = Deferred()
-        self._pending.append((drafts, d))
+        self._pending.append(((drafts, texts), d))
         self._kick()
         return d
 
@@ -242,15 +250,15 @@ class Journal:
                 for fd in flushed:
                     fd.callback(None)
             return
-        batch: list[tuple[Sequence[Draft], Deferred[list[Accepted]]]] = []
+        batch: list[tuple[tuple[Sequence[Draft], list[str]], Deferred[list[Accepted]]]] = []
         count = 0
-        while self._pending and (not batch or count + len(self._pending[0][0]) <= self.max_batch):
+        while self._pending and (not batch or count + len(self._pending[0][0][0]) <= self.max_batch):
             item = self._pending.pop(0)
             batch.append(item)
-            count += len(item[0])
+            count += len(item[0][0])
         self._writing = True
         started = time.perf_counter()
-        d = self._in_writer(self._w_append, [drafts for drafts, _ in batch], time.time())
+        d = self._in_writer(self._w_append, [req for req, _ in batch], time.time())
         d.addCallbacks(
             self._appended,
             self._append_failed,
@@ -261,7 +269,7 @@ class Journal:
     def _appended(
         self,
         result: tuple[list[list[Accepted]], dict[str, int]],
-        batch: list[tuple[Sequence[Draft], Deferred[list[Accepted]]]],
+        batch: list[tuple[tuple[Sequence[Draft], list[str]], Deferred[list[Accepted]]]],
         count: int,
         started: float,
     ) -> None:
@@ -273,12 +281,12 @@ class Journal:
             self._set_health(None)
         if self._on_commit is not None:
             self._on_commit(count, time.perf_counter() - started)
-        for (_, d), acc in zip(batch, accepted):
+        for (_, d), acc in zip(batch, accepted, strict=True):
             d.callback(acc)
         self._kick()
 
     def _append_failed(
-        self, f: Failure, batch: list[tuple[Sequence[Draft], Deferred[list[Accepted]]]]
+        self, f: Failure, batch: list[tuple[tuple[Sequence[Draft], list[str]], Deferred[list[Accepted]]]]
     ) -> None:
         self._writing = False
         self._set_health(f.getErrorMessage())
@@ -321,7 +329,7 @@ class Journal:
                 self._conn = None
 
     def _w_append(
-        self, requests: list[Sequence[Draft]], now: float
+        self, requests: list[tuple[Sequence[Draft], list[str]]], now: float
     ) -> tuple[list[list[Accepted]], dict[str, int]]:
         if self._conn is None:
             self._w_open()
@@ -335,9 +343,9 @@ class Journal:
         dl_rows: list[tuple[Any, ...]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for drafts in requests:
+            for drafts, texts in requests:
                 acc: list[Accepted] = []
-                for draft in drafts:
+                for draft, text in zip(drafts, texts, strict=True):
                     if draft.id is not None:
                         key = (draft.source, draft.id)
                         prior = seen.get(key)
@@ -372,7 +380,7 @@ class Journal:
                             draft.type,
                             stamp,
                             now,
-                            dumps(draft.data).decode("utf-8"),
+                            text,
                             draft.raw,
                             json.dumps(draft.headers) if draft.headers is not None else None,
                         )

@@ -141,7 +141,7 @@ class RTService(MultiService):
             [ep.listen(factory) for ep in self.endpoints()], consumeErrors=True
         )
         failed = []
-        for desc, (ok, value) in zip(self.config.server.listen, results):
+        for desc, (ok, value) in zip(self.config.server.listen, results, strict=True):
             if ok:
                 self.ports.append(value)
                 self.log.info("listening on {desc}", desc=desc, log_category="RT-S01")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Union
+from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -87,7 +87,7 @@ def write_json(request: Request, status: int, body: Any, headers: dict[str, str]
 
 def _map_failure(f: Failure) -> JsonError:
     from twisted_rt.auth import AuthError
-    from twisted_rt.journal import JournalUnavailable
+    from twisted_rt.journal import JournalUnavailable, UnencodableEvent
 
     e = f.value
     if isinstance(e, JsonError):
@@ -95,13 +95,15 @@ def _map_failure(f: Failure) -> JsonError:
     if isinstance(e, AuthError):
         hdrs = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if e.status == 401 else {}
         return JsonError(e.status, e.code, e.message, hdrs)
+    if isinstance(e, UnencodableEvent):
+        return JsonError(400, "invalid_body", str(e))
     if isinstance(e, JournalUnavailable):
         return JsonError(503, "journal_unavailable", f"nothing was accepted: {e}", {"Retry-After": "1"})
     log.failure("unexpected error", f, log_category="RT-W500")
     return JsonError(500, "internal_error", "the server failed to handle this request; it was logged")
 
 
-Handler = Callable[[Request], Union[Reply, dict[str, Any], Awaitable[Union[Reply, dict[str, Any]]]]]
+Handler = Callable[[Request], Reply | dict[str, Any] | Awaitable[Reply | dict[str, Any]]]
 
 
 class JsonResource(Resource):
@@ -134,7 +136,7 @@ def run(request: Request, handler: Handler) -> int:
     finished = [False]
     try:
         result = handler(request)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any handler error becomes a JSON answer
         _answer_failure(Failure(), request, finished)
         return NOT_DONE_YET
     if not hasattr(result, "__await__") and not isinstance(result, Deferred):
