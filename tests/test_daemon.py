@@ -180,3 +180,12 @@ def test_sigterm_lets_in_flight_requests_finish(daemon: Daemon) -> None:
     t.join(10)
     assert answers and answers[0][0] == 200, answers
     assert time.monotonic() - started < 15
+
+
+def test_unsupported_methods_are_json_405_everywhere(daemon: Daemon) -> None:
+    """Even routes built on plain twisted.web resources answer an unknown method with JSON 405 and Allow."""
+    for method, path in (("TRACE", "/"), ("DELETE", "/client.js"), ("PUT", "/api/publish")):
+        status, headers, raw = http(method, daemon.url + path)
+        assert status == 405, (method, path, status)
+        assert headers.get("allow")
+        assert json.loads(raw)["error"] == "method_not_allowed"

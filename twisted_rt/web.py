@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import IResource, Resource
+from twisted.web.error import UnsupportedMethod
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from twisted_rt.event import dumps
@@ -258,6 +259,10 @@ class RTRequest(Request):
             if isinstance(site, RTSite):
                 site.on_too_large(self)
 
+    def render(self, resrc: IResource) -> None:
+        """Render C{resrc}; a method it does not support is a JSON 405 with C{Allow}."""
+        super().render(_MethodGuard(resrc))
+
     def process(self) -> None:
         if self.too_large:
             # HTTP/2, or a body that grew past the limit after headers
@@ -272,6 +277,29 @@ class RTRequest(Request):
             site.inflight.add(self)
             self.notifyFinish().addBoth(lambda _: site.inflight.discard(self))
         super().process()
+
+
+class _MethodGuard:
+    """Turns twisted.web's HTML 405/501 for unsupported methods into JSON 405."""
+
+    def __init__(self, resource: IResource) -> None:
+        self.resource = resource
+
+    def render(self, request: Request) -> Any:
+        try:
+            return self.resource.render(request)
+        except UnsupportedMethod as e:
+            allowed = [bytes(m).decode("ascii") for m in (e.allowedMethods or ())]
+            if request.method == b"HEAD" and "GET" in allowed:
+                raise
+            method = request.method.decode("ascii", "replace")
+            write_json(
+                request,
+                405,
+                error_body("method_not_allowed", f"{method} is not allowed here; use {', '.join(allowed)}"),
+                {"Allow": ", ".join(allowed)},
+            )
+            return NOT_DONE_YET
 
 
 class RTSite(Site):
