@@ -289,7 +289,8 @@ class _MethodGuard:
         try:
             return self.resource.render(request)
         except UnsupportedMethod as e:
-            allowed = [bytes(m).decode("ascii") for m in (e.allowedMethods or ())]
+            methods: tuple[bytes, ...] = tuple(e.allowedMethods or ())
+            allowed = [m.decode("ascii") for m in methods]
             if request.method == b"HEAD" and "GET" in allowed:
                 raise
             method = request.method.decode("ascii", "replace")
