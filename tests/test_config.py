@@ -131,3 +131,18 @@ def test_daemon_refuses_bad_config_with_one_line(tmp_path: Path, text: str, key:
     assert len(lines) == 1, r.stderr + r.stdout
     assert f": {key}: " in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_jwt_public_key_of_wrong_kind_is_refused(tmp_path: Path) -> None:
+    """A jwt_public_key_file that is not an RSA or P-256 public key is refused at config time, naming the key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    pem = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "k.pem").write_bytes(pem)
+    (tmp_path / "junk.pem").write_text("not a key")
+    for name in ("k.pem", "junk.pem"):
+        with pytest.raises(ConfigError) as e:
+            parse(f'[auth]\njwt_public_key_file = "{tmp_path / name}"\n', {})
+        assert str(e.value).startswith("auth.jwt_public_key_file: ")

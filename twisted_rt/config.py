@@ -354,8 +354,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("log_format", "expected text or json")
     if cfg.auth.jwt_secret and cfg.auth.jwt_public_key_file:
         raise ConfigError("auth.jwt_public_key_file", "give jwt_secret or jwt_public_key_file, not both")
-    if cfg.auth.jwt_public_key_file and not os.path.isfile(cfg.auth.jwt_public_key_file):
-        raise ConfigError("auth.jwt_public_key_file", f"no such file: {cfg.auth.jwt_public_key_file}")
+    if cfg.auth.jwt_public_key_file:
+        _check_public_key(cfg.auth.jwt_public_key_file)
     for i, key in enumerate(cfg.auth.api_keys):
         if not key:
             raise ConfigError(f"auth.api_keys[{i}]", "must not be empty")
@@ -402,6 +402,21 @@ def validate(cfg: Config) -> None:
         problem = template_problem(s.channel)
         if problem:
             raise ConfigError(f"{key}.channel", problem)
+
+
+def _check_public_key(path: str) -> None:
+    from twisted_rt.auth import load_public_key
+
+    key = "auth.jwt_public_key_file"
+    if not os.path.isfile(path):
+        raise ConfigError(key, f"no such file: {path}")
+    try:
+        with open(path, "rb") as f:
+            load_public_key(f.read())
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(key, f"{path}: {str(e).removeprefix('jwt_public_key_file: ')}") from None
 
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
