@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, free_port
+
 from twisted_rt.config import Config, ConfigError, check_file, load, parse
 
 SAMPLE_ENV = {

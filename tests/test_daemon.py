@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from conftest import BIN, ROOT, Daemon, free_port, http, http_json
+
 from twisted_rt.tap import Options
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from conftest import Daemon
 from twisted.internet.task import Clock
 
-from conftest import Daemon
 from twisted_rt.systemd import Notifier, WatchdogService
 
 
