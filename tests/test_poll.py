@@ -119,3 +119,38 @@ def test_shutdown_answers_waiting_polls(daemon: Daemon) -> None:
     daemon.stop()
     t.join(10)
     assert result and result[0][0] == 200 and result[0][1]["events"] == []
+
+
+def test_unit_waiter_collects_one_turn_and_times_out() -> None:
+    """A poll waiter answers with every event of the turn after since, or [] at the timeout; cancel stops its timers."""
+    from twisted.internet.task import Clock
+
+    from twisted_rt.event import Event
+    from twisted_rt.sse import _Waiter
+
+    def ev(off: int) -> Event:
+        return Event(str(off), "c", off, "t", "s", "", off)
+
+    clock = Clock()
+    w = _Waiter(clock, since=2)
+    d = w.wait(30)
+    w.deliver(ev(2))  # not after since
+    w.deliver(ev(3))
+    w.deliver(ev(4))
+    assert not d.called
+    clock.advance(0)
+    assert [e.offset for e in d.result] == [3, 4]
+    assert clock.getDelayedCalls() == []
+
+    w2 = _Waiter(clock, since=0)
+    d2 = w2.wait(5)
+    clock.advance(4.9)
+    assert not d2.called
+    clock.advance(0.2)
+    assert d2.result == []
+
+    w3 = _Waiter(clock, since=0)
+    d3 = w3.wait(5)
+    d3.cancel()
+    d3.addErrback(lambda f: None)
+    assert clock.getDelayedCalls() == []

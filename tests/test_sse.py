@@ -252,3 +252,16 @@ def test_browser_eventsource_resumes_after_server_restart(make_daemon: Callable[
     assert one == [1, 2, 3, 4, 5, 6, 7]
     assert two == [1, 2, 3, 4, 5, 6]
     assert dict(kv.split("=") for kv in got[-1][2].split(",")) == {"b.one": "7", "b.two": "6"}
+
+
+def test_unit_position_round_trip() -> None:
+    """An id encodes every channel's offset and parses back; a bare offset is accepted; junk is refused."""
+    from twisted_rt.sse import encode_position, parse_position
+
+    pos = {"github.push": 41, "a:b@c": 0, "x": 7}
+    assert parse_position(encode_position(pos)) == pos
+    assert parse_position(" 12 ") == 12
+    assert parse_position("") == {}
+    for bad in ("a", "a=", "a=x", "a..b=1", "a=1,,b=2", "a=-1"):
+        with pytest.raises(ValueError):
+            parse_position(bad)

@@ -431,3 +431,154 @@ def test_shutdown_closes_clients_with_1001(daemon: Daemon) -> None:
     for t in readers:
         t.join(10)
     assert codes == [1001, 1001, 1001]
+
+
+# ---------------------------------------------------------------------------
+# unit tests: the delivery queue on a StringTransport with a fake clock
+
+
+class FakeBroker:
+    """Only what a Subscriber uses, plus a fan-out the test calls."""
+
+    def __init__(self) -> None:
+        from twisted_rt.matcher import PatternIndex
+
+        self.index: PatternIndex[Any] = PatternIndex()
+
+    def subscribe(self, pattern: str, listener: Any) -> None:
+        self.index.add(pattern, listener)
+
+    def unsubscribe(self, pattern: str, listener: Any) -> None:
+        self.index.remove(pattern, listener)
+
+    def replay(self, pattern: str, since: dict[str, int], limit: int = 0) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed([])
+
+    def fanout(self, channel: str, offset: int, size: int = 10) -> None:
+        from twisted_rt.event import Event
+
+        e = Event(f"id{offset}", channel, offset, "t", "test", "", "x" * size)
+        for listener in self.index.match(channel):
+            listener.deliver(e)
+
+
+def open_proto(max_send: int = 4096, tok: str = "key") -> tuple[Any, Any, Any, FakeBroker]:
+    """A /ws protocol after a real handshake on a StringTransport, its clock, transport and broker."""
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from twisted_rt.app import App
+    from twisted_rt.auth import Authenticator
+    from twisted_rt.config import AuthConfig, Config, WebSocketConfig
+    from twisted_rt.metrics import Stats
+    from twisted_rt.ws import RTWebSocketFactory
+
+    clock = MemoryReactorClock()
+    clock.advance(time.time())
+    broker = FakeBroker()
+    config = Config(websocket=WebSocketConfig(max_send_buffer_bytes=max_send, ping_interval_seconds=0),
+                    auth=AuthConfig(api_keys=("key",), jwt_secret=JWT_SECRET))
+    app = App(config=config, reactor=clock, broker=broker, auth=Authenticator(config.auth),  # type: ignore[arg-type]
+              stats=Stats())
+    factory = RTWebSocketFactory(app)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(
+        f"GET /ws?token={tok} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    transport.clear()
+    return proto, clock, transport, broker
+
+
+def frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Parse unmasked server frames: (opcode, payload)."""
+    out = []
+    while data:
+        op, ln = data[0] & 0x0F, data[1] & 0x7F
+        i = 2
+        if ln == 126:
+            ln, i = struct.unpack("!H", data[2:4])[0], 4
+        elif ln == 127:
+            ln, i = struct.unpack("!Q", data[2:10])[0], 10
+        out.append((op, data[i:i + ln]))
+        data = data[i + ln:]
+    return out
+
+
+def client_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """A masked client frame (mask of zeros)."""
+    assert len(payload) < 126
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+def test_unit_frames_coalesced_into_one_write_per_turn() -> None:
+    """Replies and events queued in one reactor turn reach the transport as one write, in order."""
+    proto, clock, transport, broker = open_proto()
+    writes: list[bytes] = []
+    real = transport.write
+    transport.write = lambda data: (writes.append(data), real(data))  # type: ignore[method-assign]
+    proto.dataReceived(client_frame(b'{"op":"subscribe","channel":"u.*","ref":1}'))
+    broker.fanout("u.a", 1)
+    broker.fanout("u.b", 1)
+    broker.fanout("u.a", 1)  # a duplicate offset: dropped
+    assert writes == []
+    clock.advance(0)
+    assert len(writes) == 1
+    msgs = [json.loads(p) for _, p in frames(writes[0])]
+    assert [m["op"] for m in msgs] == ["subscribed", "event", "event"]
+    assert [(m["channel"], m["offset"]) for m in msgs[1:]] == [("u.a", 1), ("u.b", 1)]
+    assert proto.factory.app.stats.events_out["ws"] == 2
+
+
+def test_unit_paused_transport_holds_then_overflow_closes_1013() -> None:
+    """While the transport is paused frames wait in the queue; past max_send_buffer_bytes it is dropped and 1013 sent."""
+    proto, clock, transport, broker = open_proto(max_send=1000)
+    proto.dataReceived(client_frame(b'{"op":"subscribe","channel":"u"}'))
+    clock.advance(0)
+    transport.clear()
+    transport.producer.pauseProducing()
+    for off in range(1, 5):
+        broker.fanout("u", off, 100)
+    clock.advance(0)
+    assert transport.value() == b""  # held while paused
+    transport.producer.resumeProducing()
+    clock.advance(0)
+    assert [json.loads(p)["offset"] for _, p in frames(transport.value())] == [1, 2, 3, 4]
+    transport.clear()
+    transport.producer.pauseProducing()
+    for off in range(5, 20):
+        broker.fanout("u", off, 100)
+    clock.advance(0)
+    (op, payload), = frames(transport.value())
+    assert op == 8 and struct.unpack("!H", payload[:2])[0] == 1013
+    assert proto.factory.app.stats.dropped["slow_consumer"] == 1
+    assert len(broker.index) == 0  # no more deliveries to it
+
+
+def test_unit_token_expiry_closes_4001_on_the_clock() -> None:
+    """A JWT connection is closed with 4001 when the clock passes the token's exp, not before."""
+    _proto, clock, transport, _broker = open_proto(tok=token(ttl=60))
+    clock.advance(59)
+    assert transport.value() == b""
+    clock.advance(2)
+    (op, payload), = frames(transport.value())
+    assert op == 8 and struct.unpack("!H", payload[:2])[0] == 4001
+
+
+def test_unit_parse_since_and_origin() -> None:
+    """since is absent, an offset >= 0, or {channel: offset}; an empty allowed_origins allows any Origin."""
+    from twisted_rt.ws import origin_allowed, parse_since
+
+    assert parse_since(None) is None and parse_since(3) == 3
+    assert parse_since({"a.b": 2}) == {"a.b": 2}
+    for bad in (-1, True, "3", {"a": -1}, {"a..b": 1}, [1]):
+        with pytest.raises(ValueError):
+            parse_since(bad)
+    assert origin_allowed("https://x", ())
+    assert origin_allowed(None, ("https://a",))
+    assert origin_allowed("https://a/", ("https://a",))
+    assert not origin_allowed("https://b", ("https://a",))

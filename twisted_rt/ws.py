@@ -202,9 +202,9 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         try:
             # the HTTP channel that carried the upgrade is still registered
             transport.unregisterProducer()
-            transport.registerProducer(_Backpressure(self), True)
-        except RuntimeError:  # pragma: no cover - exotic transports
-            _log.failure("cannot watch the send buffer of {peer}", peer=self.peer)
+        except RuntimeError:
+            pass  # none was (a transport that refuses to unregister nothing)
+        transport.registerProducer(_Backpressure(self), True)
         self._schedule_expiry()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
