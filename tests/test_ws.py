@@ -584,3 +584,5 @@ def test_unit_parse_since_and_origin() -> None:
     assert origin_allowed(None, ("https://a",))
     assert origin_allowed("https://a/", ("https://a",))
     assert not origin_allowed("https://b", ("https://a",))
+    assert origin_allowed("http://127.0.0.1:8080", ("https://a",), "127.0.0.1:8080")  # the daemon's own page
+    assert not origin_allowed("http://evil:8080", ("https://a",), "127.0.0.1:8080")

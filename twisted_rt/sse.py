@@ -95,7 +95,8 @@ def _arg(request: Request, name: str) -> list[str]:
 def _check_origin(app: App, request: Request) -> str | None:
     origin = request.getHeader(b"origin")
     o = origin.decode("latin-1") if isinstance(origin, bytes) else origin
-    if not origin_allowed(o, app.config.server.allowed_origins):
+    host = request.getHeader(b"host")
+    if not origin_allowed(o, app.config.server.allowed_origins, host.decode("latin-1") if host else None):
         raise JsonError(403, "forbidden_origin", f"origin {o!r} is not allowed")
     return o
 

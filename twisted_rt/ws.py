@@ -79,11 +79,22 @@ _STATE_OPEN = 3  # WebSocketProtocol.STATE_OPEN
 _log = Logger()
 
 
-def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
-    """Whether a request with C{Origin: origin} may connect (empty list: any)."""
+def origin_allowed(origin: str | None, allowed: tuple[str, ...], host: str | None = None) -> bool:
+    """
+    Whether a request with C{Origin: origin} may connect: any when
+    C{allowed} is empty or there is no Origin (not a browser), else a listed
+    origin or the daemon's own (the Origin's host is the request's C{Host},
+    e.g. the inspector page served at C{/}).
+    """
     if not allowed or not origin:
         return True
-    return origin.rstrip("/") in {a.rstrip("/") for a in allowed} or "*" in allowed
+    if origin.rstrip("/") in {a.rstrip("/") for a in allowed} or "*" in allowed:
+        return True
+    if host:
+        from urllib.parse import urlsplit
+
+        return urlsplit(origin).netloc.lower() == host.lower()
+    return False
 
 
 def parse_since(value: Any) -> Since:
@@ -170,7 +181,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(503, "the server is shutting down")
         headers = request.headers
         origin = headers.get("origin")
-        if not origin_allowed(origin, app.config.server.allowed_origins):
+        if not origin_allowed(origin, app.config.server.allowed_origins, headers.get("host")):
             raise ConnectionDeny(403, f"origin {origin!r} is not allowed")
         token = (request.params.get("token") or [None])[0]
         try:
@@ -593,10 +604,12 @@ class _Resource(WebSocketResource):
 
     def render(self, request: Request) -> Any:
         if self.rt_factory.app.stopping:
+            from twisted.web.server import NOT_DONE_YET
+
             from twisted_rt.web import write_json
 
             write_json(request, 503, {"error": "shutting_down", "message": "the server is shutting down"})
-            return 1  # NOT_DONE_YET
+            return NOT_DONE_YET
         result = super().render(request)
         site = getattr(request.channel, "site", None)
         inflight = getattr(site, "inflight", None)
