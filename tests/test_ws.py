@@ -586,3 +586,25 @@ def test_unit_parse_since_and_origin() -> None:
     assert not origin_allowed("https://b", ("https://a",))
     assert origin_allowed("http://127.0.0.1:8080", ("https://a",), "127.0.0.1:8080")  # the daemon's own page
     assert not origin_allowed("http://evil:8080", ("https://a",), "127.0.0.1:8080")
+
+
+def test_counters_follow_connections(daemon: Daemon) -> None:
+    """connections/subscriptions/events_out for ws rise with use and fall back when clients leave."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    a, b = conn(daemon), conn(daemon)
+    for c in (a, b):
+        assert request(c, op="subscribe", channel="cnt.>")["op"] == "subscribed"
+    assert request(a, op="subscribe", channel="cnt.x")["op"] == "subscribed"
+    daemon.publish("cnt.x", 1)
+    assert recv(a)["offset"] == 1 and recv(b)["offset"] == 1
+    _, st = daemon.get("/api/stats", headers=auth)
+    assert st["connections_by_transport"]["ws"] == 2
+    assert st["subscriptions"] == 3
+    assert st["events_out_by_transport"]["ws"] == 2
+    a.close()
+    b.close()
+    deadline = time.monotonic() + 10
+    while st["connections_by_transport"].get("ws", 0) or st["subscriptions"]:
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+        _, st = daemon.get("/api/stats", headers=auth)
