@@ -84,8 +84,6 @@ class WSConn:
         "events",
         "host",
         "inbox",
-        "keep",
-        "last_event",
         "latencies",
         "out",
         "path",
@@ -95,12 +93,11 @@ class WSConn:
         "state",
     )
 
-    def __init__(self, host: str, port: int, path: str, sample: bool = False, keep: bool = False) -> None:
+    def __init__(self, host: str, port: int, path: str, sample: bool = False) -> None:
         self.host = host
         self.port = port
         self.path = path
         self.sample = sample  # collect latencies from the "ts" in event data
-        self.keep = keep  # keep every non-event message (control replies) in inbox
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -110,7 +107,6 @@ class WSConn:
         self.closed = False
         self.close_code = 0
         self.events = 0
-        self.last_event = b""
         self.latencies: list[float] = []
         self.inbox: list[bytes] = []
         self._key = base64.b64encode(os.urandom(16))
@@ -186,13 +182,14 @@ class WSConn:
         while n - i >= 2:
             b0 = buf[i]
             ln = buf[i + 1] & 0x7F
-            h = 2
-            if ln == 126:
+            if ln < 126:
+                h = 2
+            elif ln == 126:
                 if n - i < 4:
                     break
                 ln = (buf[i + 2] << 8) | buf[i + 3]
                 h = 4
-            elif ln == 127:
+            else:
                 if n - i < 10:
                     break
                 ln = int.from_bytes(buf[i + 2 : i + 10], "big")
@@ -200,27 +197,25 @@ class WSConn:
             end = i + h + ln
             if end > n:
                 break
-            op = b0 & 0x0F
-            if op == 1:
+            if b0 == 0x81:  # a whole text message
                 start = i + h
-                # events start with {"op":"event" (ours and the baseline's)
-                if buf[start + 7 : start + 12] == b"event" or _is_event(buf, start, end):
+                # events start with {"op":"event" (ours and the baseline's): look at the "v"
+                if (ln > 12 and buf[start + 8] == 118 and buf[start + 7] == 101) or _is_event(buf, start, end):
                     events += 1
                     if sample:
                         ts = _ts_of(buf, start, end)
                         if ts is not None:
                             self.latencies.append(time.time() - ts)
-                    self.last_event = b""
-                    if self.keep:
-                        self.last_event = bytes(buf[start:end])
                 else:
                     self.inbox.append(bytes(buf[start:end]))
-            elif op == 9:  # ping -> pong with the same payload
+            elif b0 & 0x0F == 9:  # ping -> pong with the same payload
                 self.out += frame(bytes(buf[i + h : end]), 0xA)
                 self.flush()
-            elif op == 8:
+            elif b0 & 0x0F == 8:
                 self.close_code = (buf[i + h] << 8 | buf[i + h + 1]) if ln >= 2 else 1005
                 self.closed = True
+            elif b0 & 0x0F in (0, 1, 2):
+                raise RuntimeError("fragmented or binary messages are not expected from the servers")
             i = end
         if i:
             del buf[:i]
