@@ -169,3 +169,64 @@ def test_replay_pages(monkeypatch: Any) -> None:
         broker.commit("a")
     sub.add("a", 0)
     assert got == [("a", i) for i in range(1, 11)]
+
+
+def test_failed_replay_drops_the_new_pattern_and_releases_the_buffer() -> None:
+    """When the replay query fails the new pattern is not kept, the failure is reported, and live delivery resumes."""
+    broker, sub, got = make()
+    sub.add("ok")
+    broker.manual = True
+    d = sub.add("bad", 0)
+    broker.commit("ok")  # buffered while the replay runs
+    failing, *_ = broker.pending.pop(0)
+    failing.errback(RuntimeError("journal down"))
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(RuntimeError)
+    assert list(sub.patterns) == ["ok"]
+    broker.commit("ok")
+    broker.commit("bad")
+    assert got == [("ok", 1), ("ok", 2)]
+
+
+def test_backlog_paces_the_replay() -> None:
+    """A replay waits on the backlog hook between events, and the buffer drains after it."""
+    broker = FakeBroker()
+    got: list[int] = []
+    gate: list[Deferred[None]] = []
+
+    def backlog() -> Deferred[None] | None:
+        if len(got) % 2 == 0:
+            d: Deferred[None] = Deferred()
+            gate.append(d)
+            return d
+        return None
+
+    sub = Subscriber(broker, lambda e: got.append(e.offset), backlog=backlog)  # type: ignore[arg-type]
+    for _ in range(4):
+        broker.commit("a")
+    d = sub.add("a", 0)
+    broker.commit("a")  # live, buffered until the replay has been sent
+    assert got == [1, 2]
+    gate.pop().callback(None)
+    assert got == [1, 2, 3, 4]
+    gate.pop().callback(None)
+    assert got == [1, 2, 3, 4, 5]
+    while gate:
+        gate.pop().callback(None)
+    assert d.called
+    broker.commit("a")
+    assert got == [1, 2, 3, 4, 5, 6]
+
+
+def test_buffer_overflow_calls_back() -> None:
+    """More than max_buffer live events during a replay calls on_overflow."""
+    broker = FakeBroker()
+    broker.manual = True
+    overflowed: list[bool] = []
+    sub = Subscriber(broker, lambda e: None, on_overflow=lambda: overflowed.append(True),  # type: ignore[arg-type]
+                     max_buffer=3)
+    sub.add("a", 0)
+    for _ in range(4):
+        broker.commit("a")
+    assert overflowed == [True]

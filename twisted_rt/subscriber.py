@@ -100,7 +100,8 @@ class Subscriber:
         C{since} is the last offset seen: an int for an exact channel, or a
         mapping of channel to offset for a wildcard (channels not named
         replay from their start).  An int with a wildcard applies to every
-        matching channel.  Fires when the replay has been sent.
+        matching channel.  Fires when the replay has been sent; fails (and
+        a new C{pattern} is not kept) when the replay query fails.
         """
         return ensureDeferred(self._add(pattern, since))
 
@@ -138,9 +139,16 @@ class Subscriber:
                     await self._pace()
                 if len(events) < REPLAY_PAGE:
                     break
+        except BaseException:
+            # the replay failed (journal down): this pattern is not subscribed
+            if fresh:
+                self.remove(pattern)
+            raise
         finally:
             self._replaying -= 1
-        await self._drain()
+            if not self.closed:
+                # live events of the other patterns must not stay buffered
+                await self._drain()
 
     async def _pace(self) -> None:
         """Wait while the client's send queue is full (replays only)."""

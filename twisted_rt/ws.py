@@ -438,9 +438,18 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             self._error("too_many_subscriptions", f"at most {limit} subscriptions per connection", ref, False)
             return None
         self._reply({"op": "subscribed", "channel": pattern}, ref)
+        stats = self.factory.app.stats
+        d = sub.add(pattern, since)
         if fresh:
-            self.factory.app.stats.subscriptions["ws"] += 1
-        return sub.add(pattern, since)
+            stats.subscriptions["ws"] += 1
+
+            def undo(f: Failure) -> Failure:
+                if pattern not in sub.patterns and not sub.closed:
+                    stats.subscriptions["ws"] -= 1
+                return f
+
+            d.addErrback(undo)
+        return d
 
     def op_unsubscribe(self, msg: dict[str, Any], ref: Any) -> None:
         """Stop a subscription."""
