@@ -265,3 +265,37 @@ def test_unit_position_round_trip() -> None:
     for bad in ("a", "a=", "a=x", "a..b=1", "a=1,,b=2", "a=-1"):
         with pytest.raises(ValueError):
             parse_position(bad)
+
+
+def test_slow_sse_reader_is_cut_off(make_daemon: Callable[..., Daemon]) -> None:
+    """An SSE reader that stops reading is ended once max_send_buffer_bytes is queued for it; others are unaffected."""
+    import socket
+
+    d = make_daemon(DEFAULT_CONFIG + "\n[websocket]\nmax_send_buffer_bytes = 262144\n")
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    slow.connect(("127.0.0.1", d.port))
+    slow.sendall(f"GET /sse?channel=slow.sse&token={API_KEY} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    deadline = time.monotonic() + 10
+    while d.get("/api/stats", headers=auth)[1]["subscriptions"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    chunk = "y" * 65536
+    n = 0
+    while d.get("/api/stats", headers=auth)[1]["dropped_by_reason"].get("slow_consumer", 0) == 0:
+        assert n < 400, "never cut off"
+        for _ in range(10):
+            publish(d, "slow.sse", chunk)
+            n += 1
+    # what was already sent can still be read, then the response ends
+    slow.settimeout(10)
+    data = b""
+    while not data.endswith(b"0\r\n\r\n"):
+        more = slow.recv(1 << 20)
+        assert more, "closed without the last chunk"
+        data += more
+    assert data.count(b"event: slow.sse") < n
+    slow.close()
+    _, st = d.get("/api/stats", headers=auth)
+    assert st["connections_by_transport"].get("sse", 0) == 0
