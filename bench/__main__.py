@@ -252,6 +252,8 @@ class Bench:
         self.metric(f"{tag}.p50", f"fan-out {n:,} subs: p50 latency at half sat.", "ms", "{:.1f}")
         self.metric(f"{tag}.p99", f"fan-out {n:,} subs: p99 latency at half sat.", "ms", "{:.1f}",
                     target="< 50 ms" if n >= 1000 else "", check=(lambda o, b: o < 50) if n >= 1000 else None)
+        self.metric(f"{tag}.half", f"fan-out {n:,} subs: half sat.: delivered / offered", "%", "{:.0f}")
+        self.metric(f"{tag}.hcpu", f"fan-out {n:,} subs: half sat.: server CPU", "% core", "{:.0f}")
         self.metric(f"{tag}.cpu", f"fan-out {n:,} subs: server CPU s / 1M deliveries", "s", "{:.2f}")
         self.metric(f"{tag}.scpu", f"fan-out {n:,} subs: server CPU at saturation", "% core", "{:.0f}")
         self.metric(f"{tag}.gcpu", f"fan-out {n:,} subs: generator CPU at saturation", "% core", "{:.0f}")
@@ -292,6 +294,8 @@ class Bench:
             r = self._step(server, workers, n, sat / 2 / n, sz.latency_window, channel)
         finally:
             self._stop(workers)
+        self.record(f"{tag}.half", server, r["delivered"] / r["offered"] * 100)
+        self.record(f"{tag}.hcpu", server, r["server_cpu"] * 100)
         self.record(f"{tag}.p50", server, percentile(r["lat"], 50) * 1000)
         self.record(f"{tag}.p99", server, percentile(r["lat"], 99) * 1000)
         server.wait_quiet()
