@@ -608,3 +608,20 @@ def test_counters_follow_connections(daemon: Daemon) -> None:
         assert time.monotonic() < deadline, st
         time.sleep(0.05)
         _, st = daemon.get("/api/stats", headers=auth)
+
+
+def test_unit_big_fanout_flushes_before_the_turn_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past FLUSH_EVERY queued deliveries, queues are written at once instead of at the end of the turn."""
+    import twisted_rt.ws as ws
+
+    monkeypatch.setattr(ws, "FLUSH_EVERY", 3)
+    proto, clock, transport, broker = open_proto()
+    proto.dataReceived(client_frame(b'{"op":"subscribe","channel":"f"}'))
+    clock.advance(0)
+    transport.clear()
+    broker.fanout("f", 1)
+    broker.fanout("f", 2)
+    assert transport.value() == b""
+    broker.fanout("f", 3)
+    assert [json.loads(p)["offset"] for _, p in frames(transport.value())] == [1, 2, 3]
+    assert proto.factory.app.stats.events_out["ws"] == 3

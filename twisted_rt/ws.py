@@ -12,7 +12,9 @@ possible per subscriber:
     by every connection;
   - a connection appends the frame to its own queue; every connection with
     something queued is flushed once per reactor turn (one C{callLater(0)}
-    for the whole factory), writing the queue as B{one} C{transport.write};
+    for the whole factory), writing the queue as B{one} C{transport.write}
+    (a huge commit fanned out to many clients is flushed every
+    L{FLUSH_EVERY} deliveries, so its first events are not held back);
   - the queue is bounded I{before} the transport: the connection registers
     a push producer on its transport, so it knows when the kernel and the
     transport's buffer are full (C{pauseProducing}); while paused frames
@@ -69,6 +71,8 @@ CLOSE_HANDSHAKE_TIMEOUT = 5.0
 #: seconds a closed slow consumer gets to read what is already in flight and
 #: the 1013 (its queue is gone: only the transport's bounded buffer is held)
 SLOW_CLOSE_TIMEOUT = 30.0
+#: deliveries queued in one turn after which every queue is written at once
+FLUSH_EVERY = 20000
 #: seconds the shutdown hook waits for clients to answer the 1001 close
 SHUTDOWN_WAIT = 3.0
 
@@ -259,9 +263,15 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._queued_events += 1
         if queued > f.max_send_buffer:
             self._slow_consumer()
-        elif not self._dirty and not self._paused:
+            return
+        if not self._dirty and not self._paused:
             self._dirty = True
             f.mark(self)
+        f._pending += 1
+        if f._pending >= FLUSH_EVERY:
+            # a commit of many events to many clients: don't make the first
+            # ones wait until the whole batch has been queued
+            f.flush_now()
 
     def _enqueue(self, data: bytes, events: int) -> None:
         if self._closing:
@@ -536,6 +546,7 @@ class RTWebSocketFactory(WebSocketServerFactory):
         # the frame of the event being fanned out right now (one lookup less per subscriber)
         self._last_event: Event | None = None
         self._last_frame = b""
+        self._pending = 0
         options: dict[str, Any] = dict(
             maxFramePayloadSize=ws.max_message_bytes,
             maxMessagePayloadSize=ws.max_message_bytes,
@@ -567,6 +578,11 @@ class RTWebSocketFactory(WebSocketServerFactory):
 
     def _flush_all(self) -> None:
         self._flush_call = None
+        self.flush_now()
+
+    def flush_now(self) -> None:
+        """Write every connection's queue now (end of turn, or a big fan-out)."""
+        self._pending = 0
         dirty, self._dirty = self._dirty, []
         n = 0
         for p in dirty:
