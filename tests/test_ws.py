@@ -218,9 +218,24 @@ def test_upgrade_refused_with_401_for_bad_or_expired_token(daemon: Daemon) -> No
     with pytest.raises(websocket.WebSocketBadStatusException) as e:
         websocket.create_connection(daemon.ws_url, timeout=5, header=["Authorization: Bearer nope"])
     assert e.value.status_code == 401
+    assert json.loads(e.value.resp_body)["error"] == "invalid_token"
     ws = websocket.create_connection(daemon.ws_url, timeout=5, header=[f"Authorization: Bearer {API_KEY}"])
     assert request(ws, op="ping")["op"] == "pong"
     ws.close()
+
+
+def test_refusals_and_plain_http_are_json(daemon: Daemon) -> None:
+    """A refused upgrade has a JSON error body; plain GET /ws is 426 and POST 405, both JSON."""
+    from conftest import http
+
+    with pytest.raises(websocket.WebSocketBadStatusException) as e:
+        conn(daemon, "wrong-key")
+    assert e.value.resp_headers["content-type"] == "application/json"
+    assert json.loads(e.value.resp_body)["error"] == "invalid_token"
+    status, headers, body = http("GET", daemon.url + "/ws")
+    assert (status, headers["upgrade"], json.loads(body)["error"]) == (426, "websocket", "upgrade_required")
+    status, headers, body = http("POST", daemon.url + "/ws", b"x")
+    assert (status, json.loads(body)["error"]) == (405, "method_not_allowed")
 
 
 def test_forbidden_origin_refused_with_403(make_daemon: Callable[..., Daemon]) -> None:

@@ -175,6 +175,22 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._drain_waiters: list[Deferred[None]] = []
         self.principal: Principal | None = None
         self.subscriber: Subscriber | None = None
+        self._deny_code = ""
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
+        """A refused upgrade, answered like every other error: a JSON body."""
+        from twisted.web.http import RESPONSES
+
+        error = self._deny_code or _DENY_CODES.get(code, "bad_request")
+        body = dumps({"error": error, "message": reason})
+        phrase = RESPONSES.get(code, b"Error").decode("latin-1")
+        head = [f"HTTP/1.1 {code} {phrase}", "Content-Type: application/json",
+                f"Content-Length: {len(body)}", "Connection: close"]
+        if code == 401:
+            head.append('WWW-Authenticate: Bearer error="invalid_token"')
+        for k, v in responseHeaders or ():
+            head.append(f"{k}: {v}")
+        self.sendData(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
 
     # handshake
 
@@ -186,17 +202,20 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         headers = request.headers
         origin = headers.get("origin")
         if not origin_allowed(origin, app.config.server.allowed_origins, headers.get("host")):
+            self._deny_code = "forbidden_origin"
             raise ConnectionDeny(403, f"origin {origin!r} is not allowed")
         token = (request.params.get("token") or [None])[0]
         try:
             principal = app.auth.bearer(headers.get("authorization"), token)
         except AuthError as e:
+            self._deny_code = e.code
             raise ConnectionDeny(e.status, e.message) from None
         limit = app.config.websocket.max_connections_per_ip
         transport: Any = self.transport
         peer = transport.getPeer()
         ip = getattr(peer, "host", None) or str(peer)
         if limit and f.per_ip[ip] >= limit:
+            self._deny_code = "too_many_connections"
             raise ConnectionDeny(429, f"more than {limit} WebSocket connections from {ip}")
         f.per_ip[ip] += 1
         self._ip = ip
@@ -520,6 +539,9 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._reply({"op": "authenticated", "sub": principal.sub}, ref)
 
 
+_DENY_CODES = {400: "bad_request", 401: "invalid_token", 403: "forbidden", 429: "too_many_connections",
+               503: "shutting_down"}
+
 _OPS: dict[str, Any] = {
     "ping": RTWebSocketProtocol.op_ping,
     "subscribe": RTWebSocketProtocol.op_subscribe,
@@ -628,11 +650,20 @@ class _Resource(WebSocketResource):
         self.rt_factory = factory
 
     def render(self, request: Request) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        from twisted_rt.web import write_json
+
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if request.method != b"GET":
+            write_json(request, 405, {"error": "method_not_allowed", "message": "use GET with Upgrade: websocket"},
+                       {"Allow": "GET"})
+            return NOT_DONE_YET
+        if b"websocket" not in upgrade:
+            write_json(request, 426, {"error": "upgrade_required", "message": "/ws is a WebSocket endpoint"},
+                       {"Upgrade": "websocket"})
+            return NOT_DONE_YET
         if self.rt_factory.app.stopping:
-            from twisted.web.server import NOT_DONE_YET
-
-            from twisted_rt.web import write_json
-
             write_json(request, 503, {"error": "shutting_down", "message": "the server is shutting down"})
             return NOT_DONE_YET
         result = super().render(request)
