@@ -369,8 +369,8 @@ def test_slow_consumer_closed_1013_and_memory_bounded(make_daemon: Callable[...,
 
 def test_token_expiry_closes_4001_and_auth_refreshes(daemon: Daemon) -> None:
     """A connection whose JWT expires is closed with 4001, unless it sent a fresh token with op auth."""
-    short = conn(daemon, token(subscribe=["public.>"], ttl=2))
-    refreshed = conn(daemon, token(subscribe=["public.>"], ttl=2))
+    short = conn(daemon, token(subscribe=["public.>"], ttl=3))
+    refreshed = conn(daemon, token(subscribe=["public.>"], ttl=3))
     r = request(refreshed, op="auth", token=token(sub="later", subscribe=["public.>"], ttl=3600), ref=1)
     assert r == {"op": "authenticated", "sub": "later", "ref": 1}
     assert request(refreshed, op="auth", token="bad-token")["code"] == "invalid_token"
