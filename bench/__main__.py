@@ -548,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     table = bench.table(targets=not args.quick)
     notes = [n for m in bench.metrics.values() for n in m.notes]
+    gen_cores = len(bench.gen_cpus) if bench.gen_cpus else (os.cpu_count() or 1)
+    for m in bench.metrics.values():
+        if m.unit == "% core" and "generator" in m.label:
+            for name, vs in m.values.items():
+                if any(v is not None and v >= 85 * gen_cores for v in vs):
+                    notes.append(f"{name}: {m.label}: the generator was near its CPU limit; that figure is a lower bound")
     text = "\n".join(head) + "\n\n" + table + "\n"
     if notes or bench.errors:
         text += "\n" + "\n".join(f"note: {n}" for n in notes + bench.errors) + "\n"
