@@ -640,3 +640,25 @@ def test_unit_big_fanout_flushes_before_the_turn_ends(monkeypatch: pytest.Monkey
     broker.fanout("f", 3)
     assert [json.loads(p)["offset"] for _, p in frames(transport.value())] == [1, 2, 3]
     assert proto.factory.app.stats.events_out["ws"] == 3
+
+
+def test_unit_auth_op_drops_subscriptions_the_new_token_forbids() -> None:
+    """After op auth with narrower rights, subscriptions outside them are dropped and reported."""
+    proto, clock, transport, _broker = open_proto(tok=token(subscribe=["a.>", "b"], ttl=60))
+    proto.dataReceived(client_frame(b'{"op":"subscribe","channel":"a.x"}'))
+    proto.dataReceived(client_frame(b'{"op":"subscribe","channel":"b"}'))
+    clock.advance(0)
+    transport.clear()
+    narrow = token(subscribe=["b"], ttl=120).encode()
+    msg = b'{"op":"auth","token":"' + narrow + b'"}'
+    frame = bytes([0x81, 0xFE]) + struct.pack("!H", len(msg)) + b"\0\0\0\0" + msg
+    proto.dataReceived(frame)
+    clock.advance(0)
+    msgs = [json.loads(p) for _, p in frames(transport.value())]
+    assert msgs[0]["op"] == "authenticated"
+    assert msgs[1] == {"op": "unsubscribed", "channel": "a.x", "reason": "forbidden"}
+    assert list(proto.subscriber.patterns) == ["b"]
+    clock.advance(61)  # the old expiry no longer applies
+    transport.clear()
+    clock.advance(0)
+    assert transport.value() == b""

@@ -524,7 +524,10 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         return d.addCallback(done)
 
     def op_auth(self, msg: dict[str, Any], ref: Any) -> None:
-        """Replace the connection's token (e.g. before it expires)."""
+        """
+        Replace the connection's token (e.g. before it expires); any valid
+        token is accepted, and subscriptions it does not allow are dropped.
+        """
         token = msg.get("token")
         if not isinstance(token, str) or not token:
             self._error("bad_request", "auth needs a 'token'", ref)
@@ -537,6 +540,14 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self.principal = principal
         self._schedule_expiry()
         self._reply({"op": "authenticated", "sub": principal.sub}, ref)
+        sub = self.subscriber
+        if sub is not None:
+            # the new token may have fewer rights: drop what it may not read
+            for pattern in list(sub.patterns):
+                if not principal.can_subscribe(pattern):
+                    sub.remove(pattern)
+                    self.factory.app.stats.subscriptions["ws"] -= 1
+                    self._reply({"op": "unsubscribed", "channel": pattern, "reason": "forbidden"})
 
 
 _DENY_CODES = {400: "bad_request", 401: "invalid_token", 403: "forbidden", 429: "too_many_connections",
