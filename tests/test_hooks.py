@@ -573,3 +573,14 @@ def _read_status(s: socket.socket) -> int:
             break
         data += more
     return int(data.split(b" ", 2)[1])
+
+
+def test_out_of_range_number_in_webhook_is_400(make_daemon: Any) -> None:
+    """A signed webhook whose JSON holds 1e999 is refused with 400 (it could not be written back as JSON)."""
+    d = make_daemon(DEFAULT_CONFIG + '\n[[sources]]\nname = "gh"\nverify = "github"\nsecrets = ["s3"]\n'
+                    'channel = "gh.{header:X-GitHub-Event}"\n')
+    body = b'{"n": 1e999}'
+    sig = "sha256=" + hmac.new(b"s3", body, hashlib.sha256).hexdigest()
+    status, reply = d.post("/hooks/gh", body, {"Content-Type": "application/json", "X-Hub-Signature-256": sig,
+                                              "X-GitHub-Event": "push", "X-GitHub-Delivery": "big-1"})
+    assert status == 400 and reply["error"] == "invalid_body"

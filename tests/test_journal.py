@@ -311,3 +311,16 @@ def test_strict_json_loads() -> None:
     for bad in (b"NaN", b"[Infinity]", b"[1e999]", b'"\\ud800"', b'"\\uDFFF"', b"[" * 100000, b"{"):
         with pytest.raises(ValueError):
             loads(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_huge_offsets_read_as_nothing_newer(tmp_path: Path) -> None:
+    """A client's since beyond SQLite's integer range reads as 'nothing newer', not as a journal failure."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        await j.append([Draft("h", 1)])
+        assert await j.history("h", after=10**30, limit=10**30) == []
+        assert await j.replay("h", {"h": 10**30}) == []
+        assert [e.offset for e in await j.history("h", after=-(10**30))] == [1]
+    finally:
+        await j.close()

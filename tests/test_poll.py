@@ -154,3 +154,9 @@ def test_unit_waiter_collects_one_turn_and_times_out() -> None:
     d3.cancel()
     d3.addErrback(lambda f: None)
     assert clock.getDelayedCalls() == []
+
+
+def test_huge_since_is_not_a_server_error(daemon: Daemon) -> None:
+    """/poll with a since past any 64-bit integer answers 200 with no events at the timeout, never 503."""
+    status, body = daemon.get("/poll?channel=public.x&since=99999999999999999999&timeout=0")
+    assert status == 200 and body["events"] == []

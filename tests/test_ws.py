@@ -662,3 +662,14 @@ def test_unit_auth_op_drops_subscriptions_the_new_token_forbids() -> None:
     transport.clear()
     clock.advance(0)
     assert transport.value() == b""
+
+
+def test_publish_with_out_of_range_number_is_refused(daemon: Daemon) -> None:
+    """A WebSocket publish whose data holds 1e999 gets a bad_json error instead of journaling Infinity."""
+    ws = websocket.create_connection(daemon.ws_url + f"?token={API_KEY}", timeout=10)
+    try:
+        ws.send('{"op":"publish","channel":"chat.x","data":[1e999],"ref":1}')
+        reply = json.loads(ws.recv())
+        assert reply["op"] == "error" and reply["code"] == "bad_json"
+    finally:
+        ws.close()

@@ -491,17 +491,17 @@ class Journal:
 
     def history(self, channel: str, after: int = 0, limit: int = 1000) -> Deferred[list[Event]]:
         """Events of C{channel} with offsets above C{after}, oldest first."""
-        return self._in_reader(self._r_history, [(channel, after)], limit).addErrback(_unavailable)
+        return self._in_reader(self._r_history, [(channel, _clamp(after))], _clamp(limit)).addErrback(_unavailable)
 
     def replay(self, pattern: str, since: dict[str, int], limit: int = 100000) -> Deferred[list[Event]]:
         """
         Events of every channel matching C{pattern} after C{since[channel]}
         (0 for a channel not named), in acceptance order.
         """
-        wanted = [(c, since.get(c, 0)) for c, last in self.last_offsets.items() if matches(pattern, c) and last > since.get(c, 0)]
+        wanted = [(c, _clamp(since.get(c, 0))) for c, last in self.last_offsets.items() if matches(pattern, c) and last > since.get(c, 0)]
         if not wanted:
             return succeed([])
-        return self._in_reader(self._r_history, wanted, limit).addErrback(_unavailable)
+        return self._in_reader(self._r_history, wanted, _clamp(limit)).addErrback(_unavailable)
 
     def _r_history(self, wanted: list[tuple[str, int]], limit: int) -> list[Event]:
         conn = self._r_conn()
@@ -536,6 +536,14 @@ class Journal:
             return int(row[0] or 0)
 
         return self._in_reader(q).addErrback(_unavailable)
+
+
+_MAX_INT = 2**63 - 1  # SQLite's INTEGER
+
+
+def _clamp(n: int) -> int:
+    """An offset or limit as SQLite can bind it (clients may send any integer)."""
+    return max(-_MAX_INT, min(n, _MAX_INT))
 
 
 def _fail(e: Exception) -> Deferred[Any]:

@@ -32,7 +32,6 @@ hooks because a C{Site} never does it.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +47,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from twisted_rt.auth import AuthError, Principal
-from twisted_rt.event import Draft, Event, dumps
+from twisted_rt.event import Draft, Event, dumps, loads
 from twisted_rt.matcher import ChannelError, PatternError, validate_channel, validate_pattern
 from twisted_rt.subscriber import Since, Subscriber
 
@@ -408,7 +407,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             self.close_with(CLOSE_POLICY, "binary messages are not accepted; send JSON text")
             return
         try:
-            msg = json.loads(payload)
+            msg = loads(payload)
         except ValueError:
             self._error("bad_json", "the message is not valid JSON")
             return
