@@ -163,6 +163,26 @@ def _schemas() -> dict[str, Any]:
                 "last_offset": {"type": "integer", "minimum": 0},
             },
         },
+        "RawEvent": {
+            "type": "object",
+            "required": ["id", "channel", "offset", "source", "type", "headers", "body_base64"],
+            "properties": {
+                "id": {"type": "string"},
+                "channel": _ref("Channel"),
+                "offset": {"type": "integer", "minimum": 1},
+                "source": {"type": "string"},
+                "type": {"type": "string"},
+                "headers": {
+                    "type": ["object", "null"],
+                    "additionalProperties": {"type": "string"},
+                    "description": "The provider's request headers (webhooks only).",
+                },
+                "body_base64": {
+                    "type": ["string", "null"],
+                    "description": "The request body exactly as received, base64 (webhooks only).",
+                },
+            },
+        },
         "Poll": {
             "type": "object",
             "required": ["events"],
@@ -344,6 +364,35 @@ def _paths() -> dict[str, Any]:
                     "200": _json(_ref("History"), "The events and the channel's last offset."),
                     "400": _resp("BadRequest"),
                     "403": _resp("Forbidden"),
+                    "503": _resp("Unavailable"),
+                    **std_errors,
+                },
+            }
+        },
+        "/api/raw/{channel}/{offset}": {
+            "get": {
+                "operationId": "rawEvent",
+                "summary": "One event's original request body and headers",
+                "description": (
+                    "What `twisted-rt tail --forward` re-delivers byte for byte. Needs an API key or "
+                    "a JWT whose `subscribe` rights cover the channel."
+                ),
+                "tags": ["api"],
+                "security": _BEARER,
+                "parameters": [
+                    {"name": "channel", "in": "path", "required": True, "schema": _ref("Channel")},
+                    {
+                        "name": "offset",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_OFFSET},
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("RawEvent"), "The event with its raw body and headers."),
+                    "400": _resp("BadRequest"),
+                    "403": _resp("Forbidden"),
+                    "404": _resp("NotFound"),
                     "503": _resp("Unavailable"),
                     **std_errors,
                 },
