@@ -63,17 +63,6 @@ def _bad(code: str, message: str) -> JsonError:
     return JsonError(400, code, message)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
 def _json_content_type(request: Request) -> bool:
     ctype = request.getHeader(b"content-type")
     if not ctype:

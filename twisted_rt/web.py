@@ -121,15 +121,20 @@ class JsonResource(Resource):
         if handler is None and method == "HEAD":
             handler = getattr(self, "handle_GET", None)
         if handler is None:
-            allowed = sorted(n[7:] for n in dir(self) if n.startswith("handle_"))
-            write_json(
-                request,
-                405,
-                error_body("method_not_allowed", f"{method} is not allowed here; use {', '.join(allowed)}"),
-                {"Allow": ", ".join(allowed)},
-            )
-            return NOT_DONE_YET
+            return method_not_allowed(request, sorted(n[7:] for n in dir(self) if n.startswith("handle_")))
         return run(request, handler)
+
+
+def method_not_allowed(request: Request, allowed: list[str]) -> int:
+    """Answer a JSON 405 naming the C{allowed} methods (also in C{Allow})."""
+    method = request.method.decode("ascii", "replace")
+    write_json(
+        request,
+        405,
+        error_body("method_not_allowed", f"{method} is not allowed here; use {', '.join(allowed)}"),
+        {"Allow": ", ".join(allowed)},
+    )
+    return NOT_DONE_YET
 
 
 def run(request: Request, handler: Handler) -> int:
@@ -293,14 +298,7 @@ class _MethodGuard:
             allowed = [m.decode("ascii") for m in methods]
             if request.method == b"HEAD" and "GET" in allowed:
                 raise
-            method = request.method.decode("ascii", "replace")
-            write_json(
-                request,
-                405,
-                error_body("method_not_allowed", f"{method} is not allowed here; use {', '.join(allowed)}"),
-                {"Allow": ", ".join(allowed)},
-            )
-            return NOT_DONE_YET
+            return method_not_allowed(request, allowed)
 
 
 class RTSite(Site):
