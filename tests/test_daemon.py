@@ -189,3 +189,32 @@ def test_unsupported_methods_are_json_405_everywhere(daemon: Daemon) -> None:
         assert status == 405, (method, path, status)
         assert headers.get("allow")
         assert json.loads(raw)["error"] == "method_not_allowed"
+
+
+SOCKET_ACTIVATION = (
+    "import os, sys; "
+    "os.environ['LISTEN_PID'] = str(os.getpid()); os.environ['LISTEN_FDS'] = '1'; "
+    "os.environ['LISTEN_FDNAMES'] = 'twisted-rt.socket'; "
+    "fd = int(sys.argv[1]); (os.dup2(fd, 3), os.close(fd)) if fd != 3 else None; os.set_inheritable(3, True); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def test_systemd_socket_activation(tmp_path: Path) -> None:
+    """With a socket handed over as systemd does (LISTEN_FDS, fd 3), `--listen systemd:domain=INET:index=0` serves on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        port = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SOCKET_ACTIVATION, str(s.fileno()), str(BIN / "twistd"), "-n", "--pidfile=",
+             "rt", "--journal", ":memory:", "--listen", "systemd:domain=INET:index=0"],
+            pass_fds=[s.fileno()], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        d = Daemon(tmp_path, port=port)
+        d.proc = proc  # type: ignore[assignment]
+        d.wait_up("/readyz")
+        assert http_json("GET", d.url + "/healthz") == (200, {"status": "ok"})
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
