@@ -218,3 +218,13 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(20) == 0
+
+
+def test_systemd_endpoint_without_socket_is_one_line(tmp_path: Path) -> None:
+    """`--listen systemd:…` outside socket activation stops the start with one line saying systemd passed no socket."""
+    r = subprocess.run([str(BIN / "twistd"), "-n", "--pidfile=", "rt", "--journal", ":memory:",
+                        "--listen", "systemd:domain=INET:index=0"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "twisted-rt: cannot listen on systemd:domain=INET:index=0: systemd passed no such socket" in r.stderr
+    assert "Traceback" not in r.stdout + r.stderr

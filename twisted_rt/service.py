@@ -104,16 +104,25 @@ class RTService(MultiService):
             reactor=self.reactor,
         )
 
-    def endpoints(self) -> list[Any]:
-        """The server endpoints of C{[server] listen}."""
+    def endpoint(self, desc: str) -> Any:
+        """The server endpoint of one C{[server] listen} entry."""
         from twisted.internet.endpoints import serverFromString
 
         from twisted_rt import tls
 
-        out = []
-        for desc in self.config.server.listen:
-            out.append(tls.server_endpoint(self.reactor, desc, self.config) or serverFromString(self.reactor, desc))
-        return out
+        return tls.server_endpoint(self.reactor, desc, self.config) or serverFromString(self.reactor, desc)
+
+    def _listen(self, desc: str) -> Deferred[Any]:
+        try:
+            return self.endpoint(desc).listen(self.site)  # type: ignore[no-any-return]
+        except (IndexError, KeyError):
+            if not desc.startswith("systemd:"):
+                return defer.fail()
+            return defer.fail(
+                OSError("systemd passed no such socket (is the .socket unit active? LISTEN_FDS/LISTEN_FDNAMES)")
+            )
+        except Exception:  # noqa: BLE001 - any failure to build the endpoint is reported by _start
+            return defer.fail()
 
     def startService(self) -> None:
         super().startService()
@@ -136,9 +145,8 @@ class RTService(MultiService):
         await self.broker.start()
         for hook in self.app.startup_hooks:
             await _maybe(hook())
-        factory = self.site
         results = await DeferredList(
-            [ep.listen(factory) for ep in self.endpoints()], consumeErrors=True
+            [self._listen(desc) for desc in self.config.server.listen], consumeErrors=True
         )
         failed = []
         for desc, (ok, value) in zip(self.config.server.listen, results, strict=True):
