@@ -98,6 +98,7 @@ class Metric:
     fmt: str = "{:,.0f}"
     target: str = ""
     check: Callable[[float, float], bool] | None = None  # (ours, baseline) -> met
+    ratio: bool = True  # False: ours/base means nothing for this row
     values: dict[str, list[float | None]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -145,7 +146,8 @@ class Bench:
                check: Callable[[float, float], bool] | None = None) -> Metric:
         m = self.metrics.get(key)
         if m is None:
-            m = self.metrics[key] = Metric(key, label, unit, fmt, target, check)
+            ratio = not (unit == "%" or unit == "% time" or "generator" in label)
+            m = self.metrics[key] = Metric(key, label, unit, fmt, target, check, ratio=ratio)
         return m
 
     def record(self, key: str, server: Server, value: float | None) -> None:
@@ -258,7 +260,7 @@ class Bench:
         self.metric(f"{tag}.cpu", f"fan-out {n:,} subs: server CPU s / 1M deliveries", "s", "{:.2f}")
         self.metric(f"{tag}.scpu", f"fan-out {n:,} subs: server CPU at saturation", "% core", "{:.0f}")
         self.metric(f"{tag}.gcpu", f"fan-out {n:,} subs: generator CPU at saturation", "% core", "{:.0f}")
-        self.metric(f"{tag}.swait", f"fan-out {n:,} subs: server runnable, no CPU", "% time", "{:.0f}")
+        self.metric(f"{tag}.swait", f"fan-out {n:,} subs: server threads waiting for a CPU", "% time", "{:.0f}")
         channel = f"bench.fan{n}.r{rnd}"
         sample_every = max(1, n // 100)
         workers = self._subscribers(server, n, channel, sample_every, min(sz.sub_procs, n))
@@ -313,7 +315,7 @@ class Bench:
         self.metric("ingest.scpu", "ingest: server CPU", "% core", "{:.0f}")
         self.metric("ingest.cpureq", "ingest: server CPU per 2xx request", "ms", "{:.3f}")
         self.metric("ingest.gcpu", "ingest: generator CPU", "% core", "{:.0f}")
-        self.metric("ingest.swait", "ingest: server runnable, no CPU", "% time", "{:.0f}")
+        self.metric("ingest.swait", "ingest: server threads waiting for a CPU", "% time", "{:.0f}")
         procs = max(1, min(sz.ingest_procs, c))
         counts = [c // procs + (1 if i < c % procs else 0) for i in range(procs)]
         workers = [spawn(ingest_worker, server.host, server.port, server.hook_path, k, sz.ingest_warm,
@@ -474,6 +476,8 @@ class Bench:
         for m in self.metrics.values():
             b, o = mean(m, "baseline"), mean(m, "twisted_rt")
             ratio = f"{o / b:.2f}x" if b and o is not None else "n/a"
+            if not m.ratio:
+                ratio = "-"
             met = ""
             if m.check is not None:
                 met = "n/a" if o is None or b is None else ("yes" if m.check(o, b) else "NO")
