@@ -101,6 +101,7 @@ class Metric:
     ratio: bool = True  # False: ours/base means nothing for this row
     values: dict[str, list[float | None]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    texts: dict[str, list[str]] = field(default_factory=dict)
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -152,6 +153,12 @@ class Bench:
 
     def record(self, key: str, server: Server, value: float | None) -> None:
         self.metrics[key].values.setdefault(server.name, []).append(value)
+
+    def record_text(self, key: str, server: Server, text: str) -> None:
+        """A figure shown as text only (no mean, no ratio)."""
+        m = self.metrics[key]
+        m.ratio = False
+        m.texts.setdefault(server.name, []).append(text)
 
     def say(self, text: str) -> None:
         if self.verbose:
@@ -238,6 +245,7 @@ class Bench:
             "server_wait": (w1 - w0) / (t1 - t0),
             "gen_wait": (g1 - g0) / (t1 - t0),
             "lat": lat,
+            "acks": p["acks"],
             "closed": closed,
         }
         self.say(f"{server.name} n={n} offered {rate * n:,.0f}/s delivered {out['delivered']:,.0f}/s "
@@ -254,6 +262,7 @@ class Bench:
         self.metric(f"{tag}.p50", f"fan-out {n:,} subs: p50 latency at half sat.", "ms", "{:.1f}")
         self.metric(f"{tag}.p99", f"fan-out {n:,} subs: p99 latency at half sat.", "ms", "{:.1f}",
                     target="< 50 ms" if n >= 1000 else "", check=(lambda o, b: o < 50) if n >= 1000 else None)
+        self.metric(f"{tag}.ack", f"fan-out {n:,} subs: half sat.: publish ack p50 / p99", "ms", "{}")
         self.metric(f"{tag}.half", f"fan-out {n:,} subs: half sat.: delivered / offered", "%", "{:.0f}")
         self.metric(f"{tag}.hcpu", f"fan-out {n:,} subs: half sat.: server CPU", "% core", "{:.0f}")
         self.metric(f"{tag}.hgen", f"fan-out {n:,} subs: half sat.: generator CPU", "% core", "{:.0f}")
@@ -298,6 +307,8 @@ class Bench:
         finally:
             self._stop(workers)
         self.record(f"{tag}.half", server, r["delivered"] / r["offered"] * 100)
+        self.record_text(f"{tag}.ack", server,
+                         f"{percentile(r['acks'], 50) * 1000:.1f}/{percentile(r['acks'], 99) * 1000:.1f}")
         self.record(f"{tag}.hcpu", server, r["server_cpu"] * 100)
         self.record(f"{tag}.hgen", server, r["gen_cpu"] * 100)
         self.record(f"{tag}.p50", server, percentile(r["lat"], 50) * 1000)
@@ -465,6 +476,8 @@ class Bench:
             return "n/a" if v is None or v != v else m.fmt.format(v)
 
         def runs(m: Metric, name: str) -> str:
+            if m.texts:
+                return " / ".join(m.texts.get(name, [])) or "n/a"
             vs = m.values.get(name, [])
             return " / ".join(fmt(m, v) for v in vs) if vs else "n/a"
 
@@ -565,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"when": when, "machine": machine(), "quick": args.quick,
-             "metrics": {k: {"label": m.label, "unit": m.unit, "values": m.values} for k, m in bench.metrics.items()},
+             "metrics": {k: {"label": m.label, "unit": m.unit, "values": m.values, "texts": m.texts}
+                         for k, m in bench.metrics.items()},
              "errors": bench.errors}, indent=2))
     if args.write_readme:
         readme = BENCH_DIR / "README.md"

@@ -233,6 +233,7 @@ def publisher_worker(
     hdrs = {**headers, "Content-Type": "application/json"}
     sent = requests = errors = seq = 0
     statuses: Counter[int] = Counter()
+    acks: list[float] = []  # time from send to the 2xx (the durable ack), per request
     t0 = time.time()
     cpu0 = time.process_time()
     while True:
@@ -250,6 +251,7 @@ def publisher_worker(
         seq += k
         body = json.dumps({"events": evs} if k > 1 else evs[0]).encode()
         status, _ = conn.request("POST", path, body, hdrs)
+        acks.append(time.time() - ts)
         requests += 1
         statuses[status] += 1
         if 200 <= status < 300:
@@ -267,6 +269,7 @@ def publisher_worker(
             "errors": errors,
             "statuses": dict(statuses),
             "cpu": time.process_time() - cpu0,
+            "acks": acks,
         }
     )
 
