@@ -673,3 +673,37 @@ def test_publish_with_out_of_range_number_is_refused(daemon: Daemon) -> None:
         assert reply["op"] == "error" and reply["code"] == "bad_json"
     finally:
         ws.close()
+
+
+def test_write_now_sends_directly_and_keeps_order() -> None:
+    """write_now sends at once on an idle TCP transport, and queues behind data the transport already holds."""
+    from twisted.internet.testing import StringTransport
+
+    from twisted_rt.ws import write_now
+
+    plain = StringTransport()
+    write_now(plain, b"abc")  # not a TCP transport: plain write
+    assert plain.value() == b"abc"
+
+    a, b = socket.socketpair()
+    try:
+        from twisted.internet import reactor as _reactor
+        from twisted.internet.protocol import Protocol
+        from twisted.internet.tcp import Server
+
+        import types
+
+        a.setblocking(False)
+        port = types.SimpleNamespace(_realPortNumber=1)
+        server = Server(a, Protocol(), ("127.0.0.1", 1), port, 1, _reactor)
+        write_now(server, b"first")
+        assert b.recv(100) == b"first"  # sent at once, nothing left in the transport
+        assert server._tempDataLen == 0
+        server._tempDataBuffer.append(b"queued")
+        server._tempDataLen = 6
+        write_now(server, b"next")  # must not overtake what is queued
+        assert server._tempDataBuffer == [b"queued", b"next"]
+        server.stopWriting()
+    finally:
+        a.close()
+        b.close()
