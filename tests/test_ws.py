@@ -687,11 +687,11 @@ def test_write_now_sends_directly_and_keeps_order() -> None:
 
     a, b = socket.socketpair()
     try:
+        import types
+
         from twisted.internet import reactor as _reactor
         from twisted.internet.protocol import Protocol
         from twisted.internet.tcp import Server
-
-        import types
 
         a.setblocking(False)
         port = types.SimpleNamespace(_realPortNumber=1)
