@@ -182,6 +182,18 @@ def test_tail_forbidden_pattern_exits(make_daemon: Callable[..., Daemon], tails:
     assert "forbidden" in t.stderr() or "unauthorized" in t.stderr()
 
 
+def test_tail_stops_when_its_token_expires(daemon: Daemon, tails: Callable[..., Tail]) -> None:
+    """``tail`` whose JWT expires while connected (close 4001) says so and exits 1 instead of retrying forever."""
+    import jwt
+
+    from tests.conftest import JWT_SECRET
+
+    token = jwt.encode({"sub": "t", "exp": int(time.time()) + 2, "subscribe": ["chat.>"]}, JWT_SECRET, "HS256")
+    t = tails("chat.x", "--url", daemon.ws_url, "--token", token)
+    assert t.wait() == 1
+    assert "expired" in t.stderr()
+
+
 # -- forward -----------------------------------------------------------------
 
 

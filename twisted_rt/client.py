@@ -691,6 +691,10 @@ def tail_main(args: Any) -> int:
     previous = [""]
 
     def on_state(state: str) -> None:
+        if state == "waiting" and sub is not None and sub.last_close and sub.last_close[0] == 4001:
+            print("twisted-rt tail: the token has expired (close 4001); get a new one", file=sys.stderr, flush=True)
+            finish(1)
+            return
         if state == "open" and sub is not None and sub.connections > 1:
             print(f"twisted-rt tail: reconnected to {args.url}", file=sys.stderr, flush=True)
         elif state == "waiting" and previous[0] == "open":
