@@ -218,7 +218,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
 
 
 class RedisServer:
-    """A redis-server on a free loopback port, no persistence."""
+    """A redis-server on a free loopback port, no persistence (subclasses may change C{persistence})."""
+
+    persistence: tuple[str, ...] = ("--save", "", "--appendonly", "no")
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -233,7 +235,7 @@ class RedisServer:
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", *self.persistence,
              "--dir", str(self.workdir), "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

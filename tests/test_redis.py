@@ -9,9 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -680,23 +677,7 @@ def test_e2e_client_resumes_on_the_other_node(
 class PersistentRedis(RedisServer):
     """A redis-server with an append-only file fsynced on every write."""
 
-    def start(self) -> PersistentRedis:
-        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.workdir), "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+    persistence = ("--save", "", "--appendonly", "yes", "--appendfsync", "always")
 
 
 @pytest.fixture
