@@ -685,17 +685,16 @@ def test_write_now_sends_directly_and_keeps_order() -> None:
     write_now(plain, b"abc")  # not a TCP transport: plain write
     assert plain.value() == b"abc"
 
+    import types
+
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.tcp import Server
+
     a, b = socket.socketpair()
+    a.setblocking(False)
+    server = Server(a, Protocol(), ("127.0.0.1", 1), types.SimpleNamespace(_realPortNumber=1), 1, _reactor)
     try:
-        import types
-
-        from twisted.internet import reactor as _reactor
-        from twisted.internet.protocol import Protocol
-        from twisted.internet.tcp import Server
-
-        a.setblocking(False)
-        port = types.SimpleNamespace(_realPortNumber=1)
-        server = Server(a, Protocol(), ("127.0.0.1", 1), port, 1, _reactor)
         write_now(server, b"first")
         assert b.recv(100) == b"first"  # sent at once, nothing left in the transport
         assert server._tempDataLen == 0
@@ -703,7 +702,8 @@ def test_write_now_sends_directly_and_keeps_order() -> None:
         server._tempDataLen = 6
         write_now(server, b"next")  # must not overtake what is queued
         assert server._tempDataBuffer == [b"queued", b"next"]
-        server.stopWriting()
     finally:
+        server.stopWriting()
+        server.stopReading()  # the Server registered itself with the global reactor
         a.close()
         b.close()
