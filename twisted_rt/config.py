@@ -71,7 +71,6 @@ class ServerConfig:
     max_body_bytes: int = 1048576
     allowed_origins: tuple[str, ...] = ()
     shutdown_timeout_seconds: float = 10.0
-    max_connections_per_ip: int = 0
     rate_limit_per_ip_per_second: float = 0.0
     access_log: bool = True
     redirect_http_to_https: bool = False
