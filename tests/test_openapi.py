@@ -18,21 +18,13 @@ from typing import Any, Iterator
 import jsonschema
 import jwt
 import pytest
-from conftest import API_KEY, BIN, JWT_SECRET, Daemon, http
+from conftest import API_KEY, BIN, DEFAULT_CONFIG, JWT_SECRET, Daemon, http
 from openapi_spec_validator import validate
 
 from twisted_rt.openapi import document
 
 HOOK_SECRET = "hook-secret-for-openapi"
-CONFIG = f"""
-[journal]
-path = "var/journal.sqlite3"
-
-[auth]
-api_keys = ["{API_KEY}"]
-jwt_secret = "{JWT_SECRET}"
-anonymous_subscribe = ["public.>"]
-
+CONFIG = DEFAULT_CONFIG + f"""
 [[sources]]
 name = "inhouse"
 verify = "hmac-sha256"
