@@ -193,15 +193,6 @@ class Config:
 _T = TypeVar("_T")
 
 
-def _typename(t: Any) -> str:
-    return {
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        str: "a string",
-    }.get(t, str(t))
-
-
 def _expand(value: str, key: str, env: Mapping[str, str]) -> str:
     def sub(m: re.Match[str]) -> str:
         name = m.group(1)

@@ -22,10 +22,10 @@ the body, templates compiled once per source.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Callable, Union, cast
+from typing import TYPE_CHECKING, Any, Union, cast
 from urllib.parse import parse_qsl
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
@@ -147,10 +147,6 @@ def _lookup(data: Any, path: list[str]) -> str | None:
     return None
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_body(content_type: str | None, body: bytes) -> Any:
     """
     The C{data} of a webhook body per the contract: JSON; a form becomes an
@@ -207,18 +203,6 @@ def parse_body(content_type: str | None, body: bytes) -> Any:
         "unsupported_media_type",
         f"{mime} bodies are not accepted; send JSON, a form, or text",
     )
-
-
-def _deferred(handler: Callable[[Request, _Source], Answer], request: Request, src: _Source) -> Deferred[Reply]:
-    """
-    Run a handler, turning a synchronous error into a failed Deferred so
-    it goes through web.run's one failure mapper.
-    """
-    try:
-        result = handler(request, src)
-    except Exception:  # noqa: BLE001 - every failure goes to web.run's mapper
-        return fail()
-    return result if isinstance(result, Deferred) else succeed(result)
 
 
 def _peer(request: IRequest) -> str:
@@ -298,9 +282,9 @@ class HooksResource:
             return self._error(request, 404, "unknown_source", f"no webhook source is called {name!r}")
         method = request.method
         if method == b"POST":
-            return run(request, lambda r: _deferred(self._post, r, src))
+            return run(request, lambda r: self._post(r, src))
         if method == b"GET" and src.kind in _HANDSHAKE_GET:
-            return run(request, lambda r: _deferred(self._get, r, src))
+            return run(request, lambda r: self._get(r, src))
         self.stats.webhook(name, "method_not_allowed")
         return self._error(
             request,
