@@ -36,6 +36,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def loads(body: bytes | str) -> Any:
     """
     Strict JSON: what L{dumps} can write back.  No C{NaN}/C{Infinity}, no
@@ -44,7 +47,8 @@ def loads(body: bytes | str) -> Any:
     @raise ValueError: on anything else (C{RecursionError} included).
     """
     try:
-        obj = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        text = body.decode(json.detect_encoding(body), "surrogatepass") if isinstance(body, bytes) else body
+        obj = _DECODER.decode(text)
     except RecursionError:
         raise ValueError("the JSON is nested too deeply") from None
     probe = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
@@ -77,6 +81,9 @@ class Draft:
     @ivar id: the delivery id or idempotency key; C{None} to generate one.
     @ivar raw: the request body bytes as received (webhooks), else C{None}.
     @ivar headers: the provider's request headers (webhooks), else C{None}.
+    @ivar text: C{data} already written as JSON (a webhook's own UTF-8 JSON
+        body, which L{loads} accepted), so the journal need not encode it
+        again; C{None} to encode C{data}.
     """
 
     channel: str
@@ -86,6 +93,7 @@ class Draft:
     id: str | None = None
     raw: bytes | None = None
     headers: dict[str, str] | None = None
+    text: str | None = None
 
 
 class Event:

@@ -147,6 +147,37 @@ def _lookup(data: Any, path: list[str]) -> str | None:
     return None
 
 
+_HEADER_NAMES: dict[bytes, tuple[str, str, bool]] = {}
+
+
+def _header_name(raw: bytes) -> tuple[str, str, bool]:
+    """A request header name as (name, lower-case name, kept with the event?), cached."""
+    name = raw.decode("latin-1")
+    lname = name.lower()
+    known = (name, lname, lname not in _DROPPED_HEADERS)
+    if len(_HEADER_NAMES) < 1024:
+        _HEADER_NAMES[raw] = known
+    return known
+
+
+def _json_text(headers: dict[str, str], body: bytes) -> str | None:
+    """
+    The body itself as the event's stored JSON, when L{parse_body} read it as
+    UTF-8 JSON (so the journal need not encode the parsed data again).
+    """
+    ctype = headers.get("content-type")
+    if ctype is not None:
+        mime = ctype.partition(";")[0].strip().lower()
+        if mime and mime != "application/json" and not mime.endswith("+json"):
+            return None
+    if not body or body[:3] == b"\xef\xbb\xbf":
+        return None
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def parse_body(content_type: str | None, body: bytes) -> Any:
     """
     The C{data} of a webhook body per the contract: JSON; a form becomes an
@@ -320,12 +351,15 @@ class HooksResource:
         body = _body(request)
         lower: dict[str, str] = {}
         kept: dict[str, str] = {}
+        names = _HEADER_NAMES
         for raw_name, values in request.requestHeaders.getAllRawHeaders():
-            hname = raw_name.decode("latin-1")
-            value = b", ".join(values).decode("latin-1")
-            lname = hname.lower()
+            known = names.get(raw_name)
+            if known is None:
+                known = _header_name(raw_name)
+            hname, lname, keep = known
+            value = (values[0] if len(values) == 1 else b", ".join(values)).decode("latin-1")
             lower[lname] = value
-            if lname not in _DROPPED_HEADERS:
+            if keep:
                 kept[hname] = value
         try:
             verify(src.config, body, lower, self.reactor.seconds())
@@ -351,7 +385,9 @@ class HooksResource:
             channel = src.route.render(lower, data)
         except JsonError as e:
             raise self._reject(src, e) from None
-        draft = Draft(channel, data, source=src.name, type=etype, id=eid, raw=body, headers=kept)
+        draft = Draft(
+            channel, data, source=src.name, type=etype, id=eid, raw=body, headers=kept, text=_json_text(lower, body)
+        )
         d = self.app.broker.publish([draft])
         return d.addCallbacks(self._accepted, self._failed, callbackArgs=(src.name,), errbackArgs=(src.name,))
 

@@ -235,7 +235,7 @@ class Journal:
             return _fail(JournalUnavailable("the journal is closed"))
         # Encode here, so that one bad event fails alone, not the batch it would join.
         try:
-            texts = [dumps(draft.data).decode("utf-8") for draft in drafts]
+            texts = [draft.text if draft.text is not None else dumps(draft.data).decode("utf-8") for draft in drafts]
         except (TypeError, ValueError) as e:
             return _fail(UnencodableEvent(f"the event data cannot be stored as JSON: {e}"))
         d: Deferred[list[Accepted]] = Deferred()

@@ -14,6 +14,7 @@ requests up to C{shutdown_timeout_seconds} -> flush and close the journal.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -37,6 +38,8 @@ from twisted_rt.web import RTSite
 __all__ = ["GIL_SWITCH_INTERVAL", "RTService", "make_broker"]
 
 GIL_SWITCH_INTERVAL = 0.0005
+#: the cyclic collector's young-generation threshold (CPython's default: 700)
+GC_THRESHOLD = 10000
 
 
 def make_broker(config: Config, reactor: Any, stats: Stats) -> Broker:
@@ -164,6 +167,13 @@ class RTService(MultiService):
                 failed.append(f"cannot listen on {desc}: {value.getErrorMessage()}")
         if failed:
             raise _StartError("; ".join(failed))
+        # Everything built so far lives as long as the daemon: keep it out of
+        # the cyclic collector's scans, and collect the young generation less
+        # often (requests free their objects by reference counting; the
+        # collector at 700 allocations was ~3% of the ingest path).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
         self.notifier.ready(f"serving {len(self.ports)} listener(s)")
         self.log.info("twisted_rt ready", log_category="RT-S02")
 

@@ -15,27 +15,34 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from io import BytesIO
+from typing import Any, Awaitable, Callable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
+from twisted.protocols import basic
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString, unquote
 from twisted.web.error import UnsupportedMethod
+from twisted.web.http_headers import Headers, InvalidHeaderName
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import version as _server_version
 
 from twisted_rt.event import dumps
 
 __all__ = [
     "JsonError",
     "JsonResource",
+    "RTChannel",
     "Reply",
     "RTRequest",
     "RTSite",
     "error_body",
     "json_page",
     "write_json",
+    "write_now",
 ]
 
 log = Logger()
@@ -150,11 +157,14 @@ def run(request: Request, handler: Handler) -> int:
         return NOT_DONE_YET
     d: Deferred[Any] = result if isinstance(result, Deferred) else ensureDeferred(result)  # type: ignore[arg-type]
 
-    def gone(f: Failure) -> None:
+    def gone(_: object = None) -> None:
         finished[0] = True
         d.cancel()
 
-    request.notifyFinish().addErrback(gone)
+    if isinstance(request, RTRequest):
+        request.on_gone = gone
+    else:
+        request.notifyFinish().addErrback(gone)
     d.addCallbacks(_answer, _answer_failure, callbackArgs=(request, finished), errbackArgs=(request, finished))
     return NOT_DONE_YET
 
@@ -215,21 +225,75 @@ class Root(Resource):
         return json_page(404, "not_found", f"no route for {request.path.decode('utf-8', 'replace')}")
 
 
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Write C{data}, sending it at once when the transport has nothing queued.
+
+    C{transport.write} on a Twisted TCP transport only buffers, then asks
+    epoll for writability (an C{epoll_ctl}), sends on the next turn and stops
+    asking (another C{epoll_ctl}): three system calls per connection per
+    flush.  When nothing is queued in the transport, one C{send()} usually
+    takes it all; anything not sent goes through C{write} as usual, so
+    ordering and the producer (back-pressure) signals are unchanged.  TLS and
+    other transports always use C{write}.
+
+    This reads the TCP transport's buffer fields (C{_tempDataLen},
+    C{offset}, C{dataBuffer}); C{tests/test_ws.py} pins the behaviour.
+    """
+    if (
+        type(transport) is not _TCPServer
+        or transport._tempDataLen
+        or transport.offset != len(transport.dataBuffer)
+        or not transport.connected
+        or transport.disconnecting
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        transport.write(data)  # let the transport see and report the error
+        return
+    if sent < len(data):
+        transport.write(data[sent:] if sent else data)
+
+
+_date_cache: list[Any] = [0, b""]
+
+
+def http_date() -> bytes:
+    """The C{Date} header value for now, formatted once per second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = datetimeToString(now)
+    return _date_cache[1]  # type: ignore[no-any-return]
+
+
 class RTRequest(Request):
     """
     A request that enforces the body limit while the body arrives: a body
     over the limit is answered 413 at once (HTTP/1.1: the connection is then
     closed) and never buffered.
+
+    It also keeps the per-request work of C{twisted.web} small: the C{Date}
+    header is formatted once per second, and the site's count of requests
+    in flight and L{run}'s cancellation need no Deferred per request.
+
+    @ivar on_gone: called once if the client goes away before the response
+        is finished.
     """
 
     max_body_bytes = 1048576
     _received = 0
     too_large = False
     started: float = 0.0
+    on_gone: Callable[[], None] | None = None
+    _tracked: set[Request] | None = None
 
     def gotLength(self, length: int | None) -> None:
-        from io import BytesIO
-
         self.started = time.monotonic()
         self.content: BytesIO = BytesIO()
         if length is not None and length > self.max_body_bytes:
@@ -249,7 +313,7 @@ class RTRequest(Request):
         self.content.seek(0)
         self.content.truncate()
         channel = self.channel
-        if isinstance(channel, http.HTTPChannel) and channel.transport is not None:
+        if isinstance(channel, HTTPChannel) and channel.transport is not None:
             body = error_body(
                 "body_too_large", f"the request body is over {self.max_body_bytes} bytes"
             )
@@ -269,6 +333,11 @@ class RTRequest(Request):
         super().render(_MethodGuard(resrc))
 
     def process(self) -> None:
+        """
+        Find the resource and render it: L{twisted.web.server.Request.process}
+        with a cached C{Date}, without content encoders (no route uses
+        them), and with the request counted in flight until it ends.
+        """
         if self.too_large:
             # HTTP/2, or a body that grew past the limit after headers
             write_json(
@@ -277,11 +346,222 @@ class RTRequest(Request):
                 error_body("body_too_large", f"the request body is over {self.max_body_bytes} bytes"),
             )
             return
-        site = getattr(self.channel, "site", None)
+        site = self.channel.site
+        self.site = site
+        if self.path == b"*":
+            super().process()
+            return
         if isinstance(site, RTSite):
+            self._tracked = site.inflight
             site.inflight.add(self)
-            self.notifyFinish().addBoth(lambda _: site.inflight.discard(self))
-        super().process()
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"Server", [_server_version])
+        headers.setRawHeaders(b"Date", [http_date()])
+        self.prepath = []
+        self.postpath = [unquote(p) for p in self.path[1:].split(b"/")]
+        try:
+            self.render(site.getResourceFor(self))
+        except BaseException:  # noqa: BLE001 - as twisted.web: any failure becomes a 500
+            self.processingFailed(Failure())
+
+    def finish(self) -> None:
+        super().finish()
+        self._untrack()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._untrack()
+        gone, self.on_gone = self.on_gone, None
+        if gone is not None:
+            gone()
+
+    def _untrack(self) -> None:
+        tracked, self._tracked = self._tracked, None
+        if tracked is not None:
+            tracked.discard(self)
+
+
+_CANONICAL: dict[bytes, bytes] = {}
+_LENGTH_HEADERS = (b"Content-Length", b"Transfer-Encoding")
+
+
+def _canonical_name(name: bytes) -> bytes:
+    """
+    A request header name in C{twisted.web}'s canonical case
+    (C{x-github-event} -> C{X-Github-Event}), cached.
+
+    @raise InvalidHeaderName: C{name} is not an HTTP token.
+    """
+    canon = _CANONICAL.get(name)
+    if canon is None:
+        probe = Headers()
+        probe.addRawHeader(name, b"")
+        canon = next(iter(probe.getAllRawHeaders()))[0]
+        if len(_CANONICAL) < 4096:
+            _CANONICAL[name] = canon
+    return canon
+
+
+# HTTPChannel's own state, read by the fast path below (checked at import:
+# without it, every request takes twisted.web's line-by-line path).
+_FIRST_LINE = "_HTTPChannel__first_line"
+_FAST_HEAD = hasattr(HTTPChannel, _FIRST_LINE) and hasattr(basic.LineReceiver, "_busyReceiving")
+
+
+class RTChannel(HTTPChannel):
+    """
+    C{twisted.web}'s HTTP/1.1 channel with two shortcuts on the hot path.
+
+      - A request head that arrives whole (the usual case) is split once and
+        its headers added in one loop, instead of one C{lineReceived} call
+        per line, each re-splitting the buffer.  Request line, end of
+        headers, bodies, pipelining and every error still go through
+        L{HTTPChannel}'s own methods; a head split across reads, or
+        with folded (obsolete) header lines, takes the line-by-line path.
+      - A response with a C{Content-Length} sends its head and first body
+        bytes in one C{send()} (L{write_now}) instead of two buffered writes
+        and a turn of the reactor.
+    """
+
+    _held_head: list[bytes] | None = None
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        """The local address (asked of the kernel once, not once per request)."""
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
+    # -- reading ---------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if not _FAST_HEAD or self._busyReceiving:
+            super().dataReceived(data)
+            return
+        self.resetTimeout()
+        buf = self._buffer + data if self._buffer else data
+        self._buffer = b""
+        while buf:
+            if self.line_mode and not self.paused and self.persistent and getattr(self, _FIRST_LINE):
+                end = buf.find(b"\r\n\r\n")
+                if 0 < end <= self.totalHeadersSize and not buf.startswith(b"\r\n"):
+                    head, buf = buf[:end], buf[end + 4 :]
+                    if b"\r\n " not in head and b"\r\n\t" not in head:
+                        self._busyReceiving = True
+                        try:
+                            self._head_received(head)
+                        finally:
+                            self._busyReceiving = False
+                        if self.transport is None or self.transport.disconnecting:
+                            return
+                        if self._buffer:  # arrived while we were busy (a request finished at once)
+                            buf, self._buffer = buf + self._buffer, b""
+                        continue
+                    buf = head + b"\r\n\r\n" + buf
+            basic.LineReceiver.dataReceived(self, buf)
+            return
+
+    def _head_received(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        self.lineReceived(lines[0])
+        if getattr(self, _FIRST_LINE) or self.transport.disconnecting:
+            return  # a bad request line was answered 400
+        n = len(lines)
+        raw: dict[bytes, list[bytes]] | None = getattr(self.requests[-1].requestHeaders, "_rawHeaders", None)
+        # no cache when the limit could be hit: every line goes through headerReceived
+        canonical = _CANONICAL if raw is not None and n - 1 <= self.maxHeaders else {}
+        for i in range(1, n):
+            line = lines[i]
+            name, sep, value = line.partition(b":")
+            canon = canonical.get(name)
+            if canon is None or not sep or canon in _LENGTH_HEADERS:
+                if not self.headerReceived(line):
+                    return
+                continue
+            # a known, valid name: as headerReceived, without the calls
+            value = value.strip(b" \t")
+            if b"\n" in value or b"\r" in value or b"\x00" in value:
+                self._respondToBadRequestAndDisconnect()
+                return
+            values = raw.get(canon)  # type: ignore[union-attr]
+            if values is None:
+                raw[canon] = [value]  # type: ignore[index]
+            else:
+                values.append(value)
+            self._receivedHeaderCount += 1
+        self.lineReceived(b"")
+
+    def headerReceived(self, line: bytes) -> bool:
+        """L{HTTPChannel.headerReceived}, with the header name canonicalised from a cache."""
+        name, sep, value = line.partition(b":")
+        try:
+            if not sep:
+                raise InvalidHeaderName(name)
+            canon = _canonical_name(name)
+        except InvalidHeaderName:
+            self._respondToBadRequestAndDisconnect()
+            return False
+        value = value.strip(b" \t")
+        # A header value must not contain NUL, CR, or LF (RFC 9110 section 5.5).
+        if b"\n" in value or b"\r" in value or b"\x00" in value:
+            self._respondToBadRequestAndDisconnect()
+            return False
+        if canon == b"Content-Length" or canon == b"Transfer-Encoding":
+            if not self._maybeChooseTransferDecoder(canon, value):
+                return False
+        self.requests[-1].requestHeaders.addRawHeader(canon, value)
+        self._receivedHeaderCount += 1
+        if self._receivedHeaderCount > self.maxHeaders:
+            self._respondToBadRequestAndDisconnect()
+            return False
+        return True
+
+    # -- writing ---------------------------------------------------------
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers) or not headers.hasHeader(b"Content-Length"):
+            self._flush_head()
+            super().writeHeaders(version, code, reason, headers)
+            return
+        seq = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                seq += (name, b": ", value, b"\r\n")
+        seq.append(b"\r\n")
+        self._flush_head()
+        self._held_head = seq
+
+    def write(self, data: bytes) -> None:
+        seq = self._held_head
+        if seq is not None:
+            self._held_head = None
+            seq.append(data)
+            data = b"".join(seq)
+        write_now(self.transport, data)
+
+    def writeSequence(self, iovec: Sequence[bytes]) -> None:
+        self._flush_head()
+        super().writeSequence(iovec)
+
+    def _flush_head(self) -> None:
+        seq = self._held_head
+        if seq is not None:
+            self._held_head = None
+            write_now(self.transport, b"".join(seq))
+
+    def requestDone(self, request: Request) -> None:
+        self._flush_head()
+        super().requestDone(request)
+
+    def loseConnection(self) -> None:
+        self._flush_head()
+        super().loseConnection()
+
+
+def _rt_channel_protocol(site: Site) -> Any:
+    """The protocol of L{RTSite}: an L{RTChannel} behind the HTTP/2 (ALPN) switch."""
+    return _GenericHTTPChannelProtocol(RTChannel())
 
 
 class _MethodGuard:
@@ -310,6 +590,7 @@ class RTSite(Site):
 
     displayTracebacks = False
     access_log = Logger(namespace="twisted_rt.access")
+    protocol = _rt_channel_protocol  # type: ignore[assignment]
 
     def __init__(
         self,

@@ -40,7 +40,6 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
-from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
@@ -51,6 +50,7 @@ from twisted_rt.auth import AuthError, Principal
 from twisted_rt.event import Draft, Event, dumps, loads
 from twisted_rt.matcher import ChannelError, PatternError, validate_channel, validate_pattern
 from twisted_rt.subscriber import Since, Subscriber
+from twisted_rt.web import write_now
 
 if TYPE_CHECKING:
     from twisted_rt.app import App
@@ -638,41 +638,6 @@ class RTWebSocketFactory(WebSocketServerFactory):
         for p in list(self.clients):
             p.dropConnection(abort=True)
         self.doStop()
-
-
-def write_now(transport: Any, data: bytes) -> None:
-    """
-    Write C{data}, sending it at once when the transport has nothing queued.
-
-    C{transport.write} on a Twisted TCP transport only buffers, then asks
-    epoll for writability (an C{epoll_ctl}), sends on the next turn and stops
-    asking (another C{epoll_ctl}): three system calls per connection per
-    flush, which dominated fan-out at moderate rates.  When the socket's
-    buffer is empty and nothing is queued in the transport, one C{send()}
-    usually takes it all; anything not sent goes through C{write} as usual,
-    so ordering and the producer (back-pressure) signals are unchanged.
-    TLS and other transports always use C{write}.
-    """
-    sock = getattr(transport, "socket", None)
-    if (
-        sock is None
-        or type(transport) is not _TCPServer
-        or transport._tempDataLen
-        or transport.offset != len(transport.dataBuffer)
-        or not transport.connected
-        or transport.disconnecting
-    ):
-        transport.write(data)
-        return
-    try:
-        sent = sock.send(data)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:
-        transport.write(data)  # let the transport see and report the error
-        return
-    if sent < len(data):
-        transport.write(data[sent:] if sent else data)
 
 
 def _accept_deflate(offers: list[Any]) -> Any:
