@@ -145,6 +145,29 @@ def test_github_accepted_with_raw_body_and_headers(h: Harness) -> None:
     assert h.stats.webhooks[("github", "accepted")] == 1 and h.stats.events_in["github"] == 1
 
 
+@pytest.mark.parametrize(
+    ("body", "ctype", "stored_as_is"),
+    [
+        (b'{ "zen" : "caf\xc3\xa9",\n "n": [1, 2.50] }', "application/json", True),
+        (b'{"zen": 1}', "application/vnd.github+json; charset=utf-8", True),
+        (b"\xef\xbb\xbf{\"zen\": 1}", "application/json", False),
+        ('{"zen": 1}'.encode("utf-16"), "application/json", False),
+        (b"payload=%7B%22zen%22%3A1%7D", "application/x-www-form-urlencoded", False),
+    ],
+)
+def test_json_body_is_kept_as_the_event_text(h: Harness, body: bytes, ctype: str, stored_as_is: bool) -> None:
+    """A UTF-8 JSON body is handed to the journal as its own text; BOM, UTF-16 and forms are encoded from the data."""
+    headers = {**gh_headers(body), "Content-Type": ctype}
+    code, _ = h.json("POST", "/hooks/github", body, headers)
+    assert code == 202
+    (draft,) = h.broker.drafts
+    if stored_as_is:
+        assert draft.text == body.decode("utf-8")
+        assert json.loads(draft.text) == draft.data
+    else:
+        assert draft.text is None
+
+
 def test_duplicate_answers_original_offset(h: Harness) -> None:
     """A repeated delivery id is answered 200 with duplicate=true and the original offset, not republished."""
     h.json("POST", "/hooks/github", PUSH, gh_headers(PUSH, delivery="d-1"))

@@ -303,12 +303,29 @@ async def test_unencodable_event_fails_alone(tmp_path: Path) -> None:
         await j.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_pre_encoded_text_is_stored_as_given(tmp_path: Path) -> None:
+    """A draft's own JSON text (a webhook body) is what the journal stores, and reads back as the same data."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        text = '{ "a" : [1, 2.5],\n  "b": "\u00e9" }'
+        await j.append([Draft("t", {"a": [1, 2.5], "b": "\u00e9"}, text=text), Draft("t", {"c": 1})])
+        first, second = await j.history("t")
+        assert first.data == {"a": [1, 2.5], "b": "\u00e9"} and second.data == {"c": 1}
+    finally:
+        await j.close()
+    rows = sqlite3.connect(str(tmp_path / "j.db")).execute('SELECT data FROM events ORDER BY "offset"').fetchall()
+    assert rows == [(text,), ('{"c":1}',)]
+
+
 def test_strict_json_loads() -> None:
     """event.loads refuses what cannot be written back: NaN, 1e999, lone surrogates, deep nesting."""
     from twisted_rt.event import loads
 
     assert loads(b'{"a":[1,2.5,"\\ud83d\\ude00"]}') == {"a": [1, 2.5, "\U0001f600"]}
-    for bad in (b"NaN", b"[Infinity]", b"[1e999]", b'"\\ud800"', b'"\\uDFFF"', b"[" * 100000, b"{"):
+    assert loads(b"\xef\xbb\xbf[1]") == [1]  # a UTF-8 BOM, as json.loads takes it
+    assert loads('{"x": "y"}'.encode("utf-16")) == {"x": "y"}
+    for bad in (b"NaN", b"[Infinity]", b"[1e999]", b'"\\ud800"', b'"\\uDFFF"', b"[" * 100000, b"{", "\ufeff[1]"):
         with pytest.raises(ValueError):
             loads(bad)
 

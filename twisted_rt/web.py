@@ -17,14 +17,15 @@ import time
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, Awaitable, Callable, Sequence
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
 from twisted.protocols import basic
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString, unquote
 from twisted.web.error import UnsupportedMethod
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString
 from twisted.web.http_headers import Headers, InvalidHeaderName
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -346,7 +347,7 @@ class RTRequest(Request):
                 error_body("body_too_large", f"the request body is over {self.max_body_bytes} bytes"),
             )
             return
-        site = self.channel.site
+        site = self.channel.site  # type: ignore[attr-defined]
         self.site = site
         if self.path == b"*":
             super().process()
@@ -358,7 +359,7 @@ class RTRequest(Request):
         headers.setRawHeaders(b"Server", [_server_version])
         headers.setRawHeaders(b"Date", [http_date()])
         self.prepath = []
-        self.postpath = [unquote(p) for p in self.path[1:].split(b"/")]
+        self.postpath = [unquote_to_bytes(p) for p in self.path[1:].split(b"/")]
         try:
             self.render(site.getResourceFor(self))
         except BaseException:  # noqa: BLE001 - as twisted.web: any failure becomes a 500
@@ -453,7 +454,7 @@ class RTChannel(HTTPChannel):
                             self._head_received(head)
                         finally:
                             self._busyReceiving = False
-                        if self.transport is None or self.transport.disconnecting:
+                        if self._closing():
                             return
                         if self._buffer:  # arrived while we were busy (a request finished at once)
                             buf, self._buffer = buf + self._buffer, b""
@@ -462,10 +463,14 @@ class RTChannel(HTTPChannel):
             basic.LineReceiver.dataReceived(self, buf)
             return
 
+    def _closing(self) -> bool:
+        transport = self.transport
+        return transport is None or bool(getattr(transport, "disconnecting", False))
+
     def _head_received(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
         self.lineReceived(lines[0])
-        if getattr(self, _FIRST_LINE) or self.transport.disconnecting:
+        if getattr(self, _FIRST_LINE) or self._closing():
             return  # a bad request line was answered 400
         n = len(lines)
         raw: dict[bytes, list[bytes]] | None = getattr(self.requests[-1].requestHeaders, "_rawHeaders", None)
@@ -590,7 +595,7 @@ class RTSite(Site):
 
     displayTracebacks = False
     access_log = Logger(namespace="twisted_rt.access")
-    protocol = _rt_channel_protocol  # type: ignore[assignment]
+    protocol = _rt_channel_protocol
 
     def __init__(
         self,
