@@ -86,6 +86,37 @@ async def test_duplicate_ids_answer_the_original(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_duplicates_found_in_large_mixed_batches(tmp_path: Path) -> None:
+    """Known ids are found across sources and beyond one lookup query's size, in one transaction."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        await j.append([Draft("m", i, source="a", id=f"id-{i}") for i in range(0, 1200, 2)])
+        mixed = [Draft("m", i, source=src, id=f"id-{i}") for i in range(1200) for src in ("a", "b")]
+        got = await j.append(mixed)
+        dup = {(d.source, d.id) for d, a in zip(mixed, got, strict=True) if a.duplicate}
+        assert dup == {("a", f"id-{i}") for i in range(0, 1200, 2)}
+        assert all(a.event.data == int(a.event.id[3:]) for a in got)
+        assert max(a.event.offset for a in got) == 600 + 1800
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_webhook_body_is_stored_once(tmp_path: Path) -> None:
+    """When the event's JSON is its raw body, the bytes are stored once and read back as the same data."""
+    j = await _journal(str(tmp_path / "j.db"))
+    body = '{"a": [1, 2.5], "b": "\u00e9"}'.encode()
+    try:
+        await j.append([Draft("w", {"a": [1, 2.5], "b": "\u00e9"}, raw=body, text=body.decode())])
+        [e] = await j.history("w")
+        assert e.data == {"a": [1, 2.5], "b": "\u00e9"} and e.raw == body
+    finally:
+        await j.close()
+    row = sqlite3.connect(str(tmp_path / "j.db")).execute("SELECT data, raw FROM events").fetchone()
+    assert row == ("", body)
+
+
+@pytest_twisted.ensureDeferred
 async def test_history_and_replay(tmp_path: Path) -> None:
     """history reads (channel, after, limit) oldest first; replay spans the channels a pattern matches."""
     j = await _journal(str(tmp_path / "j.db"))

@@ -44,6 +44,9 @@ from twisted_rt.matcher import matches
 
 __all__ = ["Journal", "JournalUnavailable", "UnencodableEvent"]
 
+# events.data is the event's data as JSON text, or '' (never valid JSON) when
+# it is the raw body itself (a webhook's UTF-8 JSON body): then the bytes are
+# stored once, in events.raw.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     channel TEXT NOT NULL,
@@ -75,6 +78,8 @@ CREATE INDEX IF NOT EXISTS deliveries_ts ON deliveries (ts);
 """
 
 _COLUMNS = 'id, channel, "offset", time, source, type, data, raw, headers'
+#: delivery ids looked up per query (SQLite's variable limit is 32766 since 3.32, 999 before)
+_IN_CHUNK = 500
 
 
 class JournalUnavailable(Exception):
@@ -93,7 +98,7 @@ def _row_event(row: Sequence[Any]) -> Event:
         time=row[3],
         source=row[4],
         type=row[5],
-        data=json.loads(row[6]),
+        data=json.loads(row[6] or row[7]),
         raw=row[7],
         headers=json.loads(row[8]) if row[8] else None,
     )
@@ -235,7 +240,7 @@ class Journal:
             return _fail(JournalUnavailable("the journal is closed"))
         # Encode here, so that one bad event fails alone, not the batch it would join.
         try:
-            texts = [draft.text if draft.text is not None else dumps(draft.data).decode("utf-8") for draft in drafts]
+            texts = [_text(draft) for draft in drafts]
         except (TypeError, ValueError) as e:
             return _fail(UnencodableEvent(f"the event data cannot be stored as JSON: {e}"))
         d: Deferred[list[Accepted]] = Deferred()
@@ -343,14 +348,15 @@ class Journal:
         dl_rows: list[tuple[Any, ...]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            known = self._w_known(conn, requests)
             for drafts, texts in requests:
                 acc: list[Accepted] = []
                 for draft, text in zip(drafts, texts, strict=True):
                     if draft.id is not None:
                         key = (draft.source, draft.id)
                         prior = seen.get(key)
-                        if prior is None:
-                            prior = self._w_delivery(conn, draft.source, draft.id)
+                        if prior is None and key in known:
+                            prior = self._w_delivery(conn, draft.source, draft.id, known[key])
                         if prior is not None:
                             acc.append(Accepted(prior, duplicate=True))
                             continue
@@ -382,7 +388,7 @@ class Journal:
                             now,
                             text,
                             draft.raw,
-                            json.dumps(draft.headers) if draft.headers is not None else None,
+                            _headers_json(draft.headers) if draft.headers is not None else None,
                         )
                     )
                     dl_rows.append((draft.source, eid, channel, offset, now))
@@ -424,12 +430,29 @@ class Journal:
         except sqlite3.Error:  # pragma: no cover
             pass
 
-    def _w_delivery(self, conn: sqlite3.Connection, source: str, eid: str) -> Event | None:
-        row = conn.execute(
-            'SELECT channel, "offset" FROM deliveries WHERE source = ? AND id = ?', (source, eid)
-        ).fetchone()
-        if row is None:
-            return None
+    def _w_known(
+        self, conn: sqlite3.Connection, requests: list[tuple[Sequence[Draft], list[str]]]
+    ) -> dict[tuple[str, str], tuple[str, int]]:
+        """The delivery ids of this batch already journaled: one query per source, not per event."""
+        wanted: dict[str, list[str]] = {}
+        for drafts, _ in requests:
+            for draft in drafts:
+                if draft.id is not None:
+                    wanted.setdefault(draft.source, []).append(draft.id)
+        known: dict[tuple[str, str], tuple[str, int]] = {}
+        for source, ids in wanted.items():
+            for i in range(0, len(ids), _IN_CHUNK):
+                part = ids[i : i + _IN_CHUNK]
+                rows = conn.execute(
+                    'SELECT id, channel, "offset" FROM deliveries WHERE source = ? AND id IN'
+                    f" ({', '.join('?' * len(part))})",
+                    (source, *part),
+                )
+                for eid, channel, offset in rows:
+                    known[(source, eid)] = (channel, offset)
+        return known
+
+    def _w_delivery(self, conn: sqlite3.Connection, source: str, eid: str, row: tuple[str, int]) -> Event:
         full = conn.execute(
             f'SELECT {_COLUMNS} FROM events WHERE channel = ? AND "offset" = ?', row
         ).fetchone()
@@ -539,6 +562,24 @@ class Journal:
 
 
 _MAX_INT = 2**63 - 1  # SQLite's INTEGER
+
+
+_quote = json.encoder.encode_basestring_ascii
+
+
+def _headers_json(headers: dict[str, str]) -> str:
+    """C{json.dumps} of a str-to-str dict, in one C call per string (this runs once per webhook)."""
+    return "{" + ",".join([_quote(k) + ":" + _quote(v) for k, v in headers.items()]) + "}"
+
+
+def _text(draft: Draft) -> str:
+    """What events.data stores for C{draft}: '' when that is its raw body, else its JSON."""
+    text = draft.text
+    if text is None:
+        return dumps(draft.data).decode("utf-8")
+    if draft.raw is not None and text.encode("utf-8") == draft.raw:
+        return ""
+    return text
 
 
 def _clamp(n: int) -> int:

@@ -426,13 +426,21 @@ class RTChannel(HTTPChannel):
 
     _held_head: list[bytes] | None = None
     _host: Any = None
+    _peer: Any = None
 
     def getHost(self) -> Any:
-        """The local address (asked of the kernel once, not once per request)."""
+        """The local address (asked of the transport once, not once per request)."""
         host = self._host
         if host is None:
             host = self._host = super().getHost()
         return host
+
+    def getPeer(self) -> Any:
+        """The peer's address (built once per connection, not once per request)."""
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
 
     # -- reading ---------------------------------------------------------
 
