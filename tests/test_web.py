@@ -191,6 +191,13 @@ def test_any_requests_any_reads_same_as_twisted(requests: list[bytes], cuts: lis
         b"GET / HTTP/1.1\r\nset-cookie: a=1\r\nCookie: b=2\r\ncookie: c=3\r\n\r\n",
         b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /y HTTP/1.1\r\n\r\n",
         b"GET /%41%2f?x=%20 HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-A: \t v \t \r\nX-B:\r\nX-C: \x01\xff\x7f\r\nx-a: again\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-A:    \r\n:novalue\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-A: a\nY-B: b\r\nZ: c\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-A: a\rY-B: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-\xe9: v\r\n\r\n",
+        b"POST / HTTP/1.1\r\ncontent-length:  2 \r\n\r\nok",
+        b"POST / HTTP/1.1\r\ntransfer-encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     ],
 )
 @pytest.mark.parametrize("split", [False, True])

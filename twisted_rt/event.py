@@ -73,7 +73,7 @@ def now_iso(t: float | None = None) -> str:
     return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Draft:
     """
     An event offered to the journal.
@@ -193,7 +193,7 @@ class Event:
     __hash__ = None  # type: ignore[assignment]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Accepted:
     """The journal's answer to one L{Draft}: the event and whether it was known."""
 

@@ -48,7 +48,7 @@ def validate_channel(name: object) -> str:
         raise ChannelError(
             "a channel is 1-200 characters of A-Z a-z 0-9 _ - . : @"
         )
-    if any(seg == "" for seg in name.split(".")):
+    if name[0] == "." or name[-1] == "." or ".." in name:
         raise ChannelError("a channel may not have an empty segment")
     return name
 

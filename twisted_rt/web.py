@@ -13,6 +13,7 @@ failure goes through one mapper, so no traceback ever reaches a client.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -384,6 +385,11 @@ class RTRequest(Request):
 
 _CANONICAL: dict[bytes, bytes] = {}
 _LENGTH_HEADERS = (b"Content-Length", b"Transfer-Encoding")
+# One header line as twisted.web accepts it, found only at a line start: a
+# token (RFC 9110 5.6.2), a colon, and a value without NUL/CR/LF (its spaces
+# and tabs are stripped).  When every line of a head is one such match, the
+# head is read in one C call; otherwise it goes line by line.
+_HEADER_LINE = re.compile(rb"(?<=\r\n)([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]*)\r\n")
 
 
 def _canonical_name(name: bytes) -> bytes:
@@ -476,33 +482,38 @@ class RTChannel(HTTPChannel):
         return transport is None or bool(getattr(transport, "disconnecting", False))
 
     def _head_received(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        self.lineReceived(lines[0])
+        end = head.find(b"\r\n")
+        self.lineReceived(head if end < 0 else head[:end])
         if getattr(self, _FIRST_LINE) or self._closing():
             return  # a bad request line was answered 400
-        n = len(lines)
-        raw: dict[bytes, list[bytes]] | None = getattr(self.requests[-1].requestHeaders, "_rawHeaders", None)
-        # no cache when the limit could be hit: every line goes through headerReceived
-        canonical = _CANONICAL if raw is not None and n - 1 <= self.maxHeaders else {}
-        for i in range(1, n):
-            line = lines[i]
-            name, sep, value = line.partition(b":")
-            canon = canonical.get(name)
-            if canon is None or not sep or canon in _LENGTH_HEADERS:
-                if not self.headerReceived(line):
-                    return
-                continue
-            # a known, valid name: as headerReceived, without the calls
-            value = value.strip(b" \t")
-            if b"\n" in value or b"\r" in value or b"\x00" in value:
-                self._respondToBadRequestAndDisconnect()
-                return
-            values = raw.get(canon)  # type: ignore[union-attr]
-            if values is None:
-                raw[canon] = [value]  # type: ignore[index]
+        if end >= 0:
+            block = head + b"\r\n"
+            raw: dict[bytes, list[bytes]] | None = getattr(self.requests[-1].requestHeaders, "_rawHeaders", None)
+            pairs = _HEADER_LINE.findall(block, end) if raw is not None else None
+            if pairs is None or len(pairs) != block.count(b"\r\n") - 1 or len(pairs) > self.maxHeaders:
+                # anything unusual (a bad name or value, obsolete folding, too
+                # many headers): line by line, as twisted.web does it
+                for line in head[end + 2 :].split(b"\r\n"):
+                    if not self.headerReceived(line):
+                        return
             else:
-                values.append(value)
-            self._receivedHeaderCount += 1
+                assert raw is not None
+                canonical = _CANONICAL
+                added = 0
+                for name, value in pairs:
+                    canon = canonical.get(name)
+                    if canon is None or canon in _LENGTH_HEADERS:
+                        if not self.headerReceived(name + b":" + value):
+                            return
+                        continue
+                    value = value.rstrip(b" \t")
+                    values = raw.get(canon)
+                    if values is None:
+                        raw[canon] = [value]
+                    else:
+                        values.append(value)
+                    added += 1
+                self._receivedHeaderCount += added
         self.lineReceived(b"")
 
     def headerReceived(self, line: bytes) -> bool:
