@@ -172,6 +172,46 @@ async def test_trim_keeps_offsets_and_recent_events(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_age_trim_deletes_oldest_first_and_keeps_newer(tmp_path: Path) -> None:
+    """Trimming by age deletes events and delivery ids older than the cutoff, and nothing newer."""
+    path = str(tmp_path / "j.db")
+    j = await _journal(path, retention_seconds=100)
+    try:
+        await j.append([Draft("a", i, source="s", id=f"d{i}") for i in range(5)])
+        db = sqlite3.connect(path)
+        db.execute("UPDATE events SET ts = ts - 1000 WHERE \"offset\" <= 3")
+        db.execute("UPDATE deliveries SET ts = ts - 1000 WHERE \"offset\" <= 3")
+        db.commit()
+        db.close()
+        assert await j.trim() == 3
+        assert [e.data for e in await j.history("a")] == [3, 4]
+        again = await j.append([Draft("a", 0, source="s", id="d0"), Draft("a", 4, source="s", id="d4")])
+        assert [a.duplicate for a in again] == [False, True]  # d0's id expired with its event
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_old_ts_indexes_are_dropped_on_open(tmp_path: Path) -> None:
+    """A journal file made with the former ts indexes loses them when opened (appends no longer maintain them)."""
+    path = str(tmp_path / "j.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE events (channel TEXT NOT NULL, \"offset\" INTEGER NOT NULL, id TEXT NOT NULL,"
+               " source TEXT NOT NULL, type TEXT NOT NULL, time TEXT NOT NULL, ts REAL NOT NULL, data TEXT NOT NULL,"
+               " raw BLOB, headers TEXT)")
+    db.execute("CREATE INDEX events_ts ON events (ts)")
+    db.commit()
+    db.close()
+    j = await _journal(path)
+    try:
+        await j.append([Draft("x", 1)])
+    finally:
+        await j.close()
+    names = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "events_ts" not in names and "deliveries_ts" not in names
+
+
+@pytest_twisted.ensureDeferred
 async def test_reopen_continues_offsets_and_dedup(tmp_path: Path) -> None:
     """After close and reopen, offsets continue and known delivery ids are still duplicates."""
     path = str(tmp_path / "j.db")
