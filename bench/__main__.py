@@ -58,7 +58,7 @@ class Sizes:
     ingest_concurrency: int = 50
     ingest_procs: int = 2
     ingest_warm: float = 1.0
-    ingest_seconds: float = 3.0
+    ingest_seconds: float = 6.0
     idle_conns: int = 10000
     idle_procs: int = 2
     resume_events: int = 10000
