@@ -2,7 +2,10 @@
 """
 The HTTP layer every route shares: JSON replies and errors, a resource base
 that runs C{async} handlers, the body-size limit enforced while reading, and
-a lean L{Site}.
+a lean L{Site} whose L{RTChannel} trims twisted.web's per-request cost (a
+whole request head parsed in one pass, a sized response sent in one
+C{send()}, no per-request Deferreds), byte for byte the same on the wire as
+twisted.web's own channel (C{tests/test_web.py}).
 
 Handlers are methods C{handle_<METHOD>(request)} that return (or are
 coroutines returning) a L{Reply}, a JSON-able dict, or raise L{JsonError}.
