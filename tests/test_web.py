@@ -46,6 +46,7 @@ class Echo(Resource):
             "body": request.content.read().decode("latin-1"),
             "proto": request.clientproto.decode("latin-1"),
             "host": str(request.getHost()),
+            "client": str(request.getClientAddress()),
         }
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(seen).encode()
@@ -58,6 +59,7 @@ class CountingTransport(StringTransport):
         super().__init__(hostAddress=HOST, peerAddress=PEER)
         self.writes = 0
         self.host_calls = 0
+        self.peer_calls = 0
 
     def write(self, data: bytes) -> None:
         self.writes += 1
@@ -70,6 +72,10 @@ class CountingTransport(StringTransport):
     def getHost(self) -> IPv4Address:
         self.host_calls += 1
         return HOST
+
+    def getPeer(self) -> IPv4Address:
+        self.peer_calls += 1
+        return PEER
 
 
 def _serve(site: Site, chunks: list[bytes]) -> tuple[bytes, CountingTransport]:
@@ -223,13 +229,14 @@ def test_response_head_and_body_are_one_write() -> None:
     assert theirs.writes == 4  # twisted.web: head and body separately
 
 
-def test_local_address_is_asked_once_per_connection() -> None:
-    """Three requests on one connection ask the transport for its local address once."""
+def test_addresses_are_asked_once_per_connection() -> None:
+    """Three requests on one connection ask the transport for its local and peer addresses once each."""
     raw = b"GET / HTTP/1.1\r\n\r\n" * 3
     answer, transport = _serve(_ours(Echo()), [raw])
     assert answer.count(b"HTTP/1.1 200 OK") == 3
     assert b"127.0.0.1" in answer and b"8080" in answer
     assert transport.host_calls == 1
+    assert transport.peer_calls == 1
 
 
 class Later(Resource):
