@@ -140,6 +140,8 @@ class LocalBroker(Broker):
         return d
 
     def _delivered(self, accepted: list[Accepted]) -> list[Accepted]:
+        if not len(self.index):  # nobody subscribed on this node (e.g. a pure webhook intake)
+            return accepted
         fanout = self.fanout
         for a in accepted:
             if not a.duplicate:
