@@ -165,17 +165,24 @@ def _json_text(headers: dict[str, str], body: bytes) -> str | None:
     The body itself as the event's stored JSON, when L{parse_body} read it as
     UTF-8 JSON (so the journal need not encode the parsed data again).
     """
-    ctype = headers.get("content-type")
-    if ctype is not None:
-        mime = ctype.partition(";")[0].strip().lower()
-        if mime and mime != "application/json" and not mime.endswith("+json"):
-            return None
+    if not _is_json(_media_type(headers.get("content-type"))):
+        return None
     if not body or body[:3] == b"\xef\xbb\xbf":
         return None
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def _media_type(content_type: str | None) -> str:
+    """The lower-case media type of a C{Content-Type} (C{""} when absent)."""
+    return content_type.partition(";")[0].strip().lower() if content_type else ""
+
+
+def _is_json(mime: str) -> bool:
+    """Whether a webhook body of this media type is read as JSON (no type means JSON)."""
+    return not mime or mime == "application/json" or mime.endswith("+json")
 
 
 def parse_body(content_type: str | None, body: bytes) -> Any:
@@ -187,16 +194,14 @@ def parse_body(content_type: str | None, body: bytes) -> Any:
 
     @raise JsonError: 415 for a binary or unknown type, 400 if unparsable.
     """
-    mime = ""
+    mime = _media_type(content_type)
     charset = "utf-8"
     if content_type:
-        mime, _, params = content_type.partition(";")
-        mime = mime.strip().lower()
-        for p in params.split(";"):
+        for p in content_type.partition(";")[2].split(";"):
             k, _, v = p.partition("=")
             if k.strip().lower() == "charset" and v.strip():
                 charset = v.strip().strip('"')
-    if not mime or mime == "application/json" or mime.endswith("+json"):
+    if _is_json(mime):
         if not body:
             return None
         try:
