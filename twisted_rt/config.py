@@ -75,6 +75,10 @@ class ServerConfig:
     access_log: bool = True
     redirect_http_to_https: bool = False
     hsts_seconds: int = 0
+    request_head_timeout_seconds: float = 10.0
+    max_connections_per_ip: int = 256
+    max_connections: int = 20000
+    signature_failures_per_ip_per_minute: int = 60
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ class AuthConfig:
     api_keys: tuple[str, ...] = ()
     jwt_secret: str = ""
     jwt_public_key_file: str = ""
+    jwt_audience: str = ""
     anonymous_subscribe: tuple[str, ...] = ()
 
 
@@ -153,6 +158,7 @@ class SourceConfig:
     verify_token: str = ""
     signature_header: str = "X-Signature"
     signature_encoding: str = "hex"
+    redact_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,6 +238,16 @@ def _coerce(value: Any, annotation: str, key: str, env: Mapping[str, str]) -> An
     raise AssertionError(annotation)  # pragma: no cover
 
 
+def _check_expanded(raw: Any, value: Any, key: str) -> None:
+    """A string that named a C{${VAR}} must not be empty once expanded (an unset secret)."""
+    raws = raw if isinstance(raw, list) else [raw]
+    values = value if isinstance(value, tuple) else (value,)
+    for i, (r, v) in enumerate(zip(raws, values, strict=False)):
+        if isinstance(r, str) and isinstance(v, str) and _VAR.search(r) and not v.strip():
+            where = f"{key}[{i}]" if isinstance(raw, list) else key
+            raise ConfigError(where, f"is empty after expanding {r!r}")
+
+
 def _toml_type(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
@@ -258,6 +274,7 @@ def _table(cls: Callable[..., _T], raw: Any, prefix: str, env: Mapping[str, str]
         if k not in known:
             raise ConfigError(key, f"unknown key (known: {', '.join(sorted(known))})")
         kwargs[k] = _coerce(v, str(known[k].type), key, env)
+        _check_expanded(v, kwargs[k], key)
     try:
         return cls(**kwargs)
     except TypeError:
@@ -344,6 +361,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("log_format", "expected text or json")
     if cfg.auth.jwt_secret and cfg.auth.jwt_public_key_file:
         raise ConfigError("auth.jwt_public_key_file", "give jwt_secret or jwt_public_key_file, not both")
+    if cfg.auth.jwt_audience and not (cfg.auth.jwt_secret or cfg.auth.jwt_public_key_file):
+        raise ConfigError("auth.jwt_audience", "needs jwt_secret or jwt_public_key_file (JWTs are off)")
+    if cfg.server.request_head_timeout_seconds <= 0:
+        raise ConfigError("server.request_head_timeout_seconds", "must be more than 0")
     if cfg.auth.jwt_public_key_file:
         _check_public_key(cfg.auth.jwt_public_key_file)
     for i, key in enumerate(cfg.auth.api_keys):
@@ -377,14 +398,21 @@ def validate(cfg: Config) -> None:
         for j, secret in enumerate(s.secrets):
             if not secret:
                 raise ConfigError(f"{key}.secrets[{j}]", "must not be empty")
-            if s.verify == "standard" and secret.startswith("whsec_"):
+            if secret.startswith("whsec_"):
                 import base64
                 import binascii
 
                 try:
-                    base64.b64decode(secret[6:], validate=True)
+                    material = base64.b64decode(secret[6:], validate=True)
                 except (binascii.Error, ValueError):
                     raise ConfigError(f"{key}.secrets[{j}]", "whsec_ secret is not valid base64") from None
+                if not material:
+                    raise ConfigError(f"{key}.secrets[{j}]", "whsec_ secret has no key material after the prefix")
+            elif not secret.strip():
+                raise ConfigError(f"{key}.secrets[{j}]", "must not be blank")
+        for j, name in enumerate(s.redact_headers):
+            if not re.match(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]{1,128}$", name):
+                raise ConfigError(f"{key}.redact_headers[{j}]", f"not an HTTP header name: {name!r}")
         if s.signature_encoding not in ("hex", "base64"):
             raise ConfigError(f"{key}.signature_encoding", "expected hex or base64")
         if s.verify == "meta" and not s.verify_token:

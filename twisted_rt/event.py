@@ -84,6 +84,11 @@ class Draft:
     @ivar text: C{data} already written as JSON (a webhook's own UTF-8 JSON
         body, which L{loads} accepted), so the journal need not encode it
         again; C{None} to encode C{data}.
+    @ivar scope: the idempotency scope of C{id}: two drafts are the same
+        event when their C{(scope, id)} are equal.  C{None} means the
+        C{source} (a webhook source's delivery ids); publishers use
+        L{twisted_rt.auth.Principal.scope}, so one publisher's keys are the
+        same over HTTP and WebSocket and never meet another publisher's.
     """
 
     channel: str
@@ -94,11 +99,16 @@ class Draft:
     raw: bytes | None = None
     headers: dict[str, str] | None = None
     text: str | None = None
+    scope: str | None = None
 
 
 class Event:
     """
     An accepted event with its offset.
+
+    C{seq} is the event's place in the journal's global order (one counter
+    for every channel, never reused; 0 when unknown): the broker fans events
+    out in C{seq} order, and an SSE cursor is a C{seq}.
 
     The public dict (contract fields only) and its JSON encodings are built
     lazily and cached: they are shared by every subscriber.
@@ -114,6 +124,7 @@ class Event:
         "id",
         "offset",
         "raw",
+        "seq",
         "source",
         "time",
         "type",
@@ -130,6 +141,7 @@ class Event:
         data: Any,
         raw: bytes | None = None,
         headers: dict[str, str] | None = None,
+        seq: int = 0,
     ) -> None:
         self.id = id
         self.channel = channel
@@ -140,6 +152,7 @@ class Event:
         self.data = data
         self.raw = raw
         self.headers = headers
+        self.seq = seq
         self._json: bytes | None = None
         self._ws: bytes | None = None
         self._cache: dict[str, Any] | None = None

@@ -44,7 +44,9 @@ __all__ = [
     "Reply",
     "RTRequest",
     "RTSite",
+    "MAX_INT",
     "error_body",
+    "int_arg",
     "json_page",
     "write_json",
     "write_now",
@@ -78,6 +80,30 @@ class Reply:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     content_type: bytes = b"application/json"
+
+
+#: the largest integer a query parameter may carry (SQLite's signed 64-bit INTEGER)
+MAX_INT = 2**63 - 1
+
+
+def int_arg(request: Request, name: str, default: int, low: int = 0, high: int = MAX_INT) -> int:
+    """
+    The integer query parameter C{name} (C{default} when absent): only ASCII
+    digits, at most 19 of them, from C{low} to C{high}.
+
+    @raise JsonError: 400 C{invalid_parameter} for anything else (a sign, a
+        Unicode digit such as C{²}, a fraction, 5,000 digits, ...).
+    """
+    values = (request.args or {}).get(name.encode("ascii"))
+    if not values:
+        return default
+    raw = values[0]
+    if not (0 < len(raw) <= 19 and raw.isdigit()):  # bytes.isdigit() is ASCII only
+        raise JsonError(400, "invalid_parameter", f"{name} must be an integer from {low} to {high}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise JsonError(400, "invalid_parameter", f"{name} must be an integer from {low} to {high}")
+    return value
 
 
 def error_body(code: str, message: str) -> bytes:
