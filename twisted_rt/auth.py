@@ -63,6 +63,15 @@ class Principal:
         """Whether events may be published to C{channel}."""
         return self.admin or any(matches(r, channel) for r in self.publish)
 
+    @property
+    def scope(self) -> str:
+        """
+        The idempotency scope of this caller's event ids (L{Draft.scope}):
+        one shared scope for API keys, one per JWT C{sub}.  Webhook source
+        names have no C{:}, so these never meet a source's delivery ids.
+        """
+        return "pub:key" if self.admin else f"pub:sub:{self.sub}"
+
 
 def _rights(claims: dict[str, Any], name: str) -> tuple[str, ...]:
     value = claims.get(name, [])
