@@ -1,17 +1,20 @@
 # -*- test-case-name: tests.test_daemon -*-
 """
 Log output: twistd's readable text by default, or one JSON object per line
-(C{--log-format json}) for log shippers.
+(C{--log-format json}) for log shippers; and L{redact_uri}, the one way a
+request's URI is written to any log line (tokens never reach logs).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import IO
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import globalLogPublisher, jsonFileLogObserver
 
-__all__ = ["use_json_logging"]
+__all__ = ["redact_uri", "use_json_logging"]
 
 _installed: list[object] = []
 
@@ -32,3 +35,37 @@ def use_json_logging(out: IO[str] | None = None) -> None:
     _installed.append(observer)
     for o in observers:
         globalLogPublisher.removeObserver(o)
+
+
+# Query parameters whose values are secrets: never written to a log.
+_SECRET_NAMES = frozenset({b"token", b"api_key", b"apikey", b"access_key", b"secret", b"client_secret", b"password"})
+_SECRET_SUFFIXES = (b"_token", b".token", b"-token")
+# a cheap test that a query may name one of them (or hide a name behind %XX)
+_MAYBE_SECRET = re.compile(rb"(?i)token|key|secret|password|%")
+
+
+def _secret_name(raw: bytes) -> bool:
+    name = unquote_to_bytes(raw.replace(b"+", b" ")).lower()
+    return name in _SECRET_NAMES or name.endswith(_SECRET_SUFFIXES)
+
+
+def redact_uri(uri: bytes | str) -> str:
+    """
+    C{uri} as it may be logged: the value of every secret query parameter
+    (C{token}, C{access_token}, C{hub.verify_token}, C{api_key}, ...) is
+    replaced by C{REDACTED} (C{/sse?channel=a&token=REDACTED}); the rest is
+    kept byte for byte (decoded as UTF-8 with replacement).
+    """
+    raw = uri.encode("utf-8", "surrogateescape") if isinstance(uri, str) else uri
+    path, q, query = raw.partition(b"?")
+    if q and _MAYBE_SECRET.search(query):
+        parts = query.split(b"&")
+        changed = False
+        for i, part in enumerate(parts):
+            name = part.partition(b"=")[0]
+            if _secret_name(name):
+                parts[i] = name + b"=REDACTED"
+                changed = True
+        if changed:
+            raw = path + b"?" + b"&".join(parts)
+    return raw.decode("utf-8", "replace")

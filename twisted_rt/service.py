@@ -101,12 +101,20 @@ class RTService(MultiService):
         def too_large(request: Any) -> None:
             stats.dropped["body_too_large"] += 1
 
+        def refused(reason: str) -> None:
+            stats.dropped[reason] += 1
+
+        server = self.config.server
         return RTSite(
             self.root,
-            max_body_bytes=self.config.server.max_body_bytes,
-            log_requests=self.config.server.access_log,
+            max_body_bytes=server.max_body_bytes,
+            log_requests=server.access_log,
             on_too_large=too_large,
             reactor=self.reactor,
+            head_timeout=server.request_head_timeout_seconds,
+            max_connections=server.max_connections,
+            max_connections_per_ip=server.max_connections_per_ip,
+            on_refused=refused,
         )
 
     def endpoint(self, desc: str) -> Any:

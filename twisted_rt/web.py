@@ -24,9 +24,11 @@ from typing import Any, Awaitable, Callable, Sequence
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
 from twisted.protocols import basic
+from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString
@@ -36,6 +38,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.server import version as _server_version
 
 from twisted_rt.event import dumps
+from twisted_rt.logs import redact_uri
 
 __all__ = [
     "JsonError",
@@ -124,7 +127,7 @@ def write_json(request: Request, status: int, body: Any, headers: dict[str, str]
     request.finish()
 
 
-def _map_failure(f: Failure) -> JsonError:
+def _map_failure(f: Failure, request: Request | None = None) -> JsonError:
     from twisted_rt.auth import AuthError
     from twisted_rt.journal import JournalUnavailable, UnencodableEvent
 
@@ -138,8 +141,25 @@ def _map_failure(f: Failure) -> JsonError:
         return JsonError(400, "invalid_body", str(e))
     if isinstance(e, JournalUnavailable):
         return JsonError(503, "journal_unavailable", f"nothing was accepted: {e}", {"Retry-After": "1"})
-    log.failure("unexpected error", f, log_category="RT-W500")
+    log.failure(
+        "unexpected error answering {method} {uri}",
+        f,
+        method=_method(request),
+        uri=_uri(request),
+        log_category="RT-W500",
+    )
     return JsonError(500, "internal_error", "the server failed to handle this request; it was logged")
+
+
+def _method(request: Request | None) -> str:
+    method = getattr(request, "method", None)
+    return method.decode("ascii", "replace") if isinstance(method, bytes) else "-"
+
+
+def _uri(request: Request | None) -> str:
+    """The request's URI as it may be logged (no tokens: L{redact_uri})."""
+    uri = getattr(request, "uri", None)
+    return redact_uri(uri) if isinstance(uri, bytes) else "-"
 
 
 Handler = Callable[[Request], Reply | dict[str, Any] | Awaitable[Reply | dict[str, Any]]]
@@ -176,15 +196,22 @@ def method_not_allowed(request: Request, allowed: list[str]) -> int:
 
 
 def run(request: Request, handler: Handler) -> int:
-    """Run C{handler} for C{request} and write what it returns."""
+    """
+    Run C{handler} for C{request} and write what it returns.
+
+    Whatever fails, in the handler or while encoding or writing its answer
+    (a body that is not JSON-able, ...), goes through L{_map_failure}: the
+    client gets a JSON error, never twisted.web's HTML 500 and never
+    silence.  A failure after the client went away is logged.
+    """
     finished = [False]
     try:
         result = handler(request)
+        if not hasattr(result, "__await__") and not isinstance(result, Deferred):
+            _answer(result, request, finished)
+            return NOT_DONE_YET
     except Exception:  # noqa: BLE001 - any handler error becomes a JSON answer
         _answer_failure(Failure(), request, finished)
-        return NOT_DONE_YET
-    if not hasattr(result, "__await__") and not isinstance(result, Deferred):
-        _answer(result, request, finished)
         return NOT_DONE_YET
     d: Deferred[Any] = result if isinstance(result, Deferred) else ensureDeferred(result)  # type: ignore[arg-type]
 
@@ -196,36 +223,66 @@ def run(request: Request, handler: Handler) -> int:
         request.on_gone = gone
     else:
         request.notifyFinish().addErrback(gone)
-    d.addCallbacks(_answer, _answer_failure, callbackArgs=(request, finished), errbackArgs=(request, finished))
+    # addCallback then addErrback (not addCallbacks): a failure raised by
+    # _answer itself must reach _answer_failure too
+    d.addCallback(_answer, request, finished)
+    d.addErrback(_answer_failure, request, finished)
+    d.addErrback(_unanswerable, request)
     return NOT_DONE_YET
 
 
 def _answer(result: Any, request: Request, finished: list[bool]) -> None:
     if finished[0]:
         return
-    finished[0] = True
+    # encode first: a body that cannot be encoded fails before anything is written
     if isinstance(result, Reply):
-        if result.content_type != b"application/json" or isinstance(result.body, bytes):
-            request.setResponseCode(result.status)
-            request.setHeader(b"content-type", result.content_type)
-            for k, v in result.headers.items():
-                request.setHeader(k.encode("latin-1"), v.encode("latin-1"))
-            body = result.body if isinstance(result.body, bytes) else dumps(result.body)
-            request.setHeader(b"content-length", b"%d" % len(body))
-            request.write(body)
-            request.finish()
-            return
-        write_json(request, result.status, result.body, result.headers)
+        status, content_type, headers = result.status, result.content_type, result.headers
+        body = result.body if isinstance(result.body, bytes) else dumps(result.body)
     else:
-        write_json(request, 200, result)
+        status, content_type, headers = 200, b"application/json", None
+        body = dumps(result)
+    finished[0] = True
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", content_type)
+    if headers:
+        for k, v in headers.items():
+            request.setHeader(k.encode("latin-1"), v.encode("latin-1"))
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
 
 
 def _answer_failure(f: Failure, request: Request, finished: list[bool]) -> None:
-    if f.check(CancelledError) or finished[0]:
+    if finished[0]:
+        # the client went away (cancelled), or the answer broke while being
+        # written: nobody can be told, so it is logged
+        if not f.check(CancelledError):
+            log.failure(
+                "{method} {uri} failed after its answer was started or its client went away",
+                f,
+                method=_method(request),
+                uri=_uri(request),
+                log_category="RT-W501",
+            )
         return
     finished[0] = True
-    e = _map_failure(f)
+    e = _map_failure(f, request)
     write_json(request, e.status, error_body(e.code, e.message), e.headers)
+
+
+def _unanswerable(f: Failure, request: Request) -> None:
+    """The last errback of L{run}: writing even the error answer failed."""
+    log.failure(
+        "could not answer {method} {uri}",
+        f,
+        method=_method(request),
+        uri=_uri(request),
+        log_category="RT-W502",
+    )
+    try:
+        request.channel.loseConnection()
+    except Exception:  # noqa: BLE001 - the connection may be gone already  # pragma: no cover
+        pass
 
 
 class JsonPage(Resource):
@@ -390,10 +447,41 @@ class RTRequest(Request):
         headers.setRawHeaders(b"Date", [http_date()])
         self.prepath = []
         self.postpath = [unquote_to_bytes(p) for p in self.path[1:].split(b"/")]
+        channel = self.channel
+        transport = channel.transport
         try:
             self.render(site.getResourceFor(self))
         except BaseException:  # noqa: BLE001 - as twisted.web: any failure becomes a 500
             self.processingFailed(Failure())
+        if channel.transport is None and transport is not None and isinstance(channel, RTChannel):
+            channel.handed_over(transport)  # an upgrade (WebSocket) took the connection
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        """
+        A failure while rendering: logged (URI without tokens) and answered
+        as a JSON 500 when nothing was sent yet (twisted.web answers HTML).
+        """
+        log.failure(
+            "unexpected error rendering {method} {uri}",
+            reason,
+            method=_method(self),
+            uri=_uri(self),
+            log_category="RT-W500",
+        )
+        if self.finished or self._disconnected:
+            return reason
+        if self.startedWriting:
+            self.finish()  # a partial answer: end it (the client sees it cut)
+            return reason
+        body = error_body("internal_error", "the server failed to handle this request; it was logged")
+        self.responseHeaders = Headers()
+        write_json(self, 500, body)
+        return reason
+
+    def __repr__(self) -> str:
+        """As twisted.web's, with the URI's tokens redacted (it reaches log lines)."""
+        method = self.method.decode("ascii", "replace") if isinstance(self.method, bytes) else "-"
+        return f"<{type(self).__name__} at 0x{id(self):x} method={method} uri={_uri(self)}>"
 
     def finish(self) -> None:
         super().finish()
@@ -463,6 +551,109 @@ class RTChannel(HTTPChannel):
     _held_head: list[bytes] | None = None
     _host: Any = None
     _peer: Any = None
+    #: the per-address key this connection is counted under by L{RTSite}
+    _slot: str | None = None
+    #: body bytes since the body deadline was last extended
+    _body_read = 0
+
+    # -- deadlines -------------------------------------------------------
+    #
+    # twisted.web's idle timeout is reset by every read, so a client sending
+    # one byte every few seconds holds a connection for ever.  Here the
+    # channel's one TimeoutMixin timer is a deadline instead: a request head
+    # must arrive whole within the site's head_timeout (from the connection's
+    # start, or from the end of the previous response on a keep-alive
+    # connection), whatever trickles in; a body must bring at least
+    # BODY_PROGRESS_BYTES per head_timeout.  While a request is handled
+    # (streams, long-polls) twisted.web turns the timer off, as before.
+
+    def connectionMade(self) -> None:
+        timeout = getattr(getattr(self, "site", None), "head_timeout", None)
+        if timeout:
+            self.timeOut = timeout
+        super().connectionMade()
+
+    def resetTimeout(self) -> None:
+        """Reads do not extend the deadline (see L{rawDataReceived} for bodies)."""
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        if self.length != 0:  # a body follows: a fresh deadline, extended by progress
+            self._body_read = 0
+            TimeoutMixin.resetTimeout(self)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._handlingRequest:  # request body bytes
+            n = self._body_read + len(data)
+            if n >= BODY_PROGRESS_BYTES:
+                n = 0
+                TimeoutMixin.resetTimeout(self)
+            self._body_read = n
+        super().rawDataReceived(data)
+
+    def timeoutConnection(self) -> None:
+        """
+        The deadline passed: a partly received request is answered 408
+        (JSON, C{Connection: close}); an idle connection is just closed.
+        """
+        transport = self.transport
+        if transport is not None and not self._handlingRequest and (self._buffer or self.requests):
+            seconds = self.timeOut
+            body = error_body(
+                "request_timeout", f"the request did not arrive whole within {seconds:g} s"
+            )
+            self._flush_head()
+            transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\n"
+                b"Content-Type: application/json\r\n"
+                b"Connection: close\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            site = getattr(self, "site", None)
+            if isinstance(site, RTSite):
+                site.refused("request_timeout")
+        # twisted.web's: close, and abort if the client does not let go
+        super().timeoutConnection()
+
+    # -- connection accounting ---------------------------------------------
+
+    def release(self) -> None:
+        """This connection no longer counts against the site's caps (idempotent)."""
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            site = getattr(self, "site", None)
+            if isinstance(site, RTSite):
+                site.release(slot)
+
+    def handed_over(self, transport: Any) -> None:
+        """
+        An upgrade (C{/ws}) took the transport over: the connection keeps its
+        slot until the new protocol's C{is_closed} (Autobahn's public
+        Deferred that fires when the connection is gone) fires.
+        """
+        slot, self._slot = self._slot, None
+        if slot is None:
+            return
+        proto = transport.wrappedProtocol if isinstance(transport, ProtocolWrapper) else getattr(transport, "protocol", None)
+        if isinstance(proto, ProtocolWrapper):
+            proto = proto.wrappedProtocol
+        closed = getattr(proto, "is_closed", None)
+        site = getattr(self, "site", None)
+        if not isinstance(site, RTSite):
+            return
+        if not isinstance(closed, Deferred):
+            site.release(slot)  # cannot follow it: do not leak the slot
+            return
+
+        def release(result: Any) -> Any:
+            site.release(slot)
+            return result
+
+        closed.addBoth(release)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.release()
 
     def getHost(self) -> Any:
         """The local address (asked of the transport once, not once per request)."""
@@ -484,7 +675,6 @@ class RTChannel(HTTPChannel):
         if not _FAST_HEAD or self._busyReceiving:
             super().dataReceived(data)
             return
-        self.resetTimeout()
         buf = self._buffer + data if self._buffer else data
         self._buffer = b""
         while buf:
@@ -588,9 +778,78 @@ class RTChannel(HTTPChannel):
         super().loseConnection()
 
 
+#: body bytes that extend a request body's deadline by another head timeout
+BODY_PROGRESS_BYTES = 16384
+
+
+class _RTChannelProtocol(_GenericHTTPChannelProtocol):
+    """twisted.web's HTTP/1.1-or-HTTP/2 switch, which also frees the connection's slot."""
+
+    def __init__(self, channel: RTChannel) -> None:
+        super().__init__(channel)
+        self._rt_channel = channel
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._rt_channel.release()  # also when HTTP/2 replaced the channel
+
+
 def _rt_channel_protocol(site: Site) -> Any:
     """The protocol of L{RTSite}: an L{RTChannel} behind the HTTP/2 (ALPN) switch."""
-    return _GenericHTTPChannelProtocol(RTChannel())
+    return _RTChannelProtocol(RTChannel())
+
+
+class _Refused(Protocol):
+    """
+    A connection past a cap: its request head is read (at most
+    L{RTChannel.totalHeadersSize} bytes, within the head timeout) and
+    answered 503 JSON with C{Connection: close}; nothing else is done.
+    """
+
+    def __init__(self, site: RTSite, message: str) -> None:
+        self.site = site
+        self.message = message
+        self._tail = b""
+        self._seen = 0
+        self._timer: Any = None
+
+    def connectionMade(self) -> None:
+        self._timer = self.site.reactor.callLater(self.site.head_timeout, self._give_up)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._seen < 0:
+            return
+        self._seen += len(data)
+        probe = self._tail + data
+        if b"\r\n\r\n" in probe or b"\n\n" in probe or self._seen > RTChannel.totalHeadersSize:
+            self._answer()
+            return
+        self._tail = probe[-3:]
+
+    def _answer(self) -> None:
+        self._seen = -1
+        body = error_body("too_many_connections", self.message)
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Retry-After: 1\r\n"
+            b"Connection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        transport.loseConnection()
+
+    def _give_up(self) -> None:
+        self._timer = None
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.site.refusing -= 1
 
 
 class _MethodGuard:
@@ -608,6 +867,10 @@ class _MethodGuard:
             if request.method == b"HEAD" and "GET" in allowed:
                 raise
             return method_not_allowed(request, allowed)
+
+
+#: most connections answered 503 at a time; past it, new ones are closed unanswered
+_MAX_REFUSING = 1024
 
 
 class RTSite(Site):
@@ -628,6 +891,10 @@ class RTSite(Site):
         log_requests: bool = True,
         on_too_large: Callable[[Request], None] | None = None,
         reactor: Any = None,
+        head_timeout: float = 10.0,
+        max_connections: int = 20000,
+        max_connections_per_ip: int = 256,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         # Routes read their bodies themselves; parsing every POST's Content-Type
         # and form fields (twisted.web's default) cost ~27% of the ingest path.
@@ -636,6 +903,62 @@ class RTSite(Site):
         self.log_requests = log_requests
         self.inflight: set[Request] = set()
         self._on_too_large = on_too_large
+        self._on_refused = on_refused
+        self.head_timeout = head_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        #: open connections (HTTP, SSE, long-poll and WebSocket), in all and per address
+        self.connections = 0
+        self.per_ip: dict[str, int] = {}
+        #: connections being answered 503 right now
+        self.refusing = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """
+        A channel for a new connection, counted against C{max_connections}
+        and C{max_connections_per_ip} (0: no cap); past a cap, a
+        L{_Refused} protocol that answers 503.  The per-address table holds
+        only addresses with an open connection.
+        """
+        ip = getattr(addr, "host", None) or "-"  # UNIX sockets share one key
+        per_ip = self.per_ip
+        n = per_ip.get(ip, 0)
+        cap, cap_ip = self.max_connections, self.max_connections_per_ip
+        if (cap and self.connections >= cap) or (cap_ip and n >= cap_ip):
+            return self._refuse(ip, bool(cap_ip and n >= cap_ip))
+        proto = super().buildProtocol(addr)
+        channel = getattr(proto, "_rt_channel", None)
+        if channel is not None:
+            channel._slot = ip
+            per_ip[ip] = n + 1
+            self.connections += 1
+        return proto
+
+    def _refuse(self, ip: str, per_ip: bool) -> Any:
+        reason = "too_many_connections_per_ip" if per_ip else "too_many_connections"
+        self.refused(reason)
+        if self.refusing >= _MAX_REFUSING:
+            return None  # the endpoint closes the connection at once
+        self.refusing += 1
+        if per_ip:
+            message = f"more than {self.max_connections_per_ip} connections from {ip}; try again later"
+        else:
+            message = f"the server has {self.max_connections} connections open; try again later"
+        return _Refused(self, message)
+
+    def release(self, ip: str) -> None:
+        """A counted connection from C{ip} has closed."""
+        self.connections -= 1
+        n = self.per_ip.get(ip, 0) - 1
+        if n > 0:
+            self.per_ip[ip] = n
+        else:
+            self.per_ip.pop(ip, None)
+
+    def refused(self, reason: str) -> None:
+        """A connection was refused or timed out (counted in the stats)."""
+        if self._on_refused is not None:
+            self._on_refused(reason)
 
     def on_too_large(self, request: Request) -> None:
         """A body was refused while reading."""
@@ -652,7 +975,7 @@ class RTSite(Site):
             "{peer} {method} {uri} {code} {length}B {ms:.1f}ms",
             peer=getattr(peer, "host", "-"),
             method=request.method.decode("ascii", "replace"),
-            uri=request.uri.decode("utf-8", "replace"),
+            uri=redact_uri(request.uri),
             code=request.code,
             length=request.sentLength,
             ms=ms,
