@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 from typing import Any, Callable
 
 import pytest
@@ -20,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.conftest import API_KEY, ARTIFACTS, DEFAULT_CONFIG, JWT_SECRET, Daemon, http
 from twisted_rt import inspector
 from twisted_rt.auth import Authenticator
-from twisted_rt.config import AuthConfig
+from twisted_rt.config import AuthConfig, Config, SourceConfig
 from twisted_rt.event import Event
 from twisted_rt.web import Root
 
@@ -53,6 +54,7 @@ class FakeApp:
     def __init__(self, events: list[Event]) -> None:
         self.auth = Authenticator(AuthConfig(api_keys=(API_KEY,), jwt_secret=JWT_SECRET))
         self.broker = FakeBroker(events)
+        self.config = Config(sources=(SourceConfig(name="plain", verify="none", redact_headers=("X-Api-Key",)),))
 
     def principal(self, request: Any) -> Any:
         header = request.getHeader(b"authorization")
@@ -67,6 +69,13 @@ def stub() -> tuple[StubTreq, FakeApp]:
         Event("d-1", "hooks.plain", 1, "2026-11-21T18:45:15.123Z", "plain", "push", {"a": 1},
               raw=raw, headers={"Content-Type": "application/json", "X-Sig": "s"}),
         Event("d-2", "hooks.plain", 2, "2026-11-21T18:45:16.123Z", "api", "", {"b": 2}),
+        # journaled before ingest dropped secret headers (and with odd cases)
+        Event("d-3", "hooks.plain", 3, "2026-11-21T18:45:17.123Z", "plain", "push", {"a": 1}, raw=raw,
+              headers={"Content-Type": "application/json", "authorization": "Bearer k", "COOKIE": "s=1",
+                       "Proxy-Authorization": "Basic x", "X-Gitlab-Token": "gl", "x-api-key": "k2",
+                       "X-Sig": "s"}),
+        Event("d-4", "hooks.other", 1, "2026-11-21T18:45:18.123Z", "gone", "", {}, raw=raw,
+              headers={"X-Gitlab-Token": "gl", "X-Api-Key": "kept: not this source's rule"}),
     ]
     app = FakeApp(events)
     root = Root()
@@ -143,6 +152,15 @@ class RoutesTests(SynchronousTestCase):
         code, _, _ = self.get("/api/raw/hooks.plain/1", "not-a-key")
         self.assertEqual(code, 401)
 
+    def test_raw_never_serves_secret_headers(self) -> None:
+        """Rows journaled with secret headers (any case) are served without them and the source's redact_headers."""
+        code, _, body = self.get("/api/raw/hooks.plain/3", API_KEY)
+        self.assertEqual(code, 200)
+        self.assertEqual(json.loads(body)["headers"], {"Content-Type": "application/json", "X-Sig": "s"})
+        # an event of a source no longer configured: the contract's list still applies
+        code, _, body = self.get("/api/raw/hooks.other/1", API_KEY)
+        self.assertEqual(json.loads(body)["headers"], {"X-Api-Key": "kept: not this source's rule"})
+
     def test_raw_bad_requests(self) -> None:
         """Unknown offsets are 404, bad offsets or channels 400, wrong shapes 404."""
         self.assertEqual(self.get("/api/raw/hooks.plain/9", API_KEY)[0], 404)
@@ -164,6 +182,47 @@ def test_raw_route_on_real_daemon(make_daemon: Callable[..., Daemon]) -> None:
     assert {k.lower(): v for k, v in doc["headers"].items()}["x-test"] == "1"
     status, _ = d.get("/api/channels", headers={"Authorization": f"Bearer {API_KEY}"})
     assert status == 200  # the API routes are still there
+
+
+SECRET_CONFIG = DEFAULT_CONFIG + """
+[[sources]]
+name = "gitlab"
+verify = "gitlab"
+secrets = ["gl-token-1"]
+channel = "gitlab.{header:X-Gitlab-Event}"
+redact_headers = ["X-Api-Key"]
+"""
+
+
+def test_raw_route_never_serves_secret_headers(make_daemon: Callable[..., Daemon]) -> None:
+    """On the daemon, GitLab's token, credentials and redact_headers are neither journaled nor served by /api/raw."""
+    d = make_daemon(SECRET_CONFIG)
+    headers = {"Content-Type": "application/json", "X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "gl-token-1",
+               "Authorization": "Bearer user-credential", "Cookie": "session=s3", "x-api-key": "k-1",
+               "X-Gitlab-Event-UUID": "u-1"}
+    status, _, _ = http("POST", d.url + "/hooks/gitlab", b'{"object_kind":"push"}', headers)
+    assert status == 202
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    status, doc = d.get("/api/raw/gitlab.Push_Hook/1", headers=auth)
+    assert status == 200
+    served = {k.lower(): v for k, v in doc["headers"].items()}
+    assert served["x-gitlab-event-uuid"] == "u-1"
+    assert not {"x-gitlab-token", "authorization", "cookie", "x-api-key"} & set(served)
+    db_path = d.workdir / "var" / "journal.sqlite3"
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+        (stored,) = db.execute("SELECT headers FROM events WHERE id = 'u-1'").fetchone()
+    assert "gl-token-1" not in stored and "user-credential" not in stored and "k-1" not in stored
+    # a row journaled by an older version, secrets and all, is still served without them
+    d.stop()
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE events SET headers = ? WHERE id = 'u-1'",
+                   (json.dumps({**headers, "X-API-KEY": "k-2"}),))
+    d.start()
+    status, doc = d.get("/api/raw/gitlab.Push_Hook/1", headers=auth)
+    assert status == 200
+    served = {k.lower(): v for k, v in doc["headers"].items()}
+    assert served["x-gitlab-event"] == "Push Hook"
+    assert not {"x-gitlab-token", "authorization", "cookie", "x-api-key"} & set(served)
 
 
 # -- the page in a real browser ---------------------------------------------------

@@ -53,7 +53,11 @@ package (C{pip install websocket-client})::
 
 C{twisted-rt tail --forward URL} re-delivers each event's original request
 body and headers (from C{GET /api/raw/<channel>/<offset>}) to a local URL,
-the smee-client use case, retrying while the local server is down.
+the smee-client use case, retrying while the local server is down.  Headers
+that carry a secret (C{Authorization}, C{Cookie}, C{Proxy-Authorization},
+C{X-Gitlab-Token}: L{twisted_rt.verify.SECRET_HEADERS}) are never forwarded,
+even if an older daemon serves them; signatures (C{X-Hub-Signature-256},
+C{webhook-signature}, ...) are, so the provider's own check still passes.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from twisted_rt.matcher import is_wildcard, matches
+from twisted_rt.verify import SECRET_HEADERS
 
 __all__ = [
     "Forwarder",
@@ -93,7 +98,8 @@ log = Logger()
 
 EventCallback = Callable[[dict[str, Any]], Any]
 
-# Request headers never copied when forwarding (hop-by-hop or recomputed).
+# Request headers never copied when forwarding: hop-by-hop or recomputed,
+# and those that carry a secret.
 _SKIP_HEADERS = frozenset(
     {
         "host",
@@ -106,9 +112,8 @@ _SKIP_HEADERS = frozenset(
         "upgrade",
         "expect",
         "proxy-connection",
-        "proxy-authorization",
     }
-)
+) | SECRET_HEADERS
 
 
 def http_base(ws_url: str) -> str:

@@ -3,24 +3,41 @@
 C{/hooks/<source>}: signed webhooks in.
 
 C{POST /hooks/<source>} goes, cheapest check first: unknown source (404),
-rate limits per client IP and per source (429 with C{Retry-After}), the
-source's signature over the raw body (401, L{twisted_rt.verify}), the
-content type and body (415, 400), provider handshakes (answered, never
-journaled), the channel template (400 C{unroutable}), then one
-C{broker.publish} whose durable commit is the acknowledgement: C{202
-{"id","channel","offset"}}, or C{200 {..., "duplicate": true}} when the
-source already delivered that id (the journal keeps delivery ids, so this
-holds across restarts).  A journal failure is a 503 via L{twisted_rt.web}.
+the per-IP rate limit (429), the per-IP throttle of signature failures
+(429, see below), X's content-type rule (415), the source's signature over
+the raw body (401, L{twisted_rt.verify}), the source's rate limit (429,
+counting verified deliveries only, so junk never locks the genuine sender
+out), the body (415, 400), provider handshakes (answered, never journaled),
+the channel template (400 C{unroutable}), then one C{broker.publish} whose
+durable commit is the acknowledgement: C{202 {"id","channel","offset"}}, or
+C{200 {..., "duplicate": true}} when the source already delivered that id
+(the journal keeps delivery ids, so this holds across restarts).  A journal
+failure is a 503 via L{twisted_rt.web}.
+
+Every 401 (and every wrong Meta C{hub.verify_token}) takes a token from its
+client address's bucket of C{[server] signature_failures_per_ip_per_minute};
+an address with none left is answered 429 with C{Retry-After} before its
+signature is even looked at, whatever it sends, so online guessing (of a
+weak GitLab token, say) stops there while other addresses are untouched.
+IPv6 clients are counted per /64.  Both per-IP tables are bounded
+(L{twisted_rt.ratelimit}).
+
+The request headers kept with the event are the provider's minus
+L{twisted_rt.verify.SECRET_HEADERS} and the source's C{redact_headers}.
 
 C{GET /hooks/<source>} answers only the handshakes of Meta
-(C{hub.challenge}) and X (C{crc_token}); anything else is a 405.
+(C{hub.challenge}) and X (C{crc_token}, refused with 400 for a token that
+could be a delivery body: L{twisted_rt.verify.crc_token_problem}); anything
+else is a 405.
 
 This is the ingest hot path: no logging besides the access log, one copy of
-the body, templates compiled once per source.
+the body, templates compiled once per source, and the failure throttle is
+looked at only while some address has failed recently.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import TYPE_CHECKING, Any, Union, cast
 from urllib.parse import parse_qsl
@@ -36,7 +53,15 @@ from twisted_rt.config import SourceConfig
 from twisted_rt.event import Accepted, Draft, loads
 from twisted_rt.matcher import ChannelError, validate_channel
 from twisted_rt.ratelimit import RateLimiter
-from twisted_rt.verify import SignatureError, identify, meta_challenge, twitter_crc, verify, zoom_validation
+from twisted_rt.verify import (
+    SignatureError,
+    identify,
+    meta_challenge,
+    secret_headers,
+    twitter_crc,
+    verify,
+    zoom_validation,
+)
 from twisted_rt.web import JsonError, Reply, error_body, run, write_json
 
 if TYPE_CHECKING:
@@ -46,7 +71,6 @@ __all__ = ["ChannelTemplate", "HooksResource", "parse_body", "resource"]
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-.:@]")
-_DROPPED_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 _TEXT_TYPES = frozenset(
     {
         "application/xml",
@@ -147,14 +171,13 @@ def _lookup(data: Any, path: list[str]) -> str | None:
     return None
 
 
-_HEADER_NAMES: dict[bytes, tuple[str, str, bool]] = {}
+_HEADER_NAMES: dict[bytes, tuple[str, str]] = {}
 
 
-def _header_name(raw: bytes) -> tuple[str, str, bool]:
-    """A request header name as (name, lower-case name, kept with the event?), cached."""
+def _header_name(raw: bytes) -> tuple[str, str]:
+    """A request header name as (name, lower-case name), cached."""
     name = raw.decode("latin-1")
-    lname = name.lower()
-    known = (name, lname, lname not in _DROPPED_HEADERS)
+    known = (name, name.lower())
     if len(_HEADER_NAMES) < 1024:
         _HEADER_NAMES[raw] = known
     return known
@@ -242,8 +265,27 @@ def parse_body(content_type: str | None, body: bytes) -> Any:
 
 
 def _peer(request: IRequest) -> str:
+    """
+    The client's address as a rate-limit key: an IPv4 address as it is, an
+    IPv6 one as its /64 (one host commonly holds a whole /64, so counting
+    single IPv6 addresses would let one client take the whole table).
+    """
     address = cast(Any, request).getClientAddress()
-    return str(getattr(address, "host", ""))
+    host = str(getattr(address, "host", ""))
+    if ":" in host:
+        return _ipv6_key(host)
+    return host
+
+
+def _ipv6_key(host: str) -> str:
+    try:
+        ip = ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return host
+    mapped = ip.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
 
 
 def _body(request: Request) -> bytes:
@@ -260,7 +302,7 @@ def _body(request: Request) -> bytes:
 class _Source:
     """One configured source, ready to serve."""
 
-    __slots__ = ("allow", "config", "kind", "limiter", "name", "route")
+    __slots__ = ("allow", "config", "drop", "json_only", "kind", "limiter", "name", "route")
 
     def __init__(self, config: SourceConfig, reactor: Any) -> None:
         self.config = config
@@ -271,6 +313,10 @@ class _Source:
             RateLimiter(config.rate_limit_per_second, reactor) if config.rate_limit_per_second > 0 else None
         )
         self.allow = "GET, POST" if self.kind in _HANDSHAKE_GET else "POST"
+        #: lower-case names of the request headers never kept with an event
+        self.drop = secret_headers(config)
+        #: X: only application/json bodies (CONTRACT.md, "Safety rules")
+        self.json_only = self.kind == "twitter"
 
 
 Answer = Union[Reply, "Deferred[Reply]"]
@@ -289,6 +335,10 @@ class HooksResource:
         self.sources = {s.name: _Source(s, app.reactor) for s in app.config.sources}
         rate = app.config.server.rate_limit_per_ip_per_second
         self.ip_limiter = RateLimiter(rate, app.reactor) if rate > 0 else None
+        failures = app.config.server.signature_failures_per_ip_per_minute
+        #: signature failures per client address: a bucket of C{failures}
+        #: refilling over a minute
+        self.failures = RateLimiter(failures / 60, app.reactor, burst=failures) if failures > 0 else None
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         """Never called: this resource is a leaf."""
@@ -341,9 +391,59 @@ class HooksResource:
         self.stats.webhook(src.name, e.code)
         return e
 
+    def _throttled(self, request: Request, src: _Source) -> None:
+        """
+        @raise JsonError: 429 when the client's address has used up its
+            signature failures (looked at only while some address has failed
+            recently: an empty table costs one C{len}).
+        """
+        failures = self.failures
+        if failures is not None and len(failures):
+            wait = failures.peek(_peer(request))
+            if wait:
+                self.stats.webhook(src.name, "signature_throttled")
+                raise JsonError(
+                    429,
+                    "rate_limited",
+                    "too many requests with a bad signature or token from this address",
+                    {"Retry-After": str(wait)},
+                )
+
+    def _failed_check(self, request: Request) -> None:
+        """Count one signature (or verify token) failure against the client's address."""
+        if self.failures is not None:
+            self.failures.take(_peer(request))
+
     # -- POST ---------------------------------------------------------------
 
     def _post(self, request: Request, src: _Source) -> Answer:
+        self._throttled(request, src)
+        body = _body(request)
+        lower: dict[str, str] = {}
+        kept: dict[str, str] = {}
+        drop = src.drop
+        names = _HEADER_NAMES
+        for raw_name, values in request.requestHeaders.getAllRawHeaders():
+            known = names.get(raw_name)
+            if known is None:
+                known = _header_name(raw_name)
+            hname, lname = known
+            value = (values[0] if len(values) == 1 else b", ".join(values)).decode("latin-1")
+            lower[lname] = value
+            if lname not in drop:
+                kept[hname] = value
+        if src.json_only and _media_type(lower.get("content-type")) != "application/json":
+            raise self._reject(
+                src,
+                JsonError(415, "unsupported_media_type", f"source {src.name!r} accepts application/json bodies only"),
+            )
+        try:
+            verify(src.config, body, lower, self.reactor.seconds())
+        except SignatureError as e:
+            self._failed_check(request)
+            raise self._reject(
+                src, JsonError(401, e.code, e.message, {"WWW-Authenticate": f'Signature realm="{src.name}"'})
+            ) from None
         if src.limiter is not None:
             wait = src.limiter.take("")
             if wait:
@@ -353,25 +453,6 @@ class HooksResource:
                         429, "rate_limited", f"source {src.name!r} is over its rate limit", {"Retry-After": str(wait)}
                     ),
                 )
-        body = _body(request)
-        lower: dict[str, str] = {}
-        kept: dict[str, str] = {}
-        names = _HEADER_NAMES
-        for raw_name, values in request.requestHeaders.getAllRawHeaders():
-            known = names.get(raw_name)
-            if known is None:
-                known = _header_name(raw_name)
-            hname, lname, keep = known
-            value = (values[0] if len(values) == 1 else b", ".join(values)).decode("latin-1")
-            lower[lname] = value
-            if keep:
-                kept[hname] = value
-        try:
-            verify(src.config, body, lower, self.reactor.seconds())
-        except SignatureError as e:
-            raise self._reject(
-                src, JsonError(401, e.code, e.message, {"WWW-Authenticate": f'Signature realm="{src.name}"'})
-            ) from None
         try:
             data = parse_body(lower.get("content-type"), body)
         except JsonError as e:
@@ -419,6 +500,7 @@ class HooksResource:
     # -- GET handshakes -----------------------------------------------------
 
     def _get(self, request: Request, src: _Source) -> Reply:
+        self._throttled(request, src)
         args = {
             k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace")
             for k, v in (request.args or {}).items()
@@ -428,6 +510,7 @@ class HooksResource:
             try:
                 challenge = meta_challenge(src.config, args)
             except SignatureError as e:
+                self._failed_check(request)
                 raise self._reject(src, JsonError(403, e.code, e.message)) from None
             if challenge is not None:
                 return Reply(
@@ -437,7 +520,10 @@ class HooksResource:
                     content_type=b"text/plain; charset=utf-8",
                 )
         elif "crc_token" in args:
-            return Reply(200, twitter_crc(src.config, args["crc_token"]))
+            try:
+                return Reply(200, twitter_crc(src.config, args["crc_token"]))
+            except ValueError as e:
+                raise self._reject(src, JsonError(400, "invalid_parameter", str(e))) from None
         raise self._reject(
             src,
             JsonError(

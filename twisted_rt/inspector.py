@@ -13,7 +13,10 @@ The people-facing routes: the live inspector page and the browser client.
   "body_base64"}} (C{headers} and C{body_base64} are C{null} for events that
   did not arrive as a webhook).  It needs the right to read the channel (an
   API key, or a JWT whose C{subscribe} covers it).  C{twisted-rt tail
-  --forward} uses it to re-deliver the original bytes.
+  --forward} uses it to re-deliver the original bytes.  Headers that carry
+  a secret (L{twisted_rt.verify.SECRET_HEADERS} and the source's
+  C{redact_headers}) are never served, even from rows journaled before
+  ingest stopped storing them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from twisted_rt.config import Config
 from twisted_rt.matcher import ChannelError, validate_channel
+from twisted_rt.verify import secret_headers
 from twisted_rt.web import JsonError, JsonResource, Root, json_page
 
 if TYPE_CHECKING:
@@ -94,6 +99,18 @@ class StaticDir(Resource):
         return json_page(404, "not_found", "no such file")
 
 
+def served_headers(headers: dict[str, str] | None, source: str, config: Config) -> dict[str, str] | None:
+    """
+    The stored request headers of an event of C{source} as they may be
+    served: without the secret-bearing ones (case-insensitively), whatever
+    the journal holds.
+    """
+    if headers is None:
+        return None
+    drop = secret_headers(config.source(source))
+    return {k: v for k, v in headers.items() if k.lower() not in drop}
+
+
 class RawEvent(JsonResource):
     """C{GET /api/raw/<channel>/<offset>}: an event's original body and headers."""
 
@@ -133,7 +150,7 @@ class RawEvent(JsonResource):
             "offset": ev.offset,
             "source": ev.source,
             "type": ev.type,
-            "headers": ev.headers,
+            "headers": served_headers(ev.headers, ev.source, self.app.config),
             "body_base64": base64.b64encode(ev.raw).decode("ascii") if ev.raw is not None else None,
         }
 

@@ -6,9 +6,20 @@ Each key has a bucket holding up to C{burst} tokens (default: one second's
 worth, at least 1) that refills at C{rate} tokens per second on the injected
 reactor clock.  A request takes one token; with none left it is refused and
 told when to come back, in whole seconds (rounded up, at least 1) as
-C{Retry-After} needs.  Buckets that have refilled completely carry no
-information, so they are dropped when the table grows, which keeps memory
-bounded under a flood of distinct client addresses.
+C{Retry-After} needs.  L{RateLimiter.peek} asks the same question without
+taking a token (the webhook ingest looks at its signature-failure buckets
+before checking a signature, and takes a token only when the check fails).
+
+Memory is bounded whatever the keys: at most C{max_keys} buckets.  A bucket
+that has refilled completely carries no information, so it is dropped
+first when the table is full; if the table is still more than half full
+after that (many busy keys, e.g. an attacker with many addresses), the
+oldest buckets are dropped down to half.  Each such pass is paid for by the
+at least C{max_keys / 2} new keys that must arrive before the next one, so
+a flood of distinct keys costs O(1) per request, never a scan per request.
+A busy bucket dropped that way starts again full: a client with many
+addresses can reset its own buckets, which a per-address limit cannot
+prevent anyway.
 """
 
 from __future__ import annotations
@@ -37,8 +48,10 @@ class RateLimiter:
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
+        if max_keys < 2:
+            raise ValueError("max_keys must be at least 2")
         self.rate = rate
-        self.burst = burst if burst is not None else max(1.0, rate)
+        self.burst = float(burst) if burst is not None else max(1.0, rate)
         self._clock = clock
         self._max_keys = max_keys
         # key -> (tokens, time of last update)
@@ -46,6 +59,9 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+    def _wait(self, tokens: float) -> int:
+        return max(1, math.ceil((1.0 - tokens) / self.rate))
 
     def take(self, key: str) -> int:
         """
@@ -65,16 +81,34 @@ class RateLimiter:
             self._buckets[key] = (tokens - 1.0, now)
             return 0
         self._buckets[key] = (tokens, now)
-        return max(1, math.ceil((1.0 - tokens) / self.rate))
+        return self._wait(tokens)
+
+    def peek(self, key: str) -> int:
+        """
+        What L{take} would answer, without taking a token: 0 if C{key} has
+        a token, else the whole seconds to wait.  A bucket found full again
+        is forgotten (it carries no information).
+        """
+        state = self._buckets.get(key)
+        if state is None:
+            return 0
+        tokens, last = state
+        tokens += (self._clock.seconds() - last) * self.rate
+        if tokens >= 1.0:
+            if tokens >= self.burst:
+                del self._buckets[key]
+            return 0
+        return self._wait(tokens)
 
     def _prune(self, now: float) -> None:
-        """Forget full buckets; if all are busy, forget the oldest half."""
+        """Forget full buckets; if more than half the table is still busy, forget the oldest down to half."""
         full = self.burst
         rate = self.rate
         buckets = self._buckets
         for k, (tokens, last) in list(buckets.items()):
             if tokens + (now - last) * rate >= full:
                 del buckets[k]
-        if len(buckets) >= self._max_keys:
-            for k in list(buckets)[: len(buckets) // 2]:
+        keep = self._max_keys // 2
+        if len(buckets) > keep:
+            for k in list(buckets)[: len(buckets) - keep]:
                 del buckets[k]

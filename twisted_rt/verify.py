@@ -17,17 +17,33 @@ be rotated without downtime.
   - C{standard}: Standard Webhooks, C{webhook-signature: v1,<base64> ...}
     over C{"{webhook-id}.{webhook-timestamp}.{body}"}, C{whsec_<base64>} secrets.
   - C{shopify}: C{X-Shopify-Hmac-Sha256: <base64 HMAC-SHA256(body)>}.
-  - C{gitlab}: C{X-Gitlab-Token} equal to a secret, or GitLab's Standard
-    Webhooks signing when its C{webhook-signature} header is present.
-  - C{twitter}: C{X-Twitter-Webhooks-Signature: sha256=<base64 HMAC-SHA256(body)>}.
+  - C{gitlab}: GitLab's signing token (a C{whsec_<base64>} secret) checks
+    its Standard Webhooks C{webhook-signature}; any other secret is a plain
+    C{X-Gitlab-Token}, compared as it is.  A C{webhook-signature} that a
+    signing token can check alone decides.
+  - C{twitter}: C{X-Twitter-Webhooks-Signature: sha256=<base64 HMAC-SHA256(body)>},
+    over a body that is a JSON object or array (X sends nothing else, and
+    the C{crc_token} handshake, which signs what the caller sends, never
+    signs such a body: see L{twitter_crc}).
   - C{zoom}: C{x-zm-signature: v0=<hex>} over C{"v0:{x-zm-request-timestamp}:{body}"}.
   - C{hmac-sha256}: the source's C{signature_header}, hex or base64 (an
     optional C{sha256=} prefix is accepted).
   - C{none}: accepts everything (trusted networks only; the service warns).
 
-A C{tolerance_seconds} of 0 turns the timestamp check off; otherwise a
-timestamp further than that from C{now}, in the past I{or} the future, is
-refused as stale.
+Timestamps are what the providers send: a whole number of seconds in ASCII
+digits (no sign, fraction, exponent, spaces or underscores), and the
+signature covers exactly those digits.  A C{tolerance_seconds} of 0 turns
+the timestamp check off; otherwise a timestamp further than that from
+C{now}, in the past I{or} the future, is refused as stale.
+
+Hex and base64 signatures are compared as the provider writes them (the
+generic C{hmac-sha256} alone also takes upper-case hex and a C{sha256=}
+prefix in any case).  What each scheme signs, and what it leaves unsigned
+(GitHub's C{X-GitHub-Event} and C{X-GitHub-Delivery}, Shopify's topic and
+webhook id, ...), is in the README's "What each webhook source promises".
+
+L{SECRET_HEADERS} names the request headers that carry a credential rather
+than a signature; they are never stored, served or forwarded.
 """
 
 from __future__ import annotations
@@ -36,22 +52,39 @@ import base64
 import binascii
 import hashlib
 import hmac
-import math
+import re
+from functools import lru_cache
 from typing import Any, Callable, Mapping
 
 from twisted_rt.config import SourceConfig
 
 __all__ = [
+    "SECRET_HEADERS",
     "SignatureError",
     "VERIFIERS",
+    "crc_token_problem",
     "identify",
     "meta_challenge",
+    "secret_headers",
     "twitter_crc",
     "verify",
     "zoom_validation",
 ]
 
 Headers = Mapping[str, str]
+
+#: Request headers (lower-case) that carry a credential, not a signature:
+#: never stored with an event, served by C{/api/raw} or forwarded
+#: (CONTRACT.md, "Safety rules").  GitLab's C{X-Gitlab-Token} I{is} the
+#: source's secret.
+SECRET_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-gitlab-token"})
+
+
+def secret_headers(source: SourceConfig | None) -> frozenset[str]:
+    """The lower-case header names never kept for C{source}: L{SECRET_HEADERS} and its C{redact_headers}."""
+    if source is None or not source.redact_headers:
+        return SECRET_HEADERS
+    return SECRET_HEADERS | {h.lower() for h in source.redact_headers}
 
 
 class SignatureError(Exception):
@@ -107,14 +140,14 @@ def _b64(value: str) -> bytes | None:
         return None
 
 
-def _check_time(stamp: str, header: str, source: SourceConfig, now: float) -> float:
-    """Parse an integer Unix timestamp header and check it against the tolerance."""
-    try:
-        t = float(stamp.strip())
-    except ValueError:
-        raise _malformed(header, "a Unix timestamp") from None
-    if not math.isfinite(t):
-        raise _malformed(header, "a Unix timestamp")
+def _check_time(stamp: str, header: str, source: SourceConfig, now: float) -> int:
+    """
+    A Unix timestamp header: ASCII digits only (as every provider sends it:
+    no sign, fraction, exponent, space or underscore), within the tolerance.
+    """
+    if not (0 < len(stamp) <= 12 and stamp.isascii() and stamp.isdigit()):
+        raise _malformed(header, "a Unix timestamp in whole seconds")
+    t = int(stamp)
     tol = source.tolerance_seconds
     if tol and abs(now - t) > tol:
         raise SignatureError(
@@ -137,7 +170,7 @@ def _prefixed_hex(header: str, prefix: str) -> Callable[[SourceConfig, bytes, He
             raise _missing(header)
         if not value.startswith(prefix):
             raise _malformed(header, f"{prefix}<hex>")
-        given = _latin1(value[len(prefix):].strip().lower())
+        given = _latin1(value[len(prefix) :])
         ok = False
         for expected in _hex_digests(source.secrets, body):
             ok |= _same(expected, given)
@@ -151,7 +184,11 @@ verify_github = _prefixed_hex("X-Hub-Signature-256", "sha256=")
 
 
 def verify_stripe(source: SourceConfig, body: bytes, headers: Headers, now: float) -> None:
-    """C{Stripe-Signature: t=<ts>,v1=<hex>[,v1=<hex>...]} over C{"{t}.{body}"}."""
+    """
+    C{Stripe-Signature: t=<ts>,v1=<hex>[,v1=<hex>...]} over C{"{t}.{body}"}:
+    exactly one C{t}, every element C{key=value}; schemes other than
+    C{v1} (C{v0}, test-mode signatures) are ignored, as Stripe's libraries do.
+    """
     header = "Stripe-Signature"
     value = headers.get("stripe-signature")
     if not value:
@@ -160,16 +197,18 @@ def verify_stripe(source: SourceConfig, body: bytes, headers: Headers, now: floa
     given: list[bytes] = []
     for item in value.split(","):
         k, sep, v = item.strip().partition("=")
-        if not sep:
-            continue
+        if not sep or not k:
+            raise _malformed(header, "t=<timestamp>,v1=<hex>")
         if k == "t":
+            if stamp is not None:
+                raise _malformed(header, "one t=<timestamp>")
             stamp = v
-        elif k == "v1":
-            given.append(_latin1(v.strip().lower()))
+        elif k == "v1" and v:
+            given.append(_latin1(v))
     if stamp is None or not given:
         raise _malformed(header, "t=<timestamp>,v1=<hex>")
     _check_time(stamp, header, source, now)
-    expected = _hex_digests(source.secrets, _latin1(stamp.strip()), b".", body)
+    expected = _hex_digests(source.secrets, stamp.encode("ascii"), b".", body)
     ok = False
     for e in expected:
         for g in given:
@@ -193,9 +232,9 @@ def _v0_timestamped(
         if not value.startswith("v0="):
             raise _malformed(sig_header, "v0=<hex>")
         _check_time(stamp, ts_header, source, now)
-        given = _latin1(value[3:].strip().lower())
+        given = _latin1(value[3:])
         ok = False
-        for expected in _hex_digests(source.secrets, b"v0:", _latin1(stamp), b":", body):
+        for expected in _hex_digests(source.secrets, b"v0:", stamp.encode("ascii"), b":", body):
             ok |= _same(expected, given)
         if not ok:
             raise _invalid(sig_header)
@@ -207,11 +246,13 @@ verify_slack = _v0_timestamped("X-Slack-Signature", "X-Slack-Request-Timestamp")
 verify_zoom = _v0_timestamped("x-zm-signature", "x-zm-request-timestamp")
 
 
+@lru_cache(maxsize=256)
 def standard_secret(secret: str) -> bytes:
     """
     The key bytes of a Standard Webhooks secret: C{whsec_<base64>} decodes
     the base64 part (as the reference library does, also without the prefix);
-    a secret that is not base64 is used as its UTF-8 bytes.
+    a secret that is not base64 is used as its UTF-8 bytes.  (Config refuses
+    a C{whsec_} secret that is not base64 or holds no key.)
     """
     if secret.startswith("whsec_"):
         return base64.b64decode(secret[6:] + "==")
@@ -222,18 +263,25 @@ def standard_secret(secret: str) -> bytes:
     return key or secret.encode("utf-8")
 
 
-def verify_standard(source: SourceConfig, body: bytes, headers: Headers, now: float) -> None:
-    """Standard Webhooks: C{webhook-id}, C{webhook-timestamp}, C{webhook-signature}."""
+#: At most this many signatures of one C{webhook-signature} header are looked at
+#: (the reference senders send one per active key, a handful during rotation).
+_MAX_SIGNATURES = 16
+
+
+def _check_standard(secrets: tuple[str, ...], body: bytes, headers: Headers, source: SourceConfig,
+                    now: float) -> None:
+    value = headers.get("webhook-signature")
     msg_id = headers.get("webhook-id")
     stamp = headers.get("webhook-timestamp")
-    value = headers.get("webhook-signature")
-    for name, v in (("webhook-id", msg_id), ("webhook-timestamp", stamp), ("webhook-signature", value)):
-        if not v:
-            raise _missing(name)
-    assert msg_id is not None and stamp is not None and value is not None
+    if not value:
+        raise _missing("webhook-signature")
+    if not msg_id:
+        raise _missing("webhook-id")
+    if not stamp:
+        raise _missing("webhook-timestamp")
     _check_time(stamp, "webhook-timestamp", source, now)
     given: list[bytes] = []
-    for sig in value.split():
+    for sig in value.split(" ")[:_MAX_SIGNATURES]:
         version, sep, b64 = sig.partition(",")
         if sep and version == "v1":
             raw = _b64(b64)
@@ -241,9 +289,9 @@ def verify_standard(source: SourceConfig, body: bytes, headers: Headers, now: fl
                 given.append(raw)
     if not given:
         raise _malformed("webhook-signature", "v1,<base64> [v1,<base64> ...]")
-    content = (_latin1(msg_id), b".", _latin1(stamp), b".", body)
+    content = (_latin1(msg_id), b".", stamp.encode("ascii"), b".", body)
     ok = False
-    for secret in source.secrets:
+    for secret in secrets:
         expected = _hmac(standard_secret(secret), *content)
         for g in given:
             ok |= _same(expected, g)
@@ -251,7 +299,18 @@ def verify_standard(source: SourceConfig, body: bytes, headers: Headers, now: fl
         raise _invalid("webhook-signature")
 
 
-def _base64_body(header: str, prefix: str = "") -> Callable[[SourceConfig, bytes, Headers, float], None]:
+def verify_standard(source: SourceConfig, body: bytes, headers: Headers, now: float) -> None:
+    """Standard Webhooks: C{webhook-id}, C{webhook-timestamp}, C{webhook-signature}."""
+    _check_standard(source.secrets, body, headers, source, now)
+
+
+#: A JSON object or array, after JSON's insignificant whitespace (a match, not a copy).
+_JSON_CONTAINER = re.compile(rb"[ \t\r\n]*[\[{]")
+
+
+def _base64_body(
+    header: str, prefix: str = "", json_container: bool = False
+) -> Callable[[SourceConfig, bytes, Headers, float], None]:
     name = header.lower()
 
     def check(source: SourceConfig, body: bytes, headers: Headers, now: float) -> None:
@@ -261,10 +320,14 @@ def _base64_body(header: str, prefix: str = "") -> Callable[[SourceConfig, bytes
         if prefix:
             if not value.startswith(prefix):
                 raise _malformed(header, f"{prefix}<base64>")
-            value = value[len(prefix):]
+            value = value[len(prefix) :]
         given = _b64(value)
         if given is None:
             raise _malformed(header, f"{prefix}<base64>")
+        if json_container and _JSON_CONTAINER.match(body) is None:
+            # X signs JSON objects only; anything else may be a crc_token
+            # answer replayed as a signature (see twitter_crc)
+            raise SignatureError("invalid_signature", "this source's deliveries are JSON objects; this body is not")
         ok = False
         for secret in source.secrets:
             ok |= _same(_hmac(secret.encode("utf-8"), body), given)
@@ -275,23 +338,30 @@ def _base64_body(header: str, prefix: str = "") -> Callable[[SourceConfig, bytes
 
 
 verify_shopify = _base64_body("X-Shopify-Hmac-Sha256")
-verify_twitter = _base64_body("X-Twitter-Webhooks-Signature", "sha256=")
+verify_twitter = _base64_body("X-Twitter-Webhooks-Signature", "sha256=", json_container=True)
 
 
 def verify_gitlab(source: SourceConfig, body: bytes, headers: Headers, now: float) -> None:
     """
-    GitLab: its Standard Webhooks signature when C{webhook-signature} is
-    present (it alone decides), else C{X-Gitlab-Token} equal to a secret.
+    GitLab.  A C{whsec_<base64>} secret is a signing token: it checks the
+    Standard Webhooks C{webhook-signature} (which then alone decides), and is
+    never accepted as a plain token.  Any other secret is a plain secret
+    token, compared with C{X-Gitlab-Token}; those are only consulted when no
+    signing token can decide (none configured, or the delivery carries no
+    signature), so a source configured with signing tokens only refuses
+    unsigned deliveries.
     """
-    if headers.get("webhook-signature"):
-        verify_standard(source, body, headers, now)
+    signing = tuple(s for s in source.secrets if s.startswith("whsec_"))
+    tokens = tuple(s for s in source.secrets if not s.startswith("whsec_"))
+    if signing and (headers.get("webhook-signature") or not tokens):
+        _check_standard(signing, body, headers, source, now)
         return
     token = headers.get("x-gitlab-token")
     if not token:
         raise _missing("X-Gitlab-Token")
     given = hashlib.sha256(_latin1(token)).digest()
     ok = False
-    for secret in source.secrets:
+    for secret in tokens:
         ok |= _same(hashlib.sha256(secret.encode("utf-8")).digest(), given)
     if not ok:
         raise SignatureError("invalid_signature", "the X-Gitlab-Token header matches no secret")
@@ -387,6 +457,9 @@ def identify(verify_kind: str, headers: Headers, data: Any) -> tuple[str, str | 
     if verify_kind == "shopify":
         return get("x-shopify-topic", ""), get("x-shopify-webhook-id") or None
     if verify_kind == "gitlab":
+        # webhook-id is signed (with webhook-signature); X-Gitlab-Event-UUID is not
+        if get("webhook-signature"):
+            return get("x-gitlab-event", ""), get("webhook-id") or get("x-gitlab-event-uuid") or None
         return get("x-gitlab-event", ""), get("x-gitlab-event-uuid") or get("webhook-id") or None
     if verify_kind == "meta":
         return _field(data, "object"), None
@@ -420,8 +493,37 @@ def meta_challenge(source: SourceConfig, args: Mapping[str, str]) -> str | None:
     return args["hub.challenge"]
 
 
+#: The longest C{crc_token} answered (X's are a few dozen characters).
+MAX_CRC_TOKEN = 1024
+
+
+def crc_token_problem(crc_token: str) -> str | None:
+    """
+    Why X's C{crc_token} handshake must not answer this token, or C{None}.
+
+    The answer is C{base64(HMAC(secret, crc_token))} for anyone who asks,
+    which is exactly the signature L{verify_twitter} checks for a body equal
+    to the token.  Deliveries are JSON objects (arrays at most), which begin
+    with C{{} or C{[} after whitespace: a token of printable ASCII without
+    those two characters can never be such a body, so no answer is ever a
+    delivery's signature.
+    """
+    if not 0 < len(crc_token) <= MAX_CRC_TOKEN:
+        return f"crc_token must be 1 to {MAX_CRC_TOKEN} characters"
+    if not (crc_token.isascii() and crc_token.isprintable()) or "{" in crc_token or "[" in crc_token:
+        return "crc_token must be printable ASCII without { or ["
+    return None
+
+
 def twitter_crc(source: SourceConfig, crc_token: str) -> dict[str, str]:
-    """X's CRC answer: C{{"response_token": "sha256=<base64 HMAC-SHA256(secret, crc_token)>"}}."""
+    """
+    X's CRC answer: C{{"response_token": "sha256=<base64 HMAC-SHA256(secret, crc_token)>"}}.
+
+    @raise ValueError: a token L{crc_token_problem} refuses (never signed).
+    """
+    problem = crc_token_problem(crc_token)
+    if problem is not None:
+        raise ValueError(problem)
     digest = _hmac(source.secrets[0].encode("utf-8"), crc_token.encode("utf-8"))
     return {"response_token": "sha256=" + base64.b64encode(digest).decode("ascii")}
 
