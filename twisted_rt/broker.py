@@ -8,23 +8,28 @@ single node: the SQLite journal plus an in-memory L{PatternIndex}.  The Redis
 broker (L{twisted_rt.redis}) implements the same interface for several nodes.
 
 Ordering: the journal fires commits in order and the broker fans out in the
-commit callback, so each channel's live events reach subscribers in offset
-order, and only after they are durable.
+commit callback, so live events reach subscribers in increasing C{seq} (so
+each channel's in offset order), and only after they are durable.
+
+Every L{Event} a broker returns or fans out carries its C{seq}, the
+journal-wide order.  Reads are pages bounded by count I{and} bytes
+(L{PAGE_BYTES}): a page may be short because of its byte bound, so a caller
+pages a replay with C{after_seq=page[-1].seq} until a page comes back empty.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from twisted_rt.event import Accepted, Draft, Event
-from twisted_rt.journal import Journal
+from twisted_rt.journal import PAGE_BYTES, Journal
 from twisted_rt.matcher import PatternIndex
 
-__all__ = ["Broker", "ChannelInfo", "LocalBroker", "Listener"]
+__all__ = ["PAGE_BYTES", "Broker", "ChannelInfo", "LocalBroker", "Listener"]
 
 
 class Listener(Protocol):
@@ -97,12 +102,39 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
-    def history(self, channel: str, after: int = 0, limit: int = 1000) -> Deferred[list[Event]]:
-        """Events of one channel after an offset, oldest first."""
+    def history(
+        self, channel: str, after: int = 0, limit: int = 1000, *, max_bytes: int = PAGE_BYTES
+    ) -> Deferred[list[Event]]:
+        """
+        Events of one channel with offsets above C{after}, oldest first: at
+        most C{limit} events and about C{max_bytes} of event JSON (always at
+        least one event if any exists).
+        """
 
     @abc.abstractmethod
-    def replay(self, pattern: str, since: dict[str, int], limit: int = 100000) -> Deferred[list[Event]]:
-        """Events of every channel matching C{pattern} after C{since[channel]} (0 when absent)."""
+    def replay(
+        self,
+        pattern: str | Sequence[str],
+        since: Mapping[str, int],
+        limit: int = 1000,
+        *,
+        after_seq: int = 0,
+        max_bytes: int = PAGE_BYTES,
+    ) -> Deferred[list[Event]]:
+        """
+        Events of every channel matching C{pattern} (or any of several
+        patterns) with C{offset > since.get(channel, 0)} and C{seq >
+        after_seq}, in increasing C{seq} (for one channel: offset order): at
+        most C{limit} events and about C{max_bytes} of event JSON (always at
+        least one event if any exists).  A page may be short because of
+        C{max_bytes}: page with C{after_seq=page[-1].seq} until a page comes
+        back empty.  C{since} may be a mapping whose C{get} gives a floor for
+        channels it does not name; leave it unchanged until this fires.
+        """
+
+    @abc.abstractmethod
+    def position(self) -> Deferred[int]:
+        """The largest C{seq} journaled so far (0 when none)."""
 
     @abc.abstractmethod
     def last_offset(self, channel: str) -> Deferred[int]:
@@ -148,11 +180,24 @@ class LocalBroker(Broker):
                 fanout(a.event)
         return accepted
 
-    def history(self, channel: str, after: int = 0, limit: int = 1000) -> Deferred[list[Event]]:
-        return self.journal.history(channel, after, limit)
+    def history(
+        self, channel: str, after: int = 0, limit: int = 1000, *, max_bytes: int = PAGE_BYTES
+    ) -> Deferred[list[Event]]:
+        return self.journal.history(channel, after, limit, max_bytes=max_bytes)
 
-    def replay(self, pattern: str, since: dict[str, int], limit: int = 100000) -> Deferred[list[Event]]:
-        return self.journal.replay(pattern, since, limit)
+    def replay(
+        self,
+        pattern: str | Sequence[str],
+        since: Mapping[str, int],
+        limit: int = 1000,
+        *,
+        after_seq: int = 0,
+        max_bytes: int = PAGE_BYTES,
+    ) -> Deferred[list[Event]]:
+        return self.journal.replay(pattern, since, limit, after_seq=after_seq, max_bytes=max_bytes)
+
+    def position(self) -> Deferred[int]:
+        return succeed(self.journal.seq)
 
     def last_offset(self, channel: str) -> Deferred[int]:
         return succeed(self.journal.last_offsets.get(channel, 0))

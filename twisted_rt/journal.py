@@ -13,14 +13,28 @@ Design:
     cache of each channel's last offset, applied to the cache only after the
     commit succeeds, so offsets start at 1, have no gaps and are never reused.
     The C{channels} table remembers the last offset even after trimming.
-  - Delivery ids are unique per source (table C{deliveries}, kept for
+  - Every event also gets a C{seq}: its place in one journal-wide order,
+    which I{is} the events table's rowid.  The writer assigns it from a
+    counter (never from SQLite's "largest rowid + 1"), persisted as each
+    channel's C{last_seq} in the same commit, so a seq is never reused even
+    after every row was trimmed.  Older files (no C{last_seq} yet) start the
+    counter above their largest rowid, which is already in insertion order.
+  - Delivery ids are unique per idempotency scope (C{Draft.scope}, or the
+    source for webhooks; table C{deliveries}, kept for
     C{retention_seconds}); a repeated id answers the original event.
   - Reads (history, resume) use their own thread and connection, so a long
-    replay never delays a commit.
+    replay never delays a commit.  A page holds at most C{limit} events and
+    about C{max_bytes} of event JSON: the reader stops stepping its cursor
+    at the cap instead of fetching every row.  A replay (one or several
+    patterns) is one query in seq order, keyset-paged by C{after_seq}.
   - A failed commit fails every append of its batch with L{JournalUnavailable},
     marks the journal unhealthy (C{/readyz} answers 503) and drops the
     connection; the next batch reopens it, and health returns when a commit
     succeeds again.
+  - Whenever the writer (re)opens the database (a failed open at start, a
+    dropped connection), it hands the state it loaded (every channel's last
+    offset, the seq counter) to the reactor thread with the batch it
+    commits, so C{last_offsets} and C{seq} are what a healthy open loads.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
@@ -40,15 +54,21 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from twisted_rt.event import Accepted, Draft, Event, dumps, new_id, now_iso
-from twisted_rt.matcher import matches
+from twisted_rt.matcher import is_wildcard, matches
 
-__all__ = ["Journal", "JournalUnavailable", "UnencodableEvent"]
+__all__ = ["PAGE_BYTES", "Journal", "JournalUnavailable", "UnencodableEvent", "pattern_prefix"]
 
+#: the most event JSON one history or replay page holds (about; at least one event)
+PAGE_BYTES = 4 * 1024 * 1024
+
+# events.seq is the rowid (files made before it have the implicit rowid, which
+# every query names instead).  deliveries.source holds the idempotency scope.
 # events.data is the event's data as JSON text, or '' (never valid JSON) when
 # it is the raw body itself (a webhook's UTF-8 JSON body): then the bytes are
 # stored once, in events.raw.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
     channel TEXT NOT NULL,
     "offset" INTEGER NOT NULL,
     id TEXT NOT NULL,
@@ -63,7 +83,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE UNIQUE INDEX IF NOT EXISTS events_channel_offset ON events (channel, "offset");
 CREATE TABLE IF NOT EXISTS channels (
     name TEXT PRIMARY KEY,
-    last_offset INTEGER NOT NULL
+    last_offset INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     source TEXT NOT NULL,
@@ -80,9 +101,13 @@ DROP INDEX IF EXISTS events_ts;
 DROP INDEX IF EXISTS deliveries_ts;
 """
 
-_COLUMNS = 'id, channel, "offset", time, source, type, data, raw, headers'
+_COLUMNS = 'id, channel, "offset", time, source, type, data, raw, headers, rowid'
 #: delivery ids looked up per query (SQLite's variable limit is 32766 since 3.32, 999 before)
 _IN_CHUNK = 500
+
+
+#: what the writer loads when it opens the database: each channel's last offset, the seq counter
+_State = tuple[dict[str, int], int]
 
 
 class JournalUnavailable(Exception):
@@ -104,7 +129,13 @@ def _row_event(row: Sequence[Any]) -> Event:
         data=json.loads(row[6] or row[7]),
         raw=row[7],
         headers=json.loads(row[8]) if row[8] else None,
+        seq=row[9],
     )
+
+
+def _row_size(row: Sequence[Any]) -> int:
+    """About the size of a row's event JSON (its data text or raw body, plus the fields)."""
+    return len(row[6] or row[7] or b"") + len(row[0]) + len(row[1]) + len(row[5]) + 96
 
 
 class Journal:
@@ -113,6 +144,7 @@ class Journal:
 
     @ivar last_offsets: each channel's last committed offset, as seen from
         the reactor thread (updated when a commit's Deferred fires).
+    @ivar seq: the largest seq committed, as seen from the reactor thread.
     @ivar healthy: C{False} after a failed open or commit, until a commit
         succeeds again.
     """
@@ -145,6 +177,8 @@ class Journal:
         )
         self._conn: sqlite3.Connection | None = None  # writer thread only
         self._wlast: dict[str, int] = {}  # writer thread only
+        self._wseq = 0  # writer thread only: the last seq committed
+        self._wfresh: _State | None = None  # writer thread only: what the last (re)open loaded
         self._local = threading.local()
         self._pending: list[tuple[tuple[Sequence[Draft], list[str]], Deferred[list[Accepted]]]] = []
         self._writing = False
@@ -152,6 +186,7 @@ class Journal:
         self._closed = False
         self._trimmer: LoopingCall | None = None
         self.last_offsets: dict[str, int] = {}
+        self.seq = 0
         self.healthy = False
         self.error: str | None = "not opened"
         self.commits = 0
@@ -171,10 +206,10 @@ class Journal:
         self._trimmer.start(self.trim_interval_seconds, now=False).addErrback(
             lambda f: self.log.failure("journal trimmer stopped", f)
         )
-        d = self._in_writer(self._w_open)
+        d = self._in_writer(self._w_start)
 
-        def opened(last: dict[str, int]) -> None:
-            self.last_offsets = dict(last)
+        def opened(fresh: _State | None) -> None:
+            self._loaded(fresh)
             self._set_health(None)
 
         def failed(f: Failure) -> None:
@@ -210,6 +245,11 @@ class Journal:
         d: Deferred[None] = Deferred()
         self._flushed.append(d)
         return d
+
+    def _loaded(self, fresh: _State | None) -> None:
+        """Take the state the writer loaded when it (re)opened the database."""
+        if fresh is not None:
+            self.last_offsets, self.seq = fresh
 
     def _set_health(self, error: str | None) -> None:
         was = self.healthy
@@ -276,13 +316,15 @@ class Journal:
 
     def _appended(
         self,
-        result: tuple[list[list[Accepted]], dict[str, int]],
+        result: tuple[list[list[Accepted]], dict[str, int], int, _State | None],
         batch: list[tuple[tuple[Sequence[Draft], list[str]], Deferred[list[Accepted]]]],
         count: int,
         started: float,
     ) -> None:
-        accepted, last = result
+        accepted, last, seq, fresh = result
+        self._loaded(fresh)
         self.last_offsets.update(last)
+        self.seq = seq
         self.commits += 1
         self._writing = False
         if not self.healthy:
@@ -317,16 +359,40 @@ class Journal:
                     raise sqlite3.OperationalError(f"cannot use WAL mode (got {mode})")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(channels)")}
+            if "last_seq" not in columns:  # a file made before seq existed
+                conn.execute("ALTER TABLE channels ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0")
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _w_open(self) -> dict[str, int]:
-        if self._conn is None:
-            self._conn = self._w_connect()
-            self._wlast = dict(self._conn.execute("SELECT name, last_offset FROM channels").fetchall())
-        return dict(self._wlast)
+    def _w_open(self) -> None:
+        """Connect if needed; a fresh connection reloads the writer's state (and keeps a copy for the reactor)."""
+        if self._conn is not None:
+            return
+        conn = self._w_connect()
+        try:
+            last = dict(conn.execute("SELECT name, last_offset FROM channels").fetchall())
+            seq = max(
+                conn.execute("SELECT COALESCE(MAX(last_seq), 0) FROM channels").fetchone()[0],
+                conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM events").fetchone()[0],
+            )
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._wlast = last
+        self._wseq = int(seq)
+        self._wfresh = (dict(last), self._wseq)
+
+    def _w_take_fresh(self) -> _State | None:
+        fresh, self._wfresh = self._wfresh, None
+        return fresh
+
+    def _w_start(self) -> _State | None:
+        self._w_open()
+        return self._w_take_fresh()
 
     def _w_close(self) -> None:
         if self._conn is not None:
@@ -338,12 +404,14 @@ class Journal:
 
     def _w_append(
         self, requests: list[tuple[Sequence[Draft], list[str]]], now: float
-    ) -> tuple[list[list[Accepted]], dict[str, int]]:
+    ) -> tuple[list[list[Accepted]], dict[str, int], int, _State | None]:
         if self._conn is None:
             self._w_open()
         conn = self._conn
         assert conn is not None
         last: dict[str, int] = {}
+        last_seq: dict[str, int] = {}
+        seq = self._wseq
         seen: dict[tuple[str, str], Event] = {}
         out: list[list[Accepted]] = []
         stamp = now_iso(now)
@@ -355,8 +423,9 @@ class Journal:
             for drafts, texts in requests:
                 acc: list[Accepted] = []
                 for draft, text in zip(drafts, texts, strict=True):
+                    scope = draft.scope or draft.source
                     if draft.id is not None:
-                        key = (draft.source, draft.id)
+                        key = (scope, draft.id)
                         prior = seen.get(key)
                         if prior is None and key in known:
                             prior = self._w_delivery(conn, draft.source, draft.id, known[key])
@@ -369,6 +438,8 @@ class Journal:
                     channel = draft.channel
                     offset = last.get(channel, self._wlast.get(channel, 0)) + 1
                     last[channel] = offset
+                    seq += 1
+                    last_seq[channel] = seq
                     event = Event(
                         id=eid,
                         channel=channel,
@@ -379,9 +450,11 @@ class Journal:
                         data=draft.data,
                         raw=draft.raw,
                         headers=draft.headers,
+                        seq=seq,
                     )
                     ev_rows.append(
                         (
+                            seq,
                             channel,
                             offset,
                             eid,
@@ -394,28 +467,29 @@ class Journal:
                             _headers_json(draft.headers) if draft.headers is not None else None,
                         )
                     )
-                    dl_rows.append((draft.source, eid, channel, offset, now))
-                    seen[(draft.source, eid)] = event
+                    dl_rows.append((scope, eid, channel, offset, now))
+                    seen[(scope, eid)] = event
                     acc.append(Accepted(event))
                 out.append(acc)
             _insert(
                 conn,
-                'INSERT INTO events (channel, "offset", id, source, type, time, ts, data, raw, headers) VALUES ',
+                'INSERT INTO events (rowid, channel, "offset", id, source, type, time, ts, data, raw, headers) VALUES ',
                 ev_rows,
             )
             _insert(conn, 'INSERT INTO deliveries (source, id, channel, "offset", ts) VALUES ', dl_rows)
             _insert(
                 conn,
-                "INSERT INTO channels (name, last_offset) VALUES ",
-                list(last.items()),
-                " ON CONFLICT (name) DO UPDATE SET last_offset = excluded.last_offset",
+                "INSERT INTO channels (name, last_offset, last_seq) VALUES ",
+                [(name, off, last_seq[name]) for name, off in last.items()],
+                " ON CONFLICT (name) DO UPDATE SET last_offset = excluded.last_offset, last_seq = excluded.last_seq",
             )
             conn.execute("COMMIT")
         except BaseException:
             self._w_abort()
             raise
         self._wlast.update(last)
-        return out, last
+        self._wseq = seq
+        return out, last, seq, self._w_take_fresh()
 
     def _w_abort(self) -> None:
         conn = self._conn
@@ -434,23 +508,23 @@ class Journal:
     def _w_known(
         self, conn: sqlite3.Connection, requests: list[tuple[Sequence[Draft], list[str]]]
     ) -> dict[tuple[str, str], tuple[str, int]]:
-        """The delivery ids of this batch already journaled: one query per source, not per event."""
+        """The delivery ids of this batch already journaled: one query per scope, not per event."""
         wanted: dict[str, list[str]] = {}
         for drafts, _ in requests:
             for draft in drafts:
                 if draft.id is not None:
-                    wanted.setdefault(draft.source, []).append(draft.id)
+                    wanted.setdefault(draft.scope or draft.source, []).append(draft.id)
         known: dict[tuple[str, str], tuple[str, int]] = {}
-        for source, ids in wanted.items():
+        for scope, ids in wanted.items():
             for i in range(0, len(ids), _IN_CHUNK):
                 part = ids[i : i + _IN_CHUNK]
                 rows = conn.execute(
                     'SELECT id, channel, "offset" FROM deliveries WHERE source = ? AND id IN'
                     f" ({', '.join('?' * len(part))})",
-                    (source, *part),
+                    (scope, *part),
                 )
                 for eid, channel, offset in rows:
-                    known[(source, eid)] = (channel, offset)
+                    known[(scope, eid)] = (channel, offset)
         return known
 
     def _w_delivery(self, conn: sqlite3.Connection, source: str, eid: str, row: tuple[str, int]) -> Event:
@@ -469,13 +543,18 @@ class Journal:
             return succeed(0)
         d = self._in_writer(self._w_trim, time.time() - self.retention_seconds)
 
+        def trimmed(result: tuple[int, _State | None]) -> int:
+            deleted, fresh = result
+            self._loaded(fresh)
+            return deleted
+
         def failed(f: Failure) -> int:
             self.log.warn("journal trim failed: {e}", e=f.getErrorMessage())
             return 0
 
-        return d.addErrback(failed)
+        return d.addCallback(trimmed).addErrback(failed)
 
-    def _w_trim(self, cutoff: float) -> int:
+    def _w_trim(self, cutoff: float) -> tuple[int, _State | None]:
         if self._conn is None:
             self._w_open()
         conn = self._conn
@@ -496,7 +575,7 @@ class Journal:
         except BaseException:
             self._w_abort()
             raise
-        return deleted
+        return deleted, self._w_take_fresh()
 
     # -- reads -------------------------------------------------------------
 
@@ -513,42 +592,178 @@ class Journal:
             self._local.conn = conn
         return conn
 
-    def history(self, channel: str, after: int = 0, limit: int = 1000) -> Deferred[list[Event]]:
-        """Events of C{channel} with offsets above C{after}, oldest first."""
-        return self._in_reader(self._r_history, [(channel, _clamp(after))], _clamp(limit)).addErrback(_unavailable)
-
-    def replay(self, pattern: str, since: dict[str, int], limit: int = 100000) -> Deferred[list[Event]]:
+    def history(
+        self, channel: str, after: int = 0, limit: int = 1000, *, max_bytes: int = PAGE_BYTES
+    ) -> Deferred[list[Event]]:
         """
-        Events of every channel matching C{pattern} after C{since[channel]}
-        (0 for a channel not named), in acceptance order.
+        Events of C{channel} with offsets above C{after}, oldest first: at
+        most C{limit} of them and about C{max_bytes} of event JSON (at least
+        one when there is one).
         """
-        wanted = [(c, _clamp(since.get(c, 0))) for c, last in self.last_offsets.items() if matches(pattern, c) and last > since.get(c, 0)]
-        if not wanted:
+        if limit <= 0:
             return succeed([])
-        return self._in_reader(self._r_history, wanted, _clamp(limit)).addErrback(_unavailable)
+        return self._in_reader(
+            self._r_read, self._r_history, channel, _clamp(after), _clamp(limit), 0, max_bytes
+        ).addErrback(_unavailable)
 
-    def _r_history(self, wanted: list[tuple[str, int]], limit: int) -> list[Event]:
+    def replay(
+        self,
+        pattern: str | Sequence[str],
+        since: Mapping[str, int],
+        limit: int = 1000,
+        *,
+        after_seq: int = 0,
+        max_bytes: int = PAGE_BYTES,
+    ) -> Deferred[list[Event]]:
+        """
+        Events of every channel matching C{pattern} (or any of several
+        patterns) with offsets above C{since.get(channel, 0)} and seqs above
+        C{after_seq}, in seq order: at most C{limit} of them and about
+        C{max_bytes} of event JSON (at least one when there is one).  Page
+        with C{after_seq = page[-1].seq} until a page is empty.
+
+        C{since} is read in the reader thread (its C{get} may give a floor
+        for channels it does not name): do not change it until this fires.
+        """
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        if limit <= 0 or not patterns:
+            return succeed([])
+        return self._in_reader(
+            self._r_read, self._r_replay, patterns, since, _clamp(limit), _clamp(after_seq), max_bytes
+        ).addErrback(_unavailable)
+
+    def _r_read(self, f: Callable[..., list[Event]], *args: Any) -> list[Event]:
+        """Run a read in one snapshot (a read transaction), so its queries agree with each other."""
         conn = self._r_conn()
+        if self._memory:  # one connection, one thread: nothing commits meanwhile
+            return f(conn, *args)
+        conn.execute("BEGIN")
+        try:
+            return f(conn, *args)
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+
+    def _r_history(
+        self, conn: sqlite3.Connection, channel: str, after: int, limit: int, after_seq: int, max_bytes: int
+    ) -> list[Event]:
+        cur = conn.execute(
+            f'SELECT {_COLUMNS} FROM events WHERE channel = ? AND "offset" > ? AND rowid > ?'
+            ' ORDER BY "offset" LIMIT ?',
+            (channel, after, after_seq, limit),
+        )
+        try:
+            return _page(cur, max_bytes)
+        finally:
+            cur.close()
+
+    def _r_replay(
+        self,
+        conn: sqlite3.Connection,
+        patterns: list[str],
+        since: Mapping[str, int],
+        limit: int,
+        after_seq: int,
+        max_bytes: int,
+    ) -> list[Event]:
+        """
+        The channels that have something to replay come from the channels
+        table (by name range: the part of each pattern before its first
+        wildcard), then one query in rowid (= seq) order reads their events.
+        """
+        where, params = _ranges(patterns, "name")
+        wanted: list[tuple[str, int, int]] = []  # channel, offset to read after, last seq (0: unknown)
+        for name, last, last_seq in conn.execute(f"SELECT name, last_offset, last_seq FROM channels{where}", params):
+            if last_seq and last_seq <= after_seq:
+                continue
+            after = _clamp(since.get(name, 0))
+            if last > after and any(matches(p, name) for p in patterns):
+                wanted.append((name, after, last_seq))
+        if not wanted:
+            return []
         if len(wanted) == 1:
-            channel, after = wanted[0]
-            rows = conn.execute(
-                f'SELECT {_COLUMNS} FROM events WHERE channel = ? AND "offset" > ?'
-                ' ORDER BY "offset" LIMIT ?',
-                (channel, after, limit),
-            ).fetchall()
-            return [_row_event(r) for r in rows]
-        keyed: list[tuple[int, Sequence[Any]]] = []
-        for channel, after in wanted:
-            keyed.extend(
-                (r[-1], r[:-1])
-                for r in conn.execute(
-                    f'SELECT {_COLUMNS}, rowid FROM events WHERE channel = ? AND "offset" > ?'
-                    ' ORDER BY "offset" LIMIT ?',
-                    (channel, after, limit),
-                )
-            )
-        keyed.sort(key=lambda kr: kr[0])
-        return [_row_event(r) for _, r in keyed[:limit]]
+            name, after, _ = wanted[0]
+            return self._r_history(conn, name, after, limit, after_seq, max_bytes)
+        # Rows past the newest of these channels' last events cannot match.
+        end = max(w[2] for w in wanted) if all(w[2] for w in wanted) else _MAX_INT
+        if len(wanted) <= _NAMED_MAX:
+            return self._r_named(conn, wanted, limit, after_seq, end, max_bytes)
+        return self._r_scan(conn, patterns, wanted, limit, after_seq, end, max_bytes)
+
+    def _r_named(
+        self,
+        conn: sqlite3.Connection,
+        wanted: list[tuple[str, int, int]],
+        limit: int,
+        after_seq: int,
+        end: int,
+        max_bytes: int,
+    ) -> list[Event]:
+        """A few channels: every filter in SQL, from the first row any of them needs."""
+        firsts: list[tuple[int, str, int]] = []
+        for name, after, _ in wanted:
+            row = conn.execute(
+                'SELECT rowid FROM events WHERE channel = ? AND "offset" > ? AND rowid > ? ORDER BY "offset" LIMIT 1',
+                (name, after, after_seq),
+            ).fetchone()
+            if row is not None:
+                firsts.append((row[0], name, after))
+        if not firsts:
+            return []
+        start = min(f[0] for f in firsts) - 1
+        names = ", ".join("?" * len(firsts))
+        cases = " ".join(["WHEN ? THEN ?"] * len(firsts))
+        # "+channel": never the (channel, offset) index, whose order would need a sort.
+        cur = conn.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE rowid > ? AND rowid <= ? AND +channel IN ({names})"
+            f' AND "offset" > CASE channel {cases} END ORDER BY rowid LIMIT ?',
+            [start, end, *(f[1] for f in firsts), *(v for f in firsts for v in (f[1], f[2])), limit],
+        )
+        try:
+            return _page(cur, max_bytes)
+        finally:
+            cur.close()
+
+    def _r_scan(
+        self,
+        conn: sqlite3.Connection,
+        patterns: list[str],
+        wanted: list[tuple[str, int, int]],
+        limit: int,
+        after_seq: int,
+        end: int,
+        max_bytes: int,
+    ) -> list[Event]:
+        """
+        Many channels: scan (seq, channel, offset) in seq order within the
+        patterns' name ranges, and read a whole row only for the events
+        that are replayed.
+        """
+        after_of = {name: after for name, after, _ in wanted}
+        where, params = _ranges(patterns, "+channel")
+        where = where.replace(" WHERE ", " AND (", 1) + ")" if where else ""
+        cur = conn.execute(
+            f'SELECT rowid, channel, "offset" FROM events WHERE rowid > ? AND rowid <= ?{where} ORDER BY rowid',
+            [after_seq, end, *params],
+        )
+        whole = f"SELECT {_COLUMNS} FROM events WHERE rowid = ?"
+        out: list[Event] = []
+        size = 0
+        try:
+            for rowid, channel, offset in cur:
+                after = after_of.get(channel)
+                if after is None or offset <= after:
+                    continue
+                row = conn.execute(whole, (rowid,)).fetchone()
+                size += _row_size(row)
+                if out and size > max_bytes:
+                    break
+                out.append(_row_event(row))
+                if len(out) >= limit or size >= max_bytes:
+                    break
+        finally:
+            cur.close()
+        return out
 
     def first_offset(self, channel: str) -> Deferred[int]:
         """The oldest offset still kept for C{channel} (0 when none)."""
@@ -563,6 +778,8 @@ class Journal:
 
 
 _MAX_INT = 2**63 - 1  # SQLite's INTEGER
+#: up to this many channels to replay, every filter is in the one SQL query
+_NAMED_MAX = 200
 
 
 _quote = json.encoder.encode_basestring_ascii
@@ -581,6 +798,60 @@ def _text(draft: Draft) -> str:
     if draft.raw is not None and text.encode("utf-8") == draft.raw:
         return ""
     return text
+
+
+def _page(rows: Iterable[Sequence[Any]], max_bytes: int) -> list[Event]:
+    """
+    Events from C{rows} until about C{max_bytes} of them (at least one):
+    the cursor is stepped no further, so the rest is never read.
+    """
+    out: list[Event] = []
+    size = 0
+    for row in rows:
+        size += _row_size(row)
+        if out and size > max_bytes:
+            break
+        out.append(_row_event(row))
+        if size >= max_bytes:
+            break
+    return out
+
+
+def pattern_prefix(pattern: str) -> str | None:
+    """
+    What every channel C{pattern} matches starts with: its segments before
+    the first wildcard and a C{.} (C{""}: it starts with a wildcard;
+    C{None}: it is one exact name).
+    """
+    if not is_wildcard(pattern):
+        return None
+    head: list[str] = []
+    for segment in pattern.split("."):
+        if segment in ("*", ">"):
+            break
+        head.append(segment)
+    return ".".join(head) + "." if head else ""
+
+
+def _ranges(patterns: Sequence[str], column: str) -> tuple[str, list[str]]:
+    """
+    A C{WHERE} clause keeping the names C{patterns} may match: one name per
+    exact pattern, one name range per wildcard's prefix (C{"gh."} to
+    C{"gh/"}: C{/} follows C{.}); none when a pattern starts with a wildcard.
+    """
+    terms: list[str] = []
+    params: list[str] = []
+    for pattern in dict.fromkeys(patterns):
+        prefix = pattern_prefix(pattern)
+        if prefix is None:
+            terms.append(f"{column} = ?")
+            params.append(pattern)
+        elif not prefix:
+            return "", []
+        else:
+            terms.append(f"({column} >= ? AND {column} < ?)")
+            params += [prefix, prefix[:-1] + "/"]
+    return " WHERE " + " OR ".join(terms), params
 
 
 def _delete_older(conn: sqlite3.Connection, table: str, cutoff: float) -> int:

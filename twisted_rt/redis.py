@@ -6,15 +6,22 @@ Every node talks to one Redis (reached with C{txredisapi}, so the reactor
 never blocks) over two connections of its own:
 
   - the I{command} connection runs one Lua script per publish batch.  For
-    each draft the script checks the delivery-id key (C{<p>:dl:<source>:<id>},
-    shared by all nodes, kept C{retention_seconds}), C{INCR}s the channel's
-    counter (C{<p>:seq:<channel>}), C{XADD}s the event to the channel's stream
-    (C{<p>:s:<channel>}, entry id C{<offset>-0}, trimmed to about
-    C{max_events_per_channel}), records the channel (C{<p>:channels}) and
-    C{PUBLISH}es it on C{<p>:ev}.  The script is atomic, so offsets are unique
-    and gap-free per channel across nodes, and a 2xx is sent only after
-    Redis answered.  History and resume read the streams (C{XRANGE}), so a
-    client may resume on any node.
+    each draft the script checks the idempotency key (C{<p>:dl:<source>:<id>}
+    for a webhook source, C{<p>:dk:<length>:<scope>:<id>} for a publisher's
+    scope; shared by all nodes, kept C{retention_seconds}), C{INCR}s the
+    channel's counter (C{<p>:seq:<channel>}) and the global one
+    (C{<p>:gseq}, the event's C{seq}, written into its body), C{XADD}s the
+    event to the channel's stream (C{<p>:s:<channel>}, entry id
+    C{<offset>-0}, trimmed to about C{max_events_per_channel}), records the
+    channel (C{<p>:channels}) and C{PUBLISH}es it on C{<p>:ev}.  The script
+    is atomic, so offsets are unique and gap-free per channel across nodes,
+    seqs increase in publish order, and a 2xx is sent only after Redis
+    answered.  History and resume read the streams (C{XRANGE}) in chunks
+    bounded by count and bytes, so a client may resume on any node; a
+    replay of several channels merges their streams by C{seq}, and
+    remembers (for the next page) where each channel's events pass the
+    page's last seq.  Entries written before seqs existed read as seq 0:
+    history serves them, seq-paged replays skip them.
   - the I{pub/sub} connection receives every event on C{<p>:ev}, in offset
     order per channel.  A node remembers the last offset it delivered per
     channel; an event past C{last + 1} (a missed message) makes it fill the
@@ -41,10 +48,10 @@ import hashlib
 import heapq
 import json
 import random
+import re
 import time
-from collections import deque
-from itertools import islice
-from typing import Any, Callable, Sequence
+from collections import OrderedDict, deque
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
@@ -60,8 +67,8 @@ from twisted.python.failure import Failure
 from twisted_rt.broker import Broker, ChannelInfo, Listener
 from twisted_rt.config import Config
 from twisted_rt.event import Accepted, Draft, Event, dumps, new_id, now_iso
-from twisted_rt.journal import JournalUnavailable
-from twisted_rt.matcher import is_wildcard, matches
+from twisted_rt.journal import PAGE_BYTES, JournalUnavailable, pattern_prefix
+from twisted_rt.matcher import matches
 from twisted_rt.metrics import Stats
 
 __all__ = ["RedisBroker", "backoff", "parse_url"]
@@ -77,11 +84,24 @@ FILL_PAGE = 1000
 MAX_QUEUE = 100000
 #: Seconds a command may wait for its reply before the connection is dropped.
 REPLY_TIMEOUT = 10.0
+#: Entries of a stream's first XRANGE of a history or replay page; later ones
+#: grow, sized down so that one holds about a page's bytes.
+HISTORY_CHUNK = 32
+#: Replay pages whose per-channel floors are remembered, and the most
+#: channels one page may remember.
+FLOOR_PAGES = 64
+MAX_FLOORS = 1024
+#: the largest offset (a signed 64-bit integer)
+_MAX_OFFSET = 2**63 - 1
+#: a stored body begins with its seq (entries written before seqs existed do not)
+_SEQ = re.compile(r'\{"seq":(\d+),')
 
 
 # The append script.  ARGV: prefix, maxlen, ttl, n, then n times
-# (channel, source, id, dedup "1"/"0", body).  Returns 4 values per draft:
-# offset, duplicate (0/1), channel, stored body ("" unless duplicate).
+# (channel, idempotency key or "", body: a JSON object).  Returns 5 values per
+# draft: offset, duplicate (0/1), channel, stored body ("" unless duplicate),
+# seq (0 for a duplicate: its body has it).  The stored and published body is
+# the given one with "seq" first.
 _APPEND = """
 local p = ARGV[1]
 local maxlen = ARGV[2]
@@ -90,11 +110,10 @@ local n = tonumber(ARGV[4])
 local out = {}
 local i = 5
 for k = 1, n do
-  local ch, src, id, dd, body = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  i = i + 5
-  local dkey = p .. ':dl:' .. src .. ':' .. id
+  local ch, dkey, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  i = i + 3
   local prior = false
-  if dd == '1' then
+  if dkey ~= '' then
     prior = redis.call('GET', dkey)
   end
   if prior then
@@ -110,20 +129,24 @@ for k = 1, n do
     out[#out + 1] = 1
     out[#out + 1] = pch
     out[#out + 1] = b
+    out[#out + 1] = 0
   else
     local off = redis.call('INCR', p .. ':seq:' .. ch)
+    local g = redis.call('INCR', p .. ':gseq')
+    local stored = '{"seq":' .. g .. ',' .. string.sub(body, 2)
     local skey = p .. ':s:' .. ch
-    redis.call('XADD', skey, 'MAXLEN', '~', maxlen, off .. '-0', 'e', body)
+    redis.call('XADD', skey, 'MAXLEN', '~', maxlen, off .. '-0', 'e', stored)
     redis.call('EXPIRE', skey, ttl)
     redis.call('SADD', p .. ':channels', ch)
-    if dd == '1' then
+    if dkey ~= '' then
       redis.call('SET', dkey, off .. ' ' .. ch, 'EX', ttl)
     end
-    redis.call('PUBLISH', p .. ':ev', off .. ' ' .. ch .. ' ' .. body)
+    redis.call('PUBLISH', p .. ':ev', off .. ' ' .. ch .. ' ' .. stored)
     out[#out + 1] = off
     out[#out + 1] = 0
     out[#out + 1] = ch
     out[#out + 1] = ''
+    out[#out + 1] = g
   end
 end
 return out
@@ -139,6 +162,54 @@ local out = {redis.call('GET', p .. ':epoch')}
 for _, ch in ipairs(redis.call('SMEMBERS', p .. ':channels')) do
   out[#out + 1] = ch
   out[#out + 1] = redis.call('GET', p .. ':seq:' .. ch) or '0'
+end
+return out
+"""
+
+# The channels some patterns may match, with their last offsets.  ARGV:
+# prefix, then terms: "=name" (an exact pattern), "^prefix" (a wildcard's
+# part before its first wildcard) or "*" (a pattern starting with one).
+# Returns ch, last, ...  (Python applies the patterns themselves.)
+_CHANNELS = """
+local p = ARGV[1]
+local out = {}
+local all = false
+local exact = {}
+local prefixes = {}
+for i = 2, #ARGV do
+  local t = ARGV[i]
+  local kind = string.sub(t, 1, 1)
+  if kind == '*' then
+    all = true
+  elseif kind == '=' then
+    exact[#exact + 1] = string.sub(t, 2)
+  else
+    prefixes[#prefixes + 1] = string.sub(t, 2)
+  end
+end
+if all or #prefixes > 0 then
+  for _, ch in ipairs(redis.call('SMEMBERS', p .. ':channels')) do
+    local keep = all
+    if not keep then
+      for _, pre in ipairs(prefixes) do
+        if string.sub(ch, 1, #pre) == pre then
+          keep = true
+          break
+        end
+      end
+    end
+    if keep then
+      out[#out + 1] = ch
+      out[#out + 1] = redis.call('GET', p .. ':seq:' .. ch) or '0'
+    end
+  end
+end
+for _, ch in ipairs(exact) do
+  local last = redis.call('GET', p .. ':seq:' .. ch)
+  if last then
+    out[#out + 1] = ch
+    out[#out + 1] = last
+  end
 end
 return out
 """
@@ -204,6 +275,7 @@ class _Script:
 
 APPEND = _Script(_APPEND)
 SNAPSHOT = _Script(_SNAPSHOT)
+CHANNELS = _Script(_CHANNELS)
 COUNTS = _Script(_COUNTS)
 REMOTE_COUNTS = _Script(_REMOTE_COUNTS)
 
@@ -407,6 +479,17 @@ def _encode_body(draft: Draft, eid: str, stamp: str) -> str:
     ).decode("utf-8")
 
 
+def _dedup_key(prefix: str, scope: str, eid: str) -> str:
+    """
+    The Redis key of an idempotency key: a source name has no C{:}, so
+    C{dl:<source>:<id>} is unambiguous (and what 0.1 wrote); a publisher's
+    scope may contain C{:} (a JWT C{sub}), so it is length-prefixed.
+    """
+    if ":" not in scope:
+        return f"{prefix}:dl:{scope}:{eid}"
+    return f"{prefix}:dk:{len(scope)}:{scope}:{eid}"
+
+
 def _decode(channel: str, offset: int, body: str | bytes) -> Event:
     o = json.loads(body)
     raw = o.get("raw")
@@ -420,6 +503,7 @@ def _decode(channel: str, offset: int, body: str | bytes) -> Event:
         data=o["data"],
         raw=base64.b64decode(raw) if raw is not None else None,
         headers=o.get("headers"),
+        seq=o.get("seq", 0),
     )
 
 
@@ -456,6 +540,7 @@ class RedisBroker(Broker):
         self.maxlen = config.journal.max_events_per_channel
         self.ttl = max(1, int(config.journal.retention_seconds))
         self.live_last: dict[str, int] = {}
+        self._floors: OrderedDict[int, dict[str, int]] = OrderedDict()
         self._epoch: str | None = None
         self._queue: deque[tuple[str, int, str]] = deque()
         self._busy = True  # live messages are queued, not processed
@@ -783,6 +868,7 @@ class RedisBroker(Broker):
                     log_category="RT-R05",
                 )
                 self.live_last.clear()
+                self._floors.clear()
             self._epoch = epoch
             return {ch: int(_s(v)) for ch, v in _pairs(flat[1:])}
 
@@ -804,18 +890,23 @@ class RedisBroker(Broker):
         stamp = now_iso(time.time())
         args: list[Any] = [self.prefix, str(self.maxlen), str(self.ttl), str(len(drafts))]
         ids: list[str] = []
+        prefix = self.prefix
         for draft in drafts:
-            eid = draft.id if draft.id is not None else new_id()
+            if draft.id is not None:
+                eid = draft.id
+                dkey = _dedup_key(prefix, draft.scope or draft.source, eid)
+            else:
+                eid = new_id()
+                dkey = ""
             ids.append(eid)
-            args += [draft.channel, draft.source, eid, "1" if draft.id is not None else "0",
-                     _encode_body(draft, eid, stamp)]
+            args += [draft.channel, dkey, _encode_body(draft, eid, stamp)]
         started = time.perf_counter()
         d = self._script(APPEND, args)
 
         def appended(flat: list[Any]) -> list[Accepted]:
             out: list[Accepted] = []
             for i, draft in enumerate(drafts):
-                offset, dup, channel, body = flat[4 * i: 4 * i + 4]
+                offset, dup, channel, body, seq = flat[5 * i: 5 * i + 5]
                 offset = int(offset)
                 channel = _s(channel)
                 if int(dup):
@@ -829,6 +920,7 @@ class RedisBroker(Broker):
                     out.append(Accepted(Event(
                         id=ids[i], channel=channel, offset=offset, time=stamp, source=draft.source,
                         type=draft.type, data=draft.data, raw=draft.raw, headers=draft.headers,
+                        seq=int(seq),
                     )))
             self.stats.on_commit(len(drafts), time.perf_counter() - started)
             return out
@@ -839,32 +931,86 @@ class RedisBroker(Broker):
 
         return d.addCallbacks(appended, failed)
 
-    def history(self, channel: str, after: int = 0, limit: int = 1000) -> Deferred[list[Event]]:
-        if limit <= 0:
+    def history(
+        self, channel: str, after: int = 0, limit: int = 1000, *, max_bytes: int = PAGE_BYTES
+    ) -> Deferred[list[Event]]:
+        if limit <= 0 or after >= _MAX_OFFSET:
             return succeed([])
-        d = self._xrange(channel, after + 1, None, limit)
-        return d.addCallback(lambda entries: [
-            _decode(channel, _entry_offset(eid), _field(fields, "e")) for eid, fields in entries
-        ])
+        reader = _StreamReader(self, channel, max(after, 0), None, min(limit, HISTORY_CHUNK), max_bytes, limit)
+        return ensureDeferred(self._merge([reader], limit, None, max_bytes))
 
-    def replay(self, pattern: str, since: dict[str, int], limit: int = 100000) -> Deferred[list[Event]]:
-        if not is_wildcard(pattern):
-            return self.history(pattern, since.get(pattern, 0), limit)
-        return ensureDeferred(self._replay(pattern, since, limit))
+    def replay(
+        self,
+        pattern: str | Sequence[str],
+        since: Mapping[str, int],
+        limit: int = 1000,
+        *,
+        after_seq: int = 0,
+        max_bytes: int = PAGE_BYTES,
+    ) -> Deferred[list[Event]]:
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        if limit <= 0 or not patterns:
+            return succeed([])
+        return ensureDeferred(self._replay(patterns, since, limit, after_seq, max_bytes))
 
-    async def _replay(self, pattern: str, since: dict[str, int], limit: int) -> list[Event]:
-        snapshot = await self._snapshot()
-        wanted = [(ch, since.get(ch, 0)) for ch, last in snapshot.items()
-                  if matches(pattern, ch) and last > since.get(ch, 0)]
+    async def _replay(
+        self, patterns: list[str], since: Mapping[str, int], limit: int, after_seq: int, max_bytes: int
+    ) -> list[Event]:
+        """
+        The channels with something to replay (a script filters the channel
+        set by the patterns' prefixes), each read from where the previous
+        page left it (L{_floors}) or from C{since}, merged by seq.
+        """
+        terms = _terms(patterns)
+        flat = await self._script(CHANNELS, [self.prefix, *terms])
+        floors = self._floors.get(after_seq, {}) if after_seq else {}
+        wanted: dict[str, int] = {}
+        for ch, last_s in _pairs(flat or []):
+            last = int(_s(last_s))
+            after = max(min(since.get(ch, 0), _MAX_OFFSET), floors.get(ch, 0), 0)
+            if last > after and ch not in wanted and any(matches(p, ch) for p in patterns):
+                wanted[ch] = after
         if not wanted:
             return []
-        lists: list[list[Event]] = await gatherResults(
-            [self.history(ch, after, limit) for ch, after in wanted], consumeErrors=True
-        ).addErrback(_first_error)
-        if len(lists) == 1:
-            return lists[0][:limit]
-        # Merge by time while keeping each channel's own order.
-        return list(islice(heapq.merge(*lists, key=lambda e: e.time), limit))
+        chunk = max(1, min(limit, HISTORY_CHUNK, FILL_PAGE // len(wanted)))
+        readers = [_StreamReader(self, ch, after, after_seq, chunk, max(max_bytes // len(wanted), 1))
+                   for ch, after in wanted.items()]
+        page = await self._merge(readers, limit, after_seq, max_bytes)
+        if page and len(readers) <= MAX_FLOORS:
+            # Every entry of a channel up to its floor has a seq at or below
+            # the page's last: the next page (after_seq = that seq) starts there.
+            self._floors[page[-1].seq] = {r.channel: r.floor for r in readers if r.floor}
+            while len(self._floors) > FLOOR_PAGES:
+                self._floors.popitem(last=False)
+        return page
+
+    async def _merge(
+        self, readers: list[_StreamReader], limit: int, after_seq: int | None, max_bytes: int
+    ) -> list[Event]:
+        """Take events from C{readers} in seq order (one reader: in offset order) up to the page's bounds."""
+        await gatherResults([ensureDeferred(r.ready()) for r in readers], consumeErrors=True).addErrback(_first_error)
+        heap = [(r.head_seq(), i) for i, r in enumerate(readers) if r.buffer]
+        heapq.heapify(heap)
+        out: list[Event] = []
+        size = 0
+        while heap:
+            _, i = heapq.heappop(heap)
+            r = readers[i]
+            event, n = r.buffer[0]
+            size += n
+            if out and size > max_bytes:
+                break
+            r.take()
+            out.append(event)
+            if len(out) >= limit or size >= max_bytes:
+                break
+            await r.ready()
+            if r.buffer:
+                heapq.heappush(heap, (r.head_seq(), i))
+        return out
+
+    def position(self) -> Deferred[int]:
+        return self._command("GET", self._key("gseq")).addCallback(lambda v: int(_s(v)) if v else 0)
 
     def last_offset(self, channel: str) -> Deferred[int]:
         return self._command("GET", self._key("seq", channel)).addCallback(lambda v: int(_s(v)) if v else 0)
@@ -920,6 +1066,84 @@ class RedisBroker(Broker):
             self.log.debug("redis: writing counts failed: {e}", e=f.getErrorMessage())
 
         return d.addCallbacks(lambda _: None, failed)
+
+
+class _StreamReader:
+    """
+    One channel's stream after an offset, read in chunks: the first of
+    C{chunk} entries, later ones growing but sized down so that a chunk
+    holds about C{budget} bytes.  With C{after_seq}, entries whose seq is at
+    or below it are skipped (seq 0: written before seqs existed).
+
+    @ivar floor: the last offset whose seq is known to be at or below the
+        last event taken (0: none).
+    """
+
+    def __init__(self, broker: RedisBroker, channel: str, after: int, after_seq: int | None,
+                 chunk: int, budget: int, cap: int = FILL_PAGE) -> None:
+        self.broker = broker
+        self.channel = channel
+        self.after = after
+        self.after_seq = after_seq
+        self.chunk = chunk
+        self.budget = budget
+        self.cap = cap
+        self.buffer: deque[tuple[Event, int]] = deque()
+        self.done = False
+        self.floor = 0
+
+    def head_seq(self) -> int:
+        return self.buffer[0][0].seq
+
+    def take(self) -> Event:
+        event = self.buffer.popleft()[0]
+        self.floor = event.offset
+        return event
+
+    async def ready(self) -> None:
+        """Read until an event is buffered or the stream has no more."""
+        while not self.buffer and not self.done:
+            await self._read()
+
+    async def _read(self) -> None:
+        entries = await self.broker._xrange(self.channel, self.after + 1, None, self.chunk)
+        if len(entries) < self.chunk:
+            self.done = True
+        size = 0
+        for entry_id, fields in entries:
+            offset = _entry_offset(entry_id)
+            body = _field(fields, "e")
+            self.after = offset
+            size += len(body)
+            if self.after_seq is not None:
+                m = _SEQ.match(body)
+                if m is None or int(m.group(1)) <= self.after_seq:
+                    self.floor = offset
+                    continue
+            try:
+                event = _decode(self.channel, offset, body)
+            except (ValueError, KeyError, TypeError):
+                self.broker.log.warn("redis: undecodable event {channel}#{offset}", channel=self.channel,
+                                     offset=offset)
+                continue
+            self.buffer.append((event, len(body)))
+        if entries:
+            per_entry = size // len(entries) + 1
+            self.chunk = max(1, min(self.cap, FILL_PAGE, self.chunk * 2, self.budget // per_entry))
+
+
+def _terms(patterns: Sequence[str]) -> list[str]:
+    """The L{CHANNELS} script's terms for C{patterns}."""
+    terms: list[str] = []
+    for pattern in dict.fromkeys(patterns):
+        prefix = pattern_prefix(pattern)
+        if prefix is None:
+            terms.append("=" + pattern)
+        elif not prefix:
+            return ["*"]
+        else:
+            terms.append("^" + prefix)
+    return terms
 
 
 def _field(fields: Sequence[Any], name: str) -> str:
