@@ -5,7 +5,9 @@ subscriptions matching a channel without scanning them all.
 
 A channel is 1-200 characters of C{A-Z a-z 0-9 _ - . : @}, its segments
 separated by C{.}.  A pattern may use C{*} for exactly one segment and C{>}
-as its last segment for one or more segments.
+as its last segment for one or more segments.  Names and segments are
+checked as whole strings (C{fullmatch}): C{re}'s C{$} would also accept a
+trailing newline, which breaks the line framing of Server-Sent Events.
 
 L{PatternIndex} keeps exact patterns in a dict and wildcard patterns in a
 trie keyed by segment, so a lookup costs O(segments) dict probes (times the
@@ -28,8 +30,9 @@ __all__ = [
     "validate_pattern",
 ]
 
-_CHANNEL = re.compile(r"^[A-Za-z0-9_\-.:@]{1,200}$")
-_SEGMENT = re.compile(r"^[A-Za-z0-9_\-:@]+$")
+# used with fullmatch only (never match/search with "$", which allows a final "\n")
+_CHANNEL = re.compile(r"[A-Za-z0-9_\-.:@]{1,200}")
+_SEGMENT = re.compile(r"[A-Za-z0-9_\-:@]+")
 
 K = TypeVar("K")
 
@@ -44,7 +47,7 @@ class PatternError(ValueError):
 
 def validate_channel(name: object) -> str:
     """Return C{name} if it is a valid channel name.  @raise ChannelError: if not."""
-    if not isinstance(name, str) or not _CHANNEL.match(name):
+    if not isinstance(name, str) or not _CHANNEL.fullmatch(name):
         raise ChannelError(
             "a channel is 1-200 characters of A-Z a-z 0-9 _ - . : @"
         )
@@ -65,7 +68,7 @@ def validate_pattern(pattern: object) -> str:
             if i != len(segs) - 1:
                 raise PatternError("'>' may only be the last segment")
             continue
-        if not _SEGMENT.match(seg):
+        if not _SEGMENT.fullmatch(seg):
             raise PatternError(
                 f"bad segment {seg!r}: use A-Z a-z 0-9 _ - : @, or * and a final >"
             )
