@@ -78,3 +78,60 @@ def test_rate_must_be_positive() -> None:
     """A limiter with no rate is a programming error (0 means no limiter at all)."""
     with pytest.raises(ValueError):
         RateLimiter(0, Clock())
+
+
+def test_peek_does_not_take() -> None:
+    """peek answers what take would, without using a token, and forgets a bucket that has refilled."""
+    clock = Clock()
+    rl = RateLimiter(1 / 60, clock, burst=3)
+    assert rl.peek("a") == 0 and len(rl) == 0
+    assert [rl.take("a") for _ in range(3)] == [0, 0, 0]
+    assert rl.peek("a") == 60 and rl.peek("a") == 60
+    clock.advance(60)
+    assert rl.peek("a") == 0 and len(rl) == 1  # one token back, not yet full
+    clock.advance(120)
+    assert rl.peek("a") == 0 and len(rl) == 0  # full again: forgotten
+
+
+class CountingLimiter(RateLimiter):
+    """Counts the passes over the whole table."""
+
+    prunes = 0
+
+    def _prune(self, now: float) -> None:
+        self.prunes += 1
+        super()._prune(now)
+
+
+def test_flood_of_busy_keys_costs_no_scan_per_request() -> None:
+    """Distinct keys that all stay busy are pruned down to half the table, so a scan happens once per max_keys/2 keys."""
+    clock = Clock()
+    rl = CountingLimiter(1 / 60, clock, burst=1, max_keys=1000)
+    for i in range(20000):
+        rl.take(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")  # every bucket empty: nothing refills in time
+        assert len(rl) <= 1000
+    assert rl.prunes <= 20000 // 500 + 1
+
+
+def test_trickle_of_refilled_keys_costs_no_scan_per_request() -> None:
+    """When each pass would free only a key or two (keys refill just as fast as new ones come), it still frees half."""
+    clock = Clock()
+    rl = CountingLimiter(1, clock, burst=1, max_keys=1000)
+    for i in range(20000):
+        clock.advance(1 / 999)  # about one bucket refills per new key
+        rl.take(f"k{i}")
+        assert len(rl) <= 1000
+    assert rl.prunes <= 20000 // 500 + 1
+
+
+def test_busy_key_survives_prune_of_full_ones() -> None:
+    """When refilled buckets free enough room, a busy bucket keeps its state through a prune."""
+    clock = Clock()
+    rl = RateLimiter(1, clock, burst=1, max_keys=4)
+    for k in ("a", "b", "c"):
+        rl.take(k)
+    clock.advance(5)  # a, b, c are full again
+    assert rl.take("busy") == 0
+    assert rl.take("busy") == 1
+    rl.take("new")  # the table is full: a, b, c go, busy stays
+    assert rl.take("busy") == 1

@@ -18,13 +18,18 @@ import pytest
 import standardwebhooks
 import stripe
 from conftest import SHARED_DATA
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from slack_sdk.signature import SignatureVerifier
 
 from twisted_rt.config import SourceConfig
 from twisted_rt.verify import (
+    SECRET_HEADERS,
     SignatureError,
+    crc_token_problem,
     identify,
     meta_challenge,
+    secret_headers,
     standard_secret,
     twitter_crc,
     verify,
@@ -382,3 +387,141 @@ def test_zoom_validation() -> None:
         "plainToken": "qgg8vlvZRS6UYooatFL8Aw",
         "encryptedToken": expected,
     }
+
+
+# -- issue 13: what each scheme accepts, and nothing more -------------------------------------
+
+def _signed_at(kind: str, stamp: str, secret: str, body: bytes = BODY) -> dict[str, str]:
+    """A delivery of C{kind} correctly signed over the timestamp text C{stamp}, whatever it is."""
+    if kind == "stripe":
+        return {"stripe-signature": f"t={stamp},v1=" + _hex(secret, stamp.encode() + b"." + body)}
+    if kind == "slack":
+        return {"x-slack-signature": "v0=" + _hex(secret, f"v0:{stamp}:".encode() + body),
+                "x-slack-request-timestamp": stamp}
+    if kind == "zoom":
+        return {"x-zm-signature": "v0=" + _hex(secret, f"v0:{stamp}:".encode() + body),
+                "x-zm-request-timestamp": stamp}
+    key = standard_secret(secret)
+    sig = base64.b64encode(hmac.new(key, b"msg_1." + stamp.encode() + b"." + body, hashlib.sha256).digest())
+    return {"webhook-id": "msg_1", "webhook-timestamp": stamp, "webhook-signature": "v1," + sig.decode()}
+
+
+@pytest.mark.parametrize(("kind", "sign", "secret", "rotated", "timed", "header", "extra"), TIMED,
+                         ids=[p[0] for p in TIMED])
+@pytest.mark.parametrize("stamp", [f"{int(NOW)}.0", f"+{int(NOW)}", "1_763_750_000", f" {int(NOW)}",
+                                   "1.76375e9", f"{int(NOW)}\u0660", "\uff11" * 10, "-1"])
+def test_timestamp_must_be_ascii_digits(kind: str, sign: Signer, secret: str, rotated: str, timed: bool,
+                                        header: str, extra: dict[str, str], stamp: str) -> None:
+    """A timestamp that is not plain ASCII digits is refused even when the signature covers it as written."""
+    assert _code(kind, BODY, _signed_at(kind, stamp, secret), (secret,), extra) == "invalid_signature"
+    assert _code(kind, BODY, _signed_at(kind, str(int(NOW)), secret), (secret,), extra) == "ok"
+
+
+@pytest.mark.parametrize("header", [
+    "t={ts},t={ts},v1={sig}",          # two timestamps: which one is signed?
+    "t={ts},v1={sig},junk",            # an element that is not key=value
+    "t={ts},=x,v1={sig}",              # an empty key
+    "v1={sig}",                        # no timestamp
+    "t={ts},v0={sig}",                 # only a scheme Stripe's libraries ignore
+])
+def test_stripe_header_parsed_strictly(header: str) -> None:
+    """A Stripe-Signature with a repeated t, a bare element, an empty key or no v1 is refused."""
+    ts = str(int(NOW))
+    sig = _hex("whsec_x", ts.encode() + b"." + BODY)
+    value = header.format(ts=ts, sig=sig)
+    assert _code("stripe", BODY, {"stripe-signature": value}, ("whsec_x",), {}) == "invalid_signature"
+    assert _code("stripe", BODY, {"stripe-signature": f"t={ts},v1={sig}"}, ("whsec_x",), {}) == "ok"
+
+
+@pytest.mark.parametrize(("kind", "header", "value"), [
+    ("github", "x-hub-signature-256", "sha256=" + _hex(SECRET, BODY).upper()),
+    ("github", "x-hub-signature-256", "sha256= " + _hex(SECRET, BODY)),
+    ("github", "x-hub-signature-256", "SHA256=" + _hex(SECRET, BODY)),
+    ("twitter", "x-twitter-webhooks-signature", "SHA256=" + _b64(SECRET, BODY)),
+])
+def test_provider_signatures_compared_as_written(kind: str, header: str, value: str) -> None:
+    """Providers' hex is lower case after an exact prefix: upper-case hex, a space or SHA256= are refused."""
+    assert _code(kind, BODY, {header: value}, (SECRET,), {}) == "invalid_signature"
+
+
+def test_twitter_signs_json_containers_only() -> None:
+    """X's verifier refuses a correctly signed body that is not a JSON object or array (what crc answers sign)."""
+    for body in (b"abc123", b"123", b'"a string"', b"null", b"", b"\xef\xbb\xbf{}"):
+        headers = {"x-twitter-webhooks-signature": "sha256=" + _b64(SECRET, body)}
+        assert _code("twitter", body, headers, (SECRET,), {}) == "invalid_signature", body
+    for body in (b'{"for_user_id":"1"}', b' \r\n\t[1]'):
+        headers = {"x-twitter-webhooks-signature": "sha256=" + _b64(SECRET, body)}
+        assert _code("twitter", body, headers, (SECRET,), {}) == "ok"
+
+
+@pytest.mark.parametrize("token", ['{"tweet_create_events":[]}', "[1]", "a{b", "x" * 1025, "", "caf\u00e9",
+                                   "tab\there", "nul\x00"])
+def test_crc_refuses_tokens_that_could_be_bodies(token: str) -> None:
+    """The crc handshake signs no token that could be a JSON container, nor an empty, huge or non-ASCII one."""
+    src = source("twitter", ("consumer-secret",), {})
+    assert crc_token_problem(token) is not None
+    with pytest.raises(ValueError):
+        twitter_crc(src, token)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=64))
+def test_no_crc_answer_is_a_delivery_signature(token: str) -> None:
+    """Whatever crc_token is asked, its answer never verifies as the X signature of a body equal to the token."""
+    src = source("twitter", ("consumer-secret",), {})
+    try:
+        answer = twitter_crc(src, token)["response_token"]
+    except ValueError:
+        return
+    headers = {"x-twitter-webhooks-signature": answer}
+    assert _code("twitter", token.encode(), headers, ("consumer-secret",), {}) == "invalid_signature"
+
+
+def test_handshake_answers_are_no_signatures() -> None:
+    """Zoom's url_validation answer (HMAC of plainToken) is not a Zoom delivery signature of that token."""
+    src = source("zoom", ("zoom-secret",), {})
+    answer = zoom_validation(src, "tok")["encryptedToken"]
+    headers = {"x-zm-signature": "v0=" + answer, "x-zm-request-timestamp": str(int(NOW))}
+    assert _code("zoom", b"tok", headers, ("zoom-secret",), {}) == "invalid_signature"
+
+
+def test_gitlab_signing_token_is_never_a_plain_token() -> None:
+    """A whsec_ signing token is checked only against webhook-signature: sent as X-Gitlab-Token it is refused."""
+    assert _code("gitlab", BODY, {"x-gitlab-token": WHSEC}, (WHSEC,), {}) == "missing_signature"
+    assert _code("gitlab", BODY, sign_standard(BODY, WHSEC, int(NOW)), (WHSEC,), {}) == "ok"
+    # with a plain token and a signing token (a rotation), an unsigned delivery needs the plain token
+    both = (WHSEC, "plain-token")
+    assert _code("gitlab", BODY, {"x-gitlab-token": "plain-token"}, both, {}) == "ok"
+    assert _code("gitlab", BODY, {"x-gitlab-token": WHSEC}, both, {}) == "invalid_signature"
+    # and a signature present decides alone, even with the right plain token beside it
+    bad = {**sign_standard(BODY, WHSEC2, int(NOW)), "x-gitlab-token": "plain-token"}
+    assert _code("gitlab", BODY, bad, both, {}) == "invalid_signature"
+
+
+def test_gitlab_plain_token_ignores_signature_it_cannot_check() -> None:
+    """With plain tokens only, a webhook-signature (GitLab also has a signing token we lack) does not refuse it."""
+    headers = {**sign_standard(BODY, WHSEC, int(NOW)), "x-gitlab-token": "plain-token"}
+    assert _code("gitlab", BODY, headers, ("plain-token",), {}) == "ok"
+    assert _code("gitlab", BODY, {**headers, "x-gitlab-token": "no"}, ("plain-token",), {}) == "invalid_signature"
+
+
+def test_gitlab_signed_delivery_id_is_the_signed_one() -> None:
+    """A signed GitLab delivery's id is its webhook-id (signed), not the unsigned X-Gitlab-Event-UUID."""
+    signed = {"webhook-signature": "v1,x", "webhook-id": "w1", "x-gitlab-event-uuid": "u1"}
+    assert identify("gitlab", signed, {})[1] == "w1"
+    assert identify("gitlab", {"webhook-id": "w1", "x-gitlab-event-uuid": "u1"}, {})[1] == "u1"
+
+
+def test_standard_signature_list_is_bounded() -> None:
+    """Only the first 16 signatures of a webhook-signature header are looked at (no unbounded work per request)."""
+    headers = sign_standard(BODY, WHSEC, int(NOW))
+    padded = " ".join(["v1," + base64.b64encode(b"x" * 32).decode()] * 16 + [headers["webhook-signature"]])
+    assert _code("standard", BODY, {**headers, "webhook-signature": padded}, (WHSEC,), {}) == "invalid_signature"
+
+
+def test_secret_headers() -> None:
+    """The secret-bearing header names are the contract's four plus a source's redact_headers, lower-cased."""
+    assert SECRET_HEADERS == {"authorization", "cookie", "proxy-authorization", "x-gitlab-token"}
+    assert secret_headers(None) == SECRET_HEADERS
+    assert secret_headers(SourceConfig(name="a", verify="none", redact_headers=("X-Api-Key",))) == (
+        SECRET_HEADERS | {"x-api-key"})
