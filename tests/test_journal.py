@@ -412,3 +412,251 @@ async def test_huge_offsets_read_as_nothing_newer(tmp_path: Path) -> None:
         assert [e.offset for e in await j.history("h", after=-(10**30))] == [1]
     finally:
         await j.close()
+
+
+# -- 0.2: seq, scoped idempotency, bounded pages, replay by seq, reopen state ---------------
+
+
+class _Floored(dict[str, int]):
+    """A since-map whose unnamed channels read as a floor (as the subscriber's)."""
+
+    def __init__(self, base: dict[str, int], floor: int) -> None:
+        super().__init__(base)
+        self.floor = floor
+
+    def get(self, key: str, default: object = None) -> int:  # type: ignore[override]
+        return super().get(key, self.floor)
+
+
+async def _pages(j: Journal, patterns: object, since: object, limit: int, max_bytes: int = 4 << 20) -> list[list[object]]:
+    """Every page of a replay, paged by after_seq until an empty page."""
+    pages: list[list[object]] = []
+    after = 0
+    while True:
+        page = await j.replay(patterns, since, limit, after_seq=after, max_bytes=max_bytes)  # type: ignore[arg-type]
+        if not page:
+            return pages
+        pages.append(page)  # type: ignore[arg-type]
+        after = page[-1].seq
+        assert len(pages) < 10000
+
+
+@pytest_twisted.ensureDeferred
+async def test_seq_is_one_global_order_never_reused_after_trim_and_reopen(tmp_path: Path) -> None:
+    """Every event gets the next journal-wide seq (= its rowid); trimming all rows and reopening never reuses one."""
+    path = str(tmp_path / "j.db")
+    j = await _journal(path)
+    try:
+        assert j.seq == 0
+        out = []
+        for i in range(3):
+            out += await j.append([Draft("a", i), Draft("b", i)])
+        assert [a.event.seq for a in out] == list(range(1, 7))
+        assert j.seq == 6
+        assert [(e.channel, e.seq) for e in await j.history("b")] == [("b", 2), ("b", 4), ("b", 6)]
+        [dup] = await j.append([Draft("a", 9, source="s", id="k")])
+        [again] = await j.append([Draft("a", 9, source="s", id="k")])
+        assert again.duplicate and again.event.seq == dup.event.seq == 7
+        j.retention_seconds = -1
+        await j.trim()
+        assert await j.history("a") == []
+    finally:
+        await j.close()
+    rows = sqlite3.connect(path).execute("SELECT rowid FROM events").fetchall()
+    assert rows == []
+    j = await _journal(path)
+    try:
+        assert j.seq == 7 and j.last_offsets == {"a": 4, "b": 3}
+        [a] = await j.append([Draft("b", "after")])
+        assert (a.event.offset, a.event.seq) == (4, 8)
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_from_before_seq_keeps_working(tmp_path: Path) -> None:
+    """A 0.1 journal (implicit rowid, no last_seq) opens: its rows read with their rowid as seq, new seqs follow."""
+    path = str(tmp_path / "old.db")
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE events (channel TEXT NOT NULL, "offset" INTEGER NOT NULL, id TEXT NOT NULL,
+            source TEXT NOT NULL, type TEXT NOT NULL, time TEXT NOT NULL, ts REAL NOT NULL,
+            data TEXT NOT NULL, raw BLOB, headers TEXT);
+        CREATE UNIQUE INDEX events_channel_offset ON events (channel, "offset");
+        CREATE TABLE channels (name TEXT PRIMARY KEY, last_offset INTEGER NOT NULL);
+        CREATE TABLE deliveries (source TEXT NOT NULL, id TEXT NOT NULL, channel TEXT NOT NULL,
+            "offset" INTEGER NOT NULL, ts REAL NOT NULL, PRIMARY KEY (source, id));
+        """
+    )
+    for i in range(1, 4):
+        db.execute("INSERT INTO events VALUES ('old.x', ?, ?, 'api', '', 't', 1e12, ?, NULL, NULL)", (i, f"e{i}", str(i)))
+    db.execute("INSERT INTO channels VALUES ('old.x', 3)")
+    db.commit()
+    db.close()
+    j = await _journal(path)
+    try:
+        assert j.seq == 3 and j.last_offsets == {"old.x": 3}
+        [a] = await j.append([Draft("old.y", "new")])
+        assert a.event.seq == 4
+        got = await j.replay("old.*", {})
+        assert [(e.channel, e.offset, e.seq) for e in got] == [
+            ("old.x", 1, 1), ("old.x", 2, 2), ("old.x", 3, 3), ("old.y", 1, 4)]
+        assert [e.seq for e in await j.replay("old.*", {}, after_seq=2)] == [3, 4]
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency_is_scoped_per_publisher(tmp_path: Path) -> None:
+    """The same id is one event within a scope (whatever the source), another event in another scope."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        [a] = await j.append([Draft("t.a", 1, source="api", id="X", scope="pub:sub:alice")])
+        [b] = await j.append([Draft("t.b", 2, source="api", id="X", scope="pub:sub:bob")])
+        [ws] = await j.append([Draft("t.c", 3, source="ws", id="X", scope="pub:sub:alice")])
+        [hook] = await j.append([Draft("t.d", 4, source="github", id="X")])
+        [hook2] = await j.append([Draft("t.e", 5, source="github", id="X", scope=None)])
+        assert not a.duplicate and not b.duplicate and not hook.duplicate
+        assert (b.event.channel, b.event.offset) == ("t.b", 1)
+        assert ws.duplicate and (ws.event.channel, ws.event.data) == ("t.a", 1)
+        assert hook2.duplicate and hook2.event.channel == "t.d"
+        # one batch mixing scopes: the in-batch duplicate is found per scope too
+        got = await j.append([Draft("t.f", 6, id="Y", scope="s1"), Draft("t.f", 7, id="Y", scope="s2"),
+                              Draft("t.f", 8, id="Y", scope="s1")])
+        assert [x.duplicate for x in got] == [False, False, True]
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_replay_by_seq_over_several_patterns_pages_every_event_once(tmp_path: Path) -> None:
+    """Replay of several patterns (a few and many channels) is in seq order; paging by after_seq gives each event once."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        for i in range(30):
+            await j.append([Draft(f"gh.r{i % 3}", i), Draft(f"bill.x.{i % 2}", i), Draft("solo", i),
+                            Draft("other.z", i), Draft("gh.deep.no", i)])
+        for n in range(260):  # past the named-channel limit: the scan path
+            await j.append([Draft(f"many.c{n}", n)])
+        since = {"gh.r0": 5, "solo": 28}
+        expected = [
+            (e.channel, e.offset)
+            for e in await j.replay(["gh.*", "bill.>", "solo", "many.*"], since, 100000)
+        ]
+        assert len(expected) == 3 * 10 - 5 + 30 + 2 + 260
+        for limit, max_bytes in ((7, 1 << 20), (1000, 300), (50, 5000)):
+            pages = await _pages(j, ["gh.*", "bill.>", "solo", "many.*"], since, limit, max_bytes)
+            flat = [e for p in pages for e in p]  # type: ignore[attr-defined]
+            assert [(e.channel, e.offset) for e in flat] == expected  # type: ignore[attr-defined]
+            seqs = [e.seq for e in flat]  # type: ignore[attr-defined]
+            assert seqs == sorted(set(seqs))
+            assert all(len(p) <= limit for p in pages)
+        # a floor for channels the mapping does not name
+        got = await j.replay("gh.*", _Floored({"gh.r1": 0}, 9), 1000)
+        assert {(e.channel, e.offset) for e in got} == (
+            {("gh.r1", o) for o in range(1, 11)} | {(c, 10) for c in ("gh.r0", "gh.r2")})
+        assert await j.replay(["nope.*", "none"], {}, 10) == []
+        assert [(e.channel, e.offset) for e in await j.replay("*.c1", {}, 10)] == [("many.c1", 1)]
+        assert len(await j.replay(">", {}, 10)) == 10
+        assert await j.replay("gh.*", {}, 0) == []
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pages_are_bounded_by_bytes_and_hold_at_least_one_event(tmp_path: Path) -> None:
+    """History and replay pages stop at about max_bytes of event JSON; an event bigger than that still comes alone."""
+    j = await _journal(str(tmp_path / "j.db"))
+    big = "x" * 100_000
+    try:
+        for i in range(40):
+            await j.append([Draft("big.a", {"i": i, "s": big}), Draft("big.b", {"i": i, "s": big})])
+        h = await j.history("big.a", 0, 1000, max_bytes=1_000_000)
+        assert 8 <= len(h) <= 10 and [e.offset for e in h] == list(range(1, len(h) + 1))
+        assert len(await j.history("big.a", 0, 1000, max_bytes=10)) == 1
+        assert len(await j.history("big.a", 0, 1000)) == 40  # 4 MiB default
+        r = await j.replay("big.*", {}, 1000, max_bytes=1_000_000)
+        assert 8 <= len(r) <= 10
+        pages = await _pages(j, "big.*", {}, 1000, 10)
+        assert [len(p) for p in pages] == [1] * 80
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wildcard_replay_is_one_events_query_and_ignores_reactor_state(tmp_path: Path) -> None:
+    """A wildcard page reads the events in one query in rowid order (plus a LIMIT-1 probe per channel), not per channel LIMIT-n queries."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        for i in range(20):
+            await j.append([Draft(f"w.c{n}", i) for n in range(40)])
+        statements: list[str] = []
+        real = j._r_conn
+
+        def traced() -> sqlite3.Connection:
+            conn = real()
+            conn.set_trace_callback(statements.append)
+            return conn
+
+        j._r_conn = traced  # type: ignore[method-assign]
+        j.last_offsets = {}  # the reactor-side map plays no part in a replay
+        page = await j.replay("w.*", {}, 1000)
+        assert len(page) == 800 and [e.seq for e in page] == list(range(1, 801))
+        probes = [s for s in statements if s.startswith("SELECT rowid FROM events WHERE channel =")]
+        reads = [s for s in statements if "FROM events" in s and s not in probes]
+        assert len(reads) == 1 and reads[0].endswith("ORDER BY rowid LIMIT 1000")
+        assert len(probes) == 40 and all(s.endswith(' ORDER BY "offset" LIMIT 1') for s in probes)
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_state_after_a_failed_open_is_what_a_healthy_open_loads(tmp_path: Path) -> None:
+    """Journal unusable at start, then fixed: the first commit brings every old channel's offset and the seq counter."""
+    home = tmp_path / "var"
+    path = str(home / "j.db")
+    j = await _journal(path)
+    for i in range(3):
+        await j.append([Draft("old.a", i), Draft("old.b", i)])
+    healthy_last, healthy_seq = dict(j.last_offsets), j.seq
+    await j.close()
+    home.rename(tmp_path / "var.away")
+    home.write_text("not a directory")  # the journal's directory cannot be made
+    j = await _journal(path)
+    try:
+        assert not j.healthy and j.last_offsets == {} and j.seq == 0
+        with pytest.raises(JournalUnavailable):
+            await j.append([Draft("new", 1)])
+        home.unlink()
+        (tmp_path / "var.away").rename(home)
+        [a] = await j.append([Draft("new", 1)])
+        assert j.healthy
+        assert a.event.seq == healthy_seq + 1
+        assert j.last_offsets == {**healthy_last, "new": 1} and j.seq == healthy_seq + 1
+        [b] = await j.append([Draft("old.a", 3)])
+        assert b.event.offset == 4
+        assert [e.offset for e in await j.replay("old.*", {"old.a": 3})] == [1, 2, 3, 4]
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reopen_after_a_dropped_connection_reloads_the_reactor_state(tmp_path: Path) -> None:
+    """A connection dropped after a failed commit reopens with the state it loads handed to the reactor thread."""
+    j = await _journal(str(tmp_path / "j.db"))
+    try:
+        await j.append([Draft("r.a", 1), Draft("r.b", 1)])
+
+        def shrink() -> None:
+            assert j._conn is not None
+            j._conn.execute("PRAGMA query_only = 1")
+
+        await j._in_writer(shrink)
+        with pytest.raises(JournalUnavailable):
+            await j.append([Draft("r.a", 2)])
+        j.last_offsets = {"stale": 99}  # whatever the reactor side held is replaced by what the reopen loaded
+        await j.trim()
+        assert j.last_offsets == {"r.a": 1, "r.b": 1} and j.seq == 2
+    finally:
+        await j.close()
