@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -61,7 +62,7 @@ def test_waits_for_the_next_event(daemon: Daemon) -> None:
 def test_timeout_answers_empty(make_daemon: Callable[..., Daemon]) -> None:
     """At the timeout the answer is 200 {"events": []}; timeouts are capped at max_poll_timeout_seconds."""
     d = make_daemon(DEFAULT_CONFIG + "\n[sse]\nmax_poll_timeout_seconds = 0.3\n")
-    status, body = poll(d, "channel=p.t&since=0&timeout=0.1")
+    status, body = poll(d, "channel=p.t&since=0&timeout=1")
     assert (status, body["events"]) == (200, [])
     status, body = poll(d, "channel=p.t&since=0&timeout=3600")  # capped: answered long before the client gives up
     assert (status, body["events"]) == (200, [])
@@ -70,13 +71,17 @@ def test_timeout_answers_empty(make_daemon: Callable[..., Daemon]) -> None:
 
 
 def test_bad_parameters_are_400(daemon: Daemon) -> None:
-    """Missing/extra/wildcard channel, bad since, bad timeout: 400 with a JSON error."""
-    for query in ["", "channel=a&channel=b", "channel=a.*", "channel=a..b", "channel=a&since=-1",
-                  "channel=a&since=x", "channel=a&timeout=abc", "channel=a&timeout=-1", "channel=a&timeout=nan",
-                  "channel=a&limit=x"]:
+    """Missing/extra/wildcard channel, bad since, limit or timeout (integers only): 400 with a JSON error."""
+    for query in ["", "channel=a&channel=b", "channel=a.*", "channel=a..b"]:
         status, body = poll(daemon, query)
         assert status == 400, query
         assert body["error"] in ("bad_request", "invalid_channel") and body["message"]
+    for query in ["channel=a&since=-1", "channel=a&since=x", "channel=a&timeout=abc", "channel=a&timeout=-1",
+                  "channel=a&timeout=nan", "channel=a&timeout=0.5", "channel=a&limit=x", "channel=a&since=%C2%B2",
+                  "channel=a&since=" + "9" * 5000, "channel=a&limit=+1", "channel=a&since=%EF%BC%91"]:
+        status, body = poll(daemon, query)
+        assert status == 400, query
+        assert body["error"] == "invalid_parameter" and body["message"], query
 
 
 def test_auth_and_rights(daemon: Daemon) -> None:
@@ -157,6 +162,71 @@ def test_unit_waiter_collects_one_turn_and_times_out() -> None:
 
 
 def test_huge_since_is_not_a_server_error(daemon: Daemon) -> None:
-    """/poll with a since past any 64-bit integer answers 200 with no events at the timeout, never 503."""
-    status, body = daemon.get("/poll?channel=public.x&since=99999999999999999999&timeout=0")
+    """/poll with the largest 64-bit since answers 200 with no events; past it (or a Unicode digit) is 400, never 5xx."""
+    status, body = daemon.get("/poll?channel=public.x&since=9223372036854775807&timeout=0")
     assert status == 200 and body["events"] == []
+    for since in ("9223372036854775808", "99999999999999999999", "%C2%B2", "1" * 5000):
+        status, body = daemon.get(f"/poll?channel=public.x&since={since}&timeout=0")
+        assert status == 400 and body["error"] == "invalid_parameter", since
+    assert "CRITICAL" not in daemon.log() and "Traceback" not in daemon.log()
+
+
+def test_answer_is_bounded_by_bytes(daemon: Daemon) -> None:
+    """A poll over large events answers at most about 4 MiB of events with "more": true, and paging gets the rest once."""
+    big = "x" * (700 * 1024)
+    for _ in range(8):
+        publish(daemon, "p.big", big)
+    status, body = poll(daemon, "channel=p.big&since=0&timeout=0")
+    assert status == 200
+    first = [e["offset"] for e in body["events"]]
+    assert 1 <= len(first) < 8 and body["more"] is True
+    assert sum(len(json.dumps(e)) for e in body["events"]) <= 4 * 1024 * 1024 + len(big) + 1024
+    seen = list(first)
+    while body.get("more"):
+        status, body = poll(daemon, f"channel=p.big&since={body['last_offset']}&timeout=0")
+        seen += [e["offset"] for e in body["events"]]
+    assert seen == list(range(1, 9))
+
+
+def test_live_answer_keeps_at_most_limit(daemon: Daemon) -> None:
+    """A waiting poll with limit=3 answered by one commit of 50 events carries 3 of them and "more": true."""
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(poll(daemon, "channel=p.many&since=0&limit=3&timeout=20")))
+    t.start()
+    deadline = time.monotonic() + 10
+    while stats(daemon)["subscriptions"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    status, _ = daemon.post("/api/publish", {"events": [{"channel": "p.many", "data": i} for i in range(50)]},
+                            AUTH)
+    assert status == 202
+    t.join(20)
+    status, body = result[0]
+    assert status == 200 and [e["offset"] for e in body["events"]] == [1, 2, 3]
+    assert body["more"] is True and body["last_offset"] == 3
+
+
+def test_unit_waiter_keeps_no_more_than_it_sends() -> None:
+    """The live listener stops collecting at limit events or about max_bytes (the first event always) and says more."""
+    from twisted.internet.task import Clock
+
+    from twisted_rt.event import Event
+    from twisted_rt.sse import _Waiter
+
+    def ev(off: int, size: int = 1) -> Event:
+        return Event(str(off), "c", off, "t", "s", "", "x" * size)
+
+    clock = Clock()
+    w = _Waiter(clock, since=0, limit=3, max_bytes=10**6)
+    d = w.wait(30)
+    for i in range(1, 11):
+        w.deliver(ev(i))
+    assert len(w.events) == 3 and w.more
+    clock.advance(0)
+    assert [e.offset for e in d.result] == [1, 2, 3]
+
+    w2 = _Waiter(clock, since=0, limit=100, max_bytes=1000)
+    w2.wait(30)
+    w2.deliver(ev(1, 5000))  # over the byte bound alone: still sent
+    w2.deliver(ev(2, 10))
+    assert [e.offset for e in w2.events] == [1] and w2.more

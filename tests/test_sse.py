@@ -1,7 +1,9 @@
 """
-/sse against the real daemon: the text/event-stream format, resume of every
-listed channel through Last-Event-ID (raw HTTP and a real browser's
-EventSource in headless chromium), heartbeats, errors and shutdown.
+/sse against the real daemon: the text/event-stream format, the bounded
+C{v1:<seq>} cursor and resume of every channel and pattern through
+Last-Event-ID (raw HTTP and a real browser's EventSource in headless
+chromium), the ids of earlier versions, token expiry, heartbeats, errors and
+shutdown.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ def q(*channels: str, **extra: str) -> str:
     return urllib.parse.urlencode([("channel", c) for c in channels] + list(extra.items()))
 
 
+def seq(block: dict[str, Any]) -> int:
+    """The seq of a block's v1 cursor (asserting its form and size)."""
+    cursor = block["id"]
+    assert cursor.startswith("v1:") and len(cursor.encode()) <= 256, cursor
+    return int(cursor[3:])
+
+
 def publish(d: Daemon, channel: str, data: Any) -> int:
     status, body = d.publish(channel, data)
     assert status == 202, body
@@ -74,12 +83,13 @@ def test_stream_format_and_live_events(daemon: Daemon) -> None:
     assert s.resp.getheader("content-type", "").startswith("text/event-stream")
     assert s.resp.getheader("cache-control") == "no-cache"
     assert s.block() == {"comments": [], "retry": "2000"}
-    assert s.block() == {"comments": [], "id": "s.a=1"}  # the starting position
+    start = s.block()
+    assert start is not None and set(start) == {"comments", "id"} and seq(start) >= 1  # the starting position
     publish(daemon, "s.b", {"x": 1})
     publish(daemon, "s.a", {"x": 2})
     e1, e2 = s.event(), s.event()
-    assert (e1["event"], e1["id"]) == ("s.b", "s.a=1,s.b=1")
-    assert (e2["event"], e2["id"]) == ("s.a", "s.a=2,s.b=1")
+    assert e1["event"] == "s.b" and e2["event"] == "s.a"
+    assert seq(start) < seq(e1) < seq(e2)
     body = json.loads(e2["data"])
     assert body["channel"] == "s.a" and body["offset"] == 2 and body["data"] == {"x": 2}
     assert set(body) == {"id", "channel", "offset", "time", "source", "type", "data"}
@@ -106,7 +116,7 @@ def test_last_event_id_resumes_every_channel(daemon: Daemon) -> None:
     publish(daemon, "r.a", 10)
     e = s2.event()
     rest.append((e["event"], json.loads(e["data"])["offset"]))
-    assert dict(kv.split("=") for kv in e["id"].split(",")) == {"r.a": "5", "r.b.x": "3", "r.b.y": "1"}
+    assert seq(e) > seq(got[3])
     s2.close()
     everything = sorted(seen | set(rest))
     assert len(seen) + len(rest) == len(everything)  # no duplicate
@@ -115,15 +125,18 @@ def test_last_event_id_resumes_every_channel(daemon: Daemon) -> None:
 
 
 def test_since_query_and_bad_values(daemon: Daemon) -> None:
-    """?since=N replays after N; a malformed since or Last-Event-ID is a 400 JSON error."""
+    """?since=N replays after N; a since that is not an integer or an unreadable Last-Event-ID is a 400 JSON error."""
     for i in range(3):
         publish(daemon, "q.a", i)
     s = Stream(daemon, q("q.a", since="2", token=API_KEY))
-    assert s.event()["id"] == "q.a=3"
+    assert json.loads(s.event()["data"])["offset"] == 3
     s.close()
-    for bad in ("x", "q.a=", "q..a=1", "q.a=-1"):
+    for bad in ("x", "q.a=1", "-1", "²", "1" * 20, ""):
         status, body = http_json("GET", daemon.url + "/sse?" + q("q.a", since=bad, token=API_KEY))
-        assert status == 400 and body["error"] == "bad_request", bad
+        assert status == 400 and body["error"] == "invalid_parameter", bad
+    for bad in ("x", "q.a=", "q..a=1", "q.a=-1", "v1:", "v1:x", "v1:-1", "v1:" + "9" * 20, "q.a=1,,q.b=2", "v2:1"):
+        status, body = http_json("GET", daemon.url + "/sse?" + q("q.a", token=API_KEY), headers={"Last-Event-ID": bad})
+        assert status == 400 and body["error"] == "invalid_last_event_id" and body["message"], bad
 
 
 def test_heartbeat_comments(make_daemon: Callable[..., Daemon]) -> None:
@@ -131,7 +144,7 @@ def test_heartbeat_comments(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(DEFAULT_CONFIG + "\n[sse]\nheartbeat_seconds = 0.2\nretry_ms = 500\n")
     s = Stream(d, q("public.x"))
     assert s.block() == {"comments": [], "retry": "500"}
-    assert s.block() == {"comments": [], "id": "public.x=0"}
+    assert s.block() == {"comments": [], "id": "v1:0"}
     assert s.block() == {"comments": ["hb"]}
     assert s.block() == {"comments": ["hb"]}
     s.close()
@@ -251,20 +264,23 @@ def test_browser_eventsource_resumes_after_server_restart(make_daemon: Callable[
     two = [off for ch, off, _ in got if ch == "b.two"]
     assert one == [1, 2, 3, 4, 5, 6, 7]
     assert two == [1, 2, 3, 4, 5, 6]
-    assert dict(kv.split("=") for kv in got[-1][2].split(",")) == {"b.one": "7", "b.two": "6"}
+    assert got[-1][2] == "v1:13"  # the 13th event journaled
 
 
-def test_unit_position_round_trip() -> None:
-    """An id encodes every channel's offset and parses back; a bare offset is accepted; junk is refused."""
-    from twisted_rt.sse import encode_position, parse_position
+def test_unit_last_event_id_forms() -> None:
+    """A v1 cursor reads as a seq; a bare offset and chan=off,... (earlier versions' ids) as offsets; junk is refused."""
+    from twisted_rt.sse import encode_cursor, parse_last_event_id
 
-    pos = {"github.push": 41, "a:b@c": 0, "x": 7}
-    assert parse_position(encode_position(pos)) == pos
-    assert parse_position(" 12 ") == 12
-    assert parse_position("") == {}
-    for bad in ("a", "a=", "a=x", "a..b=1", "a=1,,b=2", "a=-1"):
+    r = parse_last_event_id(encode_cursor(41))
+    assert (r.after_seq, r.since) == (41, None)
+    r = parse_last_event_id(" 12 ")
+    assert r.after_seq is None and r.since is not None and r.since.get("any.channel", 0) == 12
+    r = parse_last_event_id("github.push=41,a:b@c=0")
+    assert r.since == {"github.push": 41, "a:b@c": 0} and r.since.get("other", 0) == 0
+    assert parse_last_event_id("").fresh
+    for bad in ("a", "a=", "a=x", "a..b=1", "a=1,,b=2", "a=-1", "v1:", "v1:1.5", "v1:" + "1" * 20, "²", "a=²"):
         with pytest.raises(ValueError):
-            parse_position(bad)
+            parse_last_event_id(bad)
 
 
 def test_slow_sse_reader_is_cut_off(make_daemon: Callable[..., Daemon]) -> None:

@@ -1,27 +1,47 @@
-# -*- test-case-name: tests.test_sse -*-
-# mypy: disable-error-code="no-untyped-call"
+# -*- test-case-name: tests.test_sse,tests.test_poll -*-
 """
 C{/sse} (Server-Sent Events) and C{/poll} (long-poll).
 
-SSE resume: every event's C{id:} is the stream's whole position,
-C{chan=off,chan=off,...} (channel names never contain C{=} or C{,}), and
-the stream starts with an C{id:}-only block holding the starting position
-of every listed channel (the HTML standard sets C{lastEventId} even for a
-block without C{data}).  So a browser's automatic reconnect sends a
-C{Last-Event-ID} that resumes every listed channel, wildcards included,
-through the same no-gap/no-duplicate rule as the WebSocket
-(L{twisted_rt.subscriber.Subscriber}).
+SSE cursor: every event's C{id:} is C{v1:<seq>}, the event's place in the
+journal's global order (L{Event.seq}): a few bytes whatever the number of
+channels or patterns on the stream (the contract allows 256).  A stream
+starts with an C{id:}-only block holding the position it starts from (the
+HTML standard sets C{lastEventId} even for a block without C{data}), so a
+browser's automatic reconnect always sends a C{Last-Event-ID} that resumes
+every channel of the stream, wildcards included, on any node.
+
+Resume rule (no gap, no duplicate, O(1) state per stream): a stream
+registers its live listener I{first} and buffers what arrives (bounded),
+then reads the broker's position, then does I{one} merged replay of all its
+patterns after the cursor (C{Broker.replay(patterns, since,
+after_seq=...)}, paged by C{seq} until a page comes back empty), then
+sends the buffered and later live events whose C{seq} is above the last one
+it sent.  Live fan-out is in C{seq} order, so that one comparison also drops
+the second copy of an event matched by two overlapping patterns.  Older
+ids are still read, for browsers connected before an upgrade: a bare offset
+(every channel after it) and C{chan=off,chan=off,...} (those channels after
+those offsets, other matching channels from their start); their streams
+then carry C{v1:} ids.
 
 Long-poll: C{GET /poll?channel=a&since=N&timeout=30} registers a live
 listener I{before} reading the journal after C{N}, so an event committed
 while the query runs is not missed; it answers with what the journal had,
 or the first live events (all those delivered in the same reactor turn), or
-C{{"events": []}} at the timeout.  No thread is held.
+C{{"events": []}} at the timeout.  No thread is held.  An answer holds at
+most C{limit} events and about L{PAGE_BYTES} of event JSON (C{"more":
+true} when the channel has more); the live listener keeps no more than that.
+
+Memory per connection is bounded whatever the client sends: at most
+L{MAX_SSE_PATTERNS} patterns, one replay page (L{REPLAY_PAGE_EVENTS},
+L{REPLAY_PAGE_BYTES}), at most L{MAX_BUFFER_EVENTS} / L{MAX_BUFFER_BYTES}
+of live events held during a replay and C{[websocket]
+max_send_buffer_bytes} queued while the client does not read; past a bound
+the stream ends and the client resumes from its last id.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -33,59 +53,130 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from twisted_rt.auth import AuthError, Principal
+from twisted_rt.broker import PAGE_BYTES
 from twisted_rt.event import Event
-from twisted_rt.matcher import (
-    ChannelError,
-    PatternError,
-    is_wildcard,
-    matches,
-    validate_channel,
-    validate_pattern,
-)
-from twisted_rt.subscriber import Since, Subscriber
-from twisted_rt.web import JsonError, JsonResource, error_body, write_json
+from twisted_rt.matcher import ChannelError, PatternError, validate_channel, validate_pattern
+from twisted_rt.web import MAX_INT, JsonError, JsonResource, Reply, error_body, int_arg, write_json
 from twisted_rt.ws import origin_allowed
 
 if TYPE_CHECKING:
     from twisted_rt.app import App
 
-__all__ = ["encode_position", "parse_position", "poll_resource", "resource"]
+__all__ = [
+    "CURSOR_PREFIX",
+    "MAX_SSE_PATTERNS",
+    "Resume",
+    "encode_cursor",
+    "parse_last_event_id",
+    "poll_resource",
+    "resource",
+]
 
 log = Logger()
 
-#: most channels one C{/sse} request may list
-MAX_SSE_CHANNELS = 100
+#: the format tag of an SSE cursor (C{v1:<seq>})
+CURSOR_PREFIX = "v1:"
+#: most C{channel=} plus C{pattern=} values one C{/sse} request may list
+MAX_SSE_PATTERNS = 100
+#: events and bytes of event JSON read per replay query of a stream
+REPLAY_PAGE_EVENTS = 1000
+REPLAY_PAGE_BYTES = 1024 * 1024
+#: live events held while a stream catches up; past either, the stream ends
+MAX_BUFFER_EVENTS = 10000
+MAX_BUFFER_BYTES = 4 * 1024 * 1024
 #: most events one long-poll answer carries
 MAX_POLL_EVENTS = 1000
+#: the longest Last-Event-ID read (the whole request head is at most 16 KiB)
+MAX_LAST_EVENT_ID = 16384
 
 
-def encode_position(seen: dict[str, int]) -> str:
-    """The C{id:} of a stream at C{seen}: C{chan=off,chan=off}."""
-    return ",".join(f"{c}={o}" for c, o in seen.items())
+def encode_cursor(seq: int) -> str:
+    """The C{id:} of a stream whose last event has C{seq}."""
+    return f"{CURSOR_PREFIX}{seq}"
 
 
-def parse_position(text: str) -> int | dict[str, int]:
+class _Floor(dict[str, int]):
+    """A since-map whose channels not named default to a floor offset."""
+
+    def __init__(self, base: Mapping[str, int], floor: int) -> None:
+        super().__init__(base)
+        self.floor = floor
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key, self.floor)
+
+
+class Resume:
     """
-    Read a C{Last-Event-ID} or C{?since=}: a bare offset, or
-    C{chan=off,...} as written by L{encode_position}.
+    Where a stream starts: fresh (now), after a cursor's C{seq}, or (older
+    ids, C{?since=N}) after per-channel offsets.
+    """
+
+    __slots__ = ("after_seq", "since")
+
+    def __init__(self, after_seq: int | None = None, since: Mapping[str, int] | None = None) -> None:
+        self.after_seq = after_seq
+        self.since = since
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing to replay: the stream starts at the broker's position."""
+        return self.after_seq is None and self.since is None
+
+    def __repr__(self) -> str:
+        return f"Resume(after_seq={self.after_seq!r}, since={self.since!r})"
+
+
+def _digits(text: str) -> int | None:
+    if 0 < len(text) <= 19 and text.isascii() and text.isdigit():
+        value = int(text)
+        return value if value <= MAX_INT else None
+    return None
+
+
+def parse_last_event_id(text: str) -> Resume:
+    """
+    Read a C{Last-Event-ID}: C{v1:<seq>} (this version's cursor), a bare
+    offset or C{chan=off,...} (the ids of earlier versions), or nothing.
 
     @raise ValueError: anything else.
     """
     text = text.strip()
-    if text.isdigit():
-        return int(text)
-    out: dict[str, int] = {}
     if not text:
-        return out
+        return Resume()
+    if len(text) > MAX_LAST_EVENT_ID:
+        raise ValueError("it is too long")
+    if text.startswith(CURSOR_PREFIX):
+        seq = _digits(text[len(CURSOR_PREFIX) :])
+        if seq is None:
+            raise ValueError(f"a {CURSOR_PREFIX} cursor is followed by an integer of at most 19 digits")
+        return Resume(after_seq=seq)
+    offset = _digits(text)
+    if offset is not None:
+        return Resume(since=_Floor({}, offset))
+    since: dict[str, int] = {}
     for part in text.split(","):
         chan, eq, off = part.partition("=")
-        if not eq or not off.isdigit():
-            raise ValueError(f"bad position {part!r}: use chan=offset,...")
+        value = _digits(off)
+        if not eq or value is None:
+            raise ValueError(f"expected {CURSOR_PREFIX}<seq> (the id of an earlier event), not {part[:40]!r}")
         try:
-            out[validate_channel(chan)] = int(off)
+            since[validate_channel(chan)] = value
         except ChannelError as e:
             raise ValueError(str(e)) from None
-    return out
+    return Resume(since=since)
+
+
+def _frame(event: Event) -> bytes:
+    """An event's SSE block, built once and shared by every stream."""
+    frame: bytes | None = event.cached("sse")
+    if frame is None:
+        frame = event.cache(
+            "sse",
+            b"id: %s%d\nevent: %s\ndata: %s\n\n"
+            % (CURSOR_PREFIX.encode(), event.seq, event.channel.encode(), event.json()),
+        )
+    return frame
 
 
 def _arg(request: Request, name: str) -> list[str]:
@@ -109,20 +200,69 @@ def _cors(request: Request, origin: str | None) -> None:
 
 @implementer(IPushProducer)
 class _Stream:
-    """One open C{/sse} response."""
+    """
+    One open C{/sse} response: the broker's listener for its patterns and
+    the push producer of its transport.
 
-    def __init__(self, owner: SSEResource, request: Request, principal: Principal) -> None:
+    @ivar last_seq: the C{seq} of the last event sent (or the position the
+        stream started at); only events above it are sent.
+    """
+
+    def __init__(self, owner: SSEResource, request: Request, principal: Principal, patterns: list[str]) -> None:
+        app = owner.app
         self.owner = owner
+        self.stats = app.stats
         self.request = request
         self.principal = principal
-        self.subscriber = Subscriber(owner.app.broker, self._send, backlog=self._backlog, on_overflow=self._overflow)
+        self.patterns = patterns
+        self.subscribed: list[str] = []
+        self.last_seq = 0
+        # live events held while the stream catches up; None once live
+        self._buffer: list[Event] | None = []
+        self._buffered = 0
         self.waiters: list[Deferred[None]] = []
-        self.position: dict[str, int] = {}
         self.paused = False
         self.queue: list[bytes] = []
         self.queued = 0
         self.done = False
-        self.limit = owner.app.config.websocket.max_send_buffer_bytes
+        self.limit = app.config.websocket.max_send_buffer_bytes
+        self.expiry: IDelayedCall | None = None
+
+    # the broker's listener (the hot path: a few attribute operations)
+
+    def deliver(self, event: Event) -> None:
+        buf = self._buffer
+        if buf is not None:
+            buf.append(event)
+            self._buffered += len(event.json())
+            if len(buf) > MAX_BUFFER_EVENTS or self._buffered > MAX_BUFFER_BYTES:
+                self._buffer = []
+                self._overflow()
+            return
+        if event.seq <= self.last_seq:
+            return  # already sent (replayed, or matched by another pattern)
+        self.last_seq = event.seq
+        self.write(_frame(event))
+        self.stats.events_out["sse"] += 1
+
+    def go_live(self, since: Mapping[str, int] | None) -> None:
+        """
+        Send the events buffered while catching up (above C{last_seq}, and
+        for an offset resume above C{since}), then live ones as they come.
+        """
+        buf, self._buffer, self._buffered = self._buffer or [], None, 0
+        sent = 0
+        for event in buf:
+            if self.done:
+                return
+            if event.seq <= self.last_seq:
+                continue
+            if since is not None and event.offset <= since.get(event.channel, 0):
+                continue
+            self.last_seq = event.seq
+            self.write(_frame(event))
+            sent += 1
+        self.stats.events_out["sse"] += sent
 
     # IPushProducer: the transport's buffer is full / drained / gone
 
@@ -139,7 +279,11 @@ class _Stream:
         if not self.paused:
             self._fire_waiters()
 
-    def _backlog(self) -> Deferred[None] | None:
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    def drained(self) -> Deferred[None] | None:
+        """A Deferred while the client's transport is full (fires when it drains), else C{None}."""
         if not self.paused or self.done:
             return None
         d: Deferred[None] = Deferred()
@@ -152,11 +296,8 @@ class _Stream:
             d.callback(None)
 
     def _overflow(self) -> None:
-        self.owner.app.stats.dropped["slow_consumer"] += 1
+        self.stats.dropped["slow_consumer"] += 1
         self.finish()
-
-    def stopProducing(self) -> None:
-        self.paused = True
 
     def write(self, data: bytes) -> None:
         if self.done:
@@ -166,24 +307,20 @@ class _Stream:
             self.queued += len(data)
             if self.queued > self.limit:
                 self.queue = []
+                self.queued = 0
                 self._overflow()
             return
         self.request.write(data)
 
-    def _send(self, event: Event) -> None:
-        self.position[event.channel] = event.offset
-        self.write(
-            b"id: %s\nevent: %s\ndata: %s\n\n"
-            % (
-                encode_position(self.position).encode(),
-                event.channel.encode(),
-                event.json(),
-            )
-        )
-        self.owner.app.stats.events_out["sse"] += 1
+    def expired(self) -> None:
+        """The token's C{exp} passed: the stream ends (as WebSocket closes with 4001)."""
+        self.expiry = None
+        if not self.done:
+            self.write(b": token expired\n\n")
+            self.finish()
 
     def finish(self) -> None:
-        """End the response (shutdown, slow consumer)."""
+        """End the response (shutdown, slow consumer, expired token)."""
         if self.done:
             return
         self.closed()
@@ -194,20 +331,29 @@ class _Stream:
             pass
 
     def closed(self) -> None:
-        """The response is over: drop subscriptions and counters."""
+        """The response is over: drop subscriptions, timers and counters."""
         if self.done:
             return
         self.done = True
+        self._buffer = None
+        self.queue = []
+        self.queued = 0
+        if self.expiry is not None and self.expiry.active():
+            self.expiry.cancel()
+        self.expiry = None
         self._fire_waiters()
-        stats = self.owner.app.stats
+        stats = self.stats
         stats.connections["sse"] -= 1
-        stats.subscriptions["sse"] -= len(self.subscriber.patterns)
-        self.subscriber.close()
+        stats.subscriptions["sse"] -= len(self.subscribed)
+        broker = self.owner.app.broker
+        for p in self.subscribed:
+            broker.unsubscribe(p, self)
+        self.subscribed = []
         self.owner.discard(self)
 
 
 class SSEResource(Resource):
-    """C{GET /sse?channel=a&channel=b[&since=...][&token=...]}."""
+    """C{GET /sse?channel=a&pattern=b.*[&since=N][&token=...]}."""
 
     isLeaf = True
 
@@ -220,51 +366,48 @@ class SSEResource(Resource):
         app.on_shutdown(self.shutdown)
 
     def render_GET(self, request: Request) -> int:
+        app = self.app
         try:
-            origin = _check_origin(self.app, request)
-            principal = self.app.principal(request)
+            origin = _check_origin(app, request)
+            principal = app.principal(request)
             patterns = self._patterns(request, principal)
-            raw = request.getHeader(b"last-event-id")
-            if raw is None:
-                since_arg = _arg(request, "since")
-                text = since_arg[0] if since_arg else None
-            else:
-                text = raw.decode("latin-1")
-            try:
-                position = parse_position(text) if text is not None else None
-            except ValueError as e:
-                raise JsonError(400, "bad_request", f"bad since/Last-Event-ID: {e}") from None
+            resume = self._resume(request)
         except JsonError as e:
             write_json(request, e.status, error_body(e.code, e.message), e.headers)
             return NOT_DONE_YET
         except AuthError as e:
             write_json(request, e.status, error_body(e.code, e.message))
             return NOT_DONE_YET
-        if self.app.stopping:
+        if app.stopping:
             write_json(request, 503, error_body("shutting_down", "the server is shutting down"))
             return NOT_DONE_YET
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
         _cors(request, origin)
-        stream = _Stream(self, request, principal)
-        self.app.stats.connections["sse"] += 1
+        stream = _Stream(self, request, principal, patterns)
+        app.stats.connections["sse"] += 1
         self.streams.add(stream)
         if not self.heartbeat.running:
-            self.heartbeat.start(self.app.config.sse.heartbeat_seconds, now=False)
+            self.heartbeat.start(app.config.sse.heartbeat_seconds, now=False)
+        if principal.exp is not None:
+            reactor = app.reactor
+            stream.expiry = reactor.callLater(max(0.0, principal.exp - reactor.seconds()), stream.expired)
         request.registerProducer(stream, True)
         request.notifyFinish().addBoth(lambda _: stream.closed())
-        request.write(b"retry: %d\n\n" % self.app.config.sse.retry_ms)
-        d = ensureDeferred(self._open(stream, patterns, position))
+        request.write(b"retry: %d\n\n" % app.config.sse.retry_ms)
+        d = ensureDeferred(self._open(stream, resume))
         d.addErrback(self._failed, stream)
         return NOT_DONE_YET
 
     def _patterns(self, request: Request, principal: Principal) -> list[str]:
-        names = _arg(request, "channel")
+        names = _arg(request, "channel") + _arg(request, "pattern")
         if not names:
-            raise JsonError(400, "bad_request", "name at least one channel: /sse?channel=a&channel=b")
-        if len(names) > MAX_SSE_CHANNELS:
-            raise JsonError(400, "bad_request", f"at most {MAX_SSE_CHANNELS} channels per stream")
+            raise JsonError(
+                400, "bad_request", "name at least one channel or pattern: /sse?channel=a&pattern=b.*"
+            )
+        if len(names) > MAX_SSE_PATTERNS:
+            raise JsonError(400, "bad_request", f"at most {MAX_SSE_PATTERNS} channels and patterns per stream")
         out: list[str] = []
         for n in names:
             try:
@@ -277,47 +420,76 @@ class SSEResource(Resource):
                 out.append(p)
         return out
 
-    async def _open(self, stream: _Stream, patterns: list[str], position: int | dict[str, int] | None) -> None:
+    def _resume(self, request: Request) -> Resume:
+        raw = request.getHeader(b"last-event-id")
+        if raw is not None:
+            try:
+                return parse_last_event_id(raw.decode("latin-1"))
+            except ValueError as e:
+                raise JsonError(400, "invalid_last_event_id", f"cannot read Last-Event-ID: {e}") from None
+        since = int_arg(request, "since", -1)
+        return Resume() if since < 0 else Resume(since=_Floor({}, since))
+
+    async def _open(self, stream: _Stream, resume: Resume) -> None:
         broker = self.app.broker
-        sinces: list[Since] = []
-        if position is None:
-            known: list[dict[str, Any]] | None = None
-            for p in patterns:
-                if is_wildcard(p):
-                    if known is None:
-                        known = await broker.channels()
-                    sinces.append({c["name"]: c["last_offset"] for c in known if matches(p, c["name"])})
-                else:
-                    sinces.append(await broker.last_offset(p))
-        elif isinstance(position, int):
-            sinces = [position for _ in patterns]
-        else:
-            for p in patterns:
-                if is_wildcard(p):
-                    sinces.append({c: o for c, o in position.items() if matches(p, c)})
-                else:
-                    sinces.append(position.get(p, 0))
+        # live first (buffered), then the position, then the replay: an event
+        # committed meanwhile is in the replay or the buffer (or both: sent once)
+        for p in stream.patterns:
+            broker.subscribe(p, stream)
+            stream.subscribed.append(p)
+        self.app.stats.subscriptions["sse"] += len(stream.subscribed)
+        position = await broker.position()
         if stream.done:
             return
-        sub = stream.subscriber
-        pos = stream.position
-        for p, s in zip(patterns, sinces, strict=True):
-            if isinstance(s, dict):
-                for c, o in s.items():
-                    pos[c] = max(o, pos.get(c, 0))
-            elif isinstance(s, int) and not is_wildcard(p):
-                pos[p] = max(s, pos.get(p, 0))
-        # every listed channel's starting position, before any replayed event
-        # ("0" when no listed channel has an event yet: all is new)
-        stream.write(b"id: %s\n\n" % (encode_position(pos) or "0").encode())
-        replays = [sub.add(p, s) for p, s in zip(patterns, sinces, strict=True)]
-        self.app.stats.subscriptions["sse"] += len(sub.patterns)
-        for r in replays:
-            await r
+        replayed_to: int | None = None
+        if resume.fresh:
+            stream.last_seq = position
+        else:
+            # a cursor past the position comes from another journal: start now
+            stream.last_seq = min(resume.after_seq or 0, position)
+            replayed_to = await self._replay(stream, resume.since)
+            if stream.done:
+                return
+            stream.last_seq = max(stream.last_seq, position)
+        if replayed_to != stream.last_seq:
+            # the position this stream is at, before any newer event
+            stream.write(b"id: %s\n\n" % encode_cursor(stream.last_seq).encode())
+        stream.go_live(resume.since)
+
+    async def _replay(self, stream: _Stream, since: Mapping[str, int] | None) -> int | None:
+        """
+        Send every journaled event of the stream's patterns above
+        C{stream.last_seq} (and C{since}), paced by the client.  Returns the
+        C{seq} of the last event sent, or C{None}.
+        """
+        broker = self.app.broker
+        patterns: Sequence[str] = stream.patterns
+        cursor: Mapping[str, int] = since if since is not None else {}
+        last: int | None = None
+        stats = self.app.stats
+        while not stream.done:
+            page = await broker.replay(
+                patterns, cursor, REPLAY_PAGE_EVENTS, after_seq=stream.last_seq, max_bytes=REPLAY_PAGE_BYTES
+            )
+            if not page or stream.done:
+                break
+            sent = 0
+            for event in page:
+                if event.seq > stream.last_seq:
+                    stream.last_seq = last = event.seq
+                    stream.write(_frame(event))
+                    sent += 1
+            stats.events_out["sse"] += sent
+            if page[-1].seq <= stream.last_seq and not sent:
+                break  # nothing new (a broker that ignores after_seq): do not loop
+            wait = stream.drained()
+            if wait is not None:
+                await wait
+        return last
 
     def _failed(self, f: Failure, stream: _Stream) -> None:
         if not f.check(CancelledError):
-            log.failure("opening an SSE stream", f)
+            log.failure("opening an SSE stream", f, log_category="RT-SSE1")
         stream.finish()
 
     def _beat(self) -> None:
@@ -337,12 +509,20 @@ class SSEResource(Resource):
 
 
 class _Waiter:
-    """A long-poll's live listener: collects events after C{since}."""
+    """
+    A long-poll's live listener: collects the events after C{since} of one
+    reactor turn, at most C{limit} of them and about C{max_bytes} of JSON
+    (the first one always); C{more} says some were left out.
+    """
 
-    def __init__(self, reactor: Any, since: int) -> None:
+    def __init__(self, reactor: Any, since: int, limit: int = MAX_POLL_EVENTS, max_bytes: int = PAGE_BYTES) -> None:
         self.reactor = reactor
         self.since = since
+        self.limit = limit
+        self.max_bytes = max_bytes
         self.events: list[Event] = []
+        self.size = 0
+        self.more = False
         self.d: Deferred[list[Event]] = Deferred(self._cancel)
         self._fire_call: IDelayedCall | None = None
         self._timer: IDelayedCall | None = None
@@ -350,7 +530,11 @@ class _Waiter:
     def deliver(self, event: Event) -> None:
         if self.d.called or event.offset <= self.since:
             return
+        if len(self.events) >= self.limit or (self.events and self.size >= self.max_bytes):
+            self.more = True
+            return
         self.events.append(event)
+        self.size += len(event.json())
         if self._fire_call is None:
             self._fire_call = self.reactor.callLater(0, self.fire)
 
@@ -362,7 +546,7 @@ class _Waiter:
     def fire(self) -> None:
         self._stop_timers()
         if not self.d.called:
-            self.d.callback(self.events[:MAX_POLL_EVENTS])
+            self.d.callback(self.events)
 
     def _stop_timers(self) -> None:
         for c in (self._fire_call, self._timer):
@@ -375,7 +559,7 @@ class _Waiter:
 
 
 class PollResource(JsonResource):
-    """C{GET /poll?channel=a&since=N&timeout=30}."""
+    """C{GET /poll?channel=a&since=N&limit=M&timeout=S}."""
 
     def __init__(self, app: App) -> None:
         super().__init__()
@@ -383,7 +567,7 @@ class PollResource(JsonResource):
         self.waiters: set[_Waiter] = set()
         app.on_shutdown(self.shutdown)
 
-    async def handle_GET(self, request: Request) -> dict[str, Any]:
+    async def handle_GET(self, request: Request) -> Reply:
         app = self.app
         origin = _check_origin(app, request)
         principal = app.principal(request)
@@ -396,55 +580,44 @@ class PollResource(JsonResource):
             raise JsonError(400, "invalid_channel", f"{e}; /poll takes one exact channel") from None
         if not principal.can_read(channel):
             raise JsonError(403, "forbidden", f"this token may not read {channel!r}")
-        since = _int_arg(request, "since", 0)
-        limit = min(_int_arg(request, "limit", MAX_POLL_EVENTS), MAX_POLL_EVENTS) or MAX_POLL_EVENTS
-        t = _arg(request, "timeout")
-        timeout = 30.0
-        if t:
-            try:
-                timeout = float(t[0])
-            except ValueError:
-                timeout = -1.0
-            if not 0 <= timeout < float("inf"):
-                raise JsonError(400, "bad_request", "'timeout' must be a number of seconds >= 0")
-        timeout = min(timeout, app.config.sse.max_poll_timeout_seconds)
+        since = int_arg(request, "since", 0)
+        limit = min(int_arg(request, "limit", MAX_POLL_EVENTS), MAX_POLL_EVENTS) or MAX_POLL_EVENTS
+        timeout = min(float(int_arg(request, "timeout", 30)), app.config.sse.max_poll_timeout_seconds)
         _cors(request, origin)
-        waiter = _Waiter(app.reactor, since)
-        app.broker.subscribe(channel, waiter)
+        broker = app.broker
+        waiter = _Waiter(app.reactor, since, limit)
+        broker.subscribe(channel, waiter)
         self.waiters.add(waiter)
         stats = app.stats
         stats.connections["poll"] += 1
         stats.subscriptions["poll"] += 1
+        more = False
         try:
-            events = await app.broker.history(channel, since, limit)
-            if not events and timeout > 0 and not app.stopping:
+            events = await broker.history(channel, since, limit, max_bytes=PAGE_BYTES)
+            if events:
+                more = events[-1].offset < await broker.last_offset(channel)
+            elif timeout > 0 and not app.stopping:
                 events = await waiter.wait(timeout)
+                more = waiter.more
         finally:
             stats.connections["poll"] -= 1
             stats.subscriptions["poll"] -= 1
             waiter._stop_timers()
             self.waiters.discard(waiter)
-            app.broker.unsubscribe(channel, waiter)
-        events = events[:limit]
-        app.stats.events_out["poll"] += len(events)
-        return {
-            "events": [e.public() for e in events],
-            "last_offset": events[-1].offset if events else since,
-        }
+            broker.unsubscribe(channel, waiter)
+        stats.events_out["poll"] += len(events)
+        # the events' cached JSON, not a second encoding of each
+        body = b'{"events":[%s],"last_offset":%d%s}' % (
+            b",".join(e.json() for e in events),
+            events[-1].offset if events else since,
+            b',"more":true' if more else b"",
+        )
+        return Reply(200, body)
 
     def shutdown(self) -> None:
         """Answer every waiting poll now (with what it has: usually nothing)."""
         for w in list(self.waiters):
             w.fire()
-
-
-def _int_arg(request: Request, name: str, default: int) -> int:
-    v = _arg(request, name)
-    if not v:
-        return default
-    if not v[0].isdigit():
-        raise JsonError(400, "bad_request", f"{name!r} must be an integer >= 0")
-    return int(v[0])
 
 
 def resource(app: App) -> IResource:
