@@ -90,18 +90,22 @@ SOURCES = (
     SourceConfig(name="slack", verify="slack", secrets=("slack-secret",), channel="slack.{json:payload.type}"),
     SourceConfig(name="zoom", verify="zoom", secrets=("zoom-secret",), channel="zoom.{json:event}"),
     SourceConfig(name="open", verify="none", channel="open.{json:a.0.b}"),
-    SourceConfig(name="gitlab", verify="gitlab", secrets=("gl-token",), channel="gitlab.{header:X-Gitlab-Event}"),
+    SourceConfig(name="gitlab", verify="gitlab", secrets=("gl-token",), channel="gitlab.{header:X-Gitlab-Event}",
+                 redact_headers=("X-Api-Key", "x-other-secret")),
     SourceConfig(name="slow", verify="none", channel="slow", rate_limit_per_second=0.5),
+    SourceConfig(name="gh-slow", verify="github", secrets=(SECRET,), channel="gh.{header:X-GitHub-Event}",
+                 rate_limit_per_second=0.5),
 )
 
 
 class Harness:
-    def __init__(self, per_ip: float = 0.0) -> None:
+    def __init__(self, per_ip: float = 0.0, failures: int = 60) -> None:
         self.clock = Clock()
         self.clock.advance(time.time())
         self.broker = FakeBroker()
         self.stats = Stats()
-        cfg = Config(server=ServerConfig(rate_limit_per_ip_per_second=per_ip), sources=SOURCES)
+        server = ServerConfig(rate_limit_per_ip_per_second=per_ip, signature_failures_per_ip_per_minute=failures)
+        cfg = Config(server=server, sources=SOURCES)
         self.app = App(cfg, self.clock, self.broker, Authenticator(AuthConfig()), self.stats)  # type: ignore[arg-type]
         root = Resource()
         root.putChild(b"hooks", resource(self.app))  # type: ignore[arg-type]
@@ -382,6 +386,107 @@ def test_per_ip_rate_limit() -> None:
     assert h.json("POST", "/hooks/github", PUSH, gh_headers(PUSH))[0] == 202
 
 
+def test_secret_headers_never_stored(h: Harness) -> None:
+    """Credentials, GitLab's token and the source's redact_headers (any case) are not kept with the event."""
+    headers = {"Content-Type": "application/json", "X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "gl-token",
+               "Authorization": "Basic dTpw", "Cookie": "a=b", "Proxy-Authorization": "Basic eDp5",
+               "x-api-key": "k", "X-OTHER-SECRET": "s", "X-Gitlab-Event-UUID": "u-9"}
+    assert h.json("POST", "/hooks/gitlab", b'{"object_kind":"push"}', headers)[0] == 202
+    (draft,) = h.broker.drafts
+    assert draft.headers is not None
+    kept = {k.lower() for k in draft.headers}
+    assert {"x-gitlab-event", "x-gitlab-event-uuid", "content-type"} <= kept
+    assert kept.isdisjoint({"x-gitlab-token", "authorization", "cookie", "proxy-authorization", "x-api-key",
+                            "x-other-secret"})
+    # another source's redact_headers are its own: GitHub keeps an X-Api-Key header
+    assert h.json("POST", "/hooks/github", PUSH, {**gh_headers(PUSH), "X-Api-Key": "k"})[0] == 202
+    assert "X-Api-Key" in (h.broker.drafts[1].headers or {})
+
+
+def test_bad_signatures_do_not_use_the_source_limit() -> None:
+    """Unsigned and badly signed requests never take from the source's rate limit: the genuine sender still gets 202."""
+    h = Harness(failures=0)
+    for _ in range(20):
+        assert h.json("POST", "/hooks/gh-slow", PUSH, gh_headers(PUSH, secret="wrong"))[0] == 401
+        assert h.json("POST", "/hooks/gh-slow", PUSH, {"X-GitHub-Event": "push"})[0] == 401
+    assert h.json("POST", "/hooks/gh-slow", PUSH, gh_headers(PUSH))[0] == 202
+    code, hdrs, _ = h.request("POST", "/hooks/gh-slow", PUSH, gh_headers(PUSH))
+    assert code == 429 and hdrs.getRawHeaders("retry-after") == ["2"]
+
+
+def test_signature_failures_throttled_per_address() -> None:
+    """Past signature_failures_per_ip_per_minute failures, the address gets 429 with Retry-After; it recovers."""
+    h = Harness(failures=3)
+    for _ in range(3):
+        assert h.json("POST", "/hooks/github", PUSH, gh_headers(PUSH, secret="wrong"))[0] == 401
+    code, hdrs, content = h.request("POST", "/hooks/github", PUSH, gh_headers(PUSH))
+    assert code == 429 and json.loads(content)["error"] == "rate_limited"
+    assert hdrs.getRawHeaders("retry-after") == ["20"]  # one failure back every 60/3 s
+    # a wrong Meta verify token is a failure too, and the throttle covers the GET handshakes
+    assert h.request("GET", "/hooks/meta?hub.mode=subscribe&hub.challenge=1&hub.verify_token=vt-1")[0] == 429
+    h.clock.advance(20)
+    q = "/hooks/meta?hub.mode=subscribe&hub.challenge=1&hub.verify_token="
+    assert h.request("GET", q + "guess")[0] == 403
+    assert h.request("GET", q + "vt-1")[0] == 429
+    h.clock.advance(20)
+    assert h.json("POST", "/hooks/github", PUSH, gh_headers(PUSH))[0] == 202
+    assert h.stats.webhooks[("github", "signature_throttled")] == 1
+    assert h.stats.webhooks[("meta", "signature_throttled")] == 2
+
+
+def test_throttle_off_when_zero() -> None:
+    """signature_failures_per_ip_per_minute = 0 turns the throttle off."""
+    h = Harness(failures=0)
+    for _ in range(100):
+        assert h.json("POST", "/hooks/github", PUSH, gh_headers(PUSH, secret="wrong"))[0] == 401
+    assert h.json("POST", "/hooks/github", PUSH, gh_headers(PUSH))[0] == 202
+
+
+@pytest.mark.parametrize(("host", "key"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("fe80::1%eth0", "fe80::/64"),
+])
+def test_peer_key_counts_ipv6_per_64(host: str, key: str) -> None:
+    """Per-IP limits count IPv4 addresses one by one and IPv6 ones per /64 (IPv4-mapped as IPv4)."""
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    from twisted_rt.hooks import _peer
+
+    class R:
+        def getClientAddress(self) -> Any:
+            return (IPv6Address if ":" in host else IPv4Address)("TCP", host, 1234)
+
+    assert _peer(R()) == key  # type: ignore[arg-type]
+
+
+def test_twitter_crc_token_is_no_signing_oracle(h: Harness) -> None:
+    """The crc answer for T never makes a POST of body T acceptable: text is 415, JSON scalars 401, containers refused."""
+    code, body = h.json("GET", "/hooks/x?crc_token=abc123")
+    sig = {"X-Twitter-Webhooks-Signature": body["response_token"]}
+    for ctype in ("text/plain", "", "application/x-www-form-urlencoded", "application/vnd.x+json"):
+        headers = {**sig, "Content-Type": ctype} if ctype else sig
+        code, got = h.json("POST", "/hooks/x", b"abc123", headers)
+        assert (code, got["error"]) == (415, "unsupported_media_type"), ctype
+    assert h.json("POST", "/hooks/x", b"abc123", {**sig, "Content-Type": "application/json"})[0] == 401
+    for token in ("123", "true"):
+        code, body = h.json("GET", "/hooks/x?crc_token=" + token)
+        headers = {"X-Twitter-Webhooks-Signature": body["response_token"], "Content-Type": "application/json"}
+        assert h.json("POST", "/hooks/x", token.encode(), headers)[0] == 401
+    for token in ('{"tweet_create_events":[]}', "[1]"):
+        code, got = h.json("GET", "/hooks/x?" + urlencode({"crc_token": token}))
+        assert (code, got["error"]) == (400, "invalid_parameter")
+    assert h.broker.drafts == []
+    # a genuine delivery still goes through
+    delivery = b'{"for_user_id":"2244994945","tweet_create_events":[]}'
+    mac = base64.b64encode(hmac.new(b"consumer-secret", delivery, hashlib.sha256).digest()).decode()
+    headers = {"Content-Type": "application/json; charset=utf-8", "X-Twitter-Webhooks-Signature": "sha256=" + mac}
+    code, got = h.json("POST", "/hooks/x", delivery, headers)
+    assert (code, got["channel"], got["offset"]) == (202, "x.events", 1)
+
+
 def test_journal_unavailable_is_503(h: Harness) -> None:
     """When the journal cannot commit, the answer is 503 with Retry-After and nothing is acknowledged."""
     h.broker.failing = True
@@ -607,3 +712,95 @@ def test_out_of_range_number_in_webhook_is_400(make_daemon: Any) -> None:
     status, reply = d.post("/hooks/gh", body, {"Content-Type": "application/json", "X-Hub-Signature-256": sig,
                                               "X-GitHub-Event": "push", "X-GitHub-Delivery": "big-1"})
     assert status == 400 and reply["error"] == "invalid_body"
+
+
+# -- end to end: issue 13 ---------------------------------------------------------------------
+
+
+def http_from(source_ip: str, method: str, url: str, body: bytes | None = None,
+              headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request whose TCP connection comes from C{source_ip} (any 127/8 address is loopback on Linux)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=10, source_address=(source_ip, 0))
+    try:
+        conn.request(method, u.path + (f"?{u.query}" if u.query else ""), body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+ISSUE13_CONFIG = DEFAULT_CONFIG + """
+[server]
+signature_failures_per_ip_per_minute = {failures}
+
+[[sources]]
+name = "github"
+verify = "github"
+secrets = ["{secret}"]
+channel = "github.{{header:X-GitHub-Event}}"
+rate_limit_per_second = 0.02
+
+[[sources]]
+name = "x"
+verify = "twitter"
+secrets = ["consumer-secret"]
+channel = "x.events"
+"""
+
+
+def test_e2e_crc_handshake_cannot_forge_x_deliveries(make_daemon: Callable[..., Daemon]) -> None:
+    """Against the daemon: a crc_token answer is never accepted as the signature of a POST of that token."""
+    d = make_daemon(ISSUE13_CONFIG.format(failures=0, secret=SECRET))
+    status, _, body = http("GET", d.url + "/hooks/x?crc_token=forged-event")
+    assert status == 200
+    forged = {"X-Twitter-Webhooks-Signature": json.loads(body)["response_token"]}
+    for ctype in ("text/plain", "application/json", None):
+        headers = {**forged, "Content-Type": ctype} if ctype else forged
+        status, _, reply = http("POST", d.url + "/hooks/x", b"forged-event", headers)
+        assert status in (401, 415), (ctype, status, reply)
+    # a token that is itself a JSON object is not answered at all
+    q = urlencode({"crc_token": '{"tweet_create_events":[{"text":"forged"}]}'})
+    status, _, body = http("GET", d.url + "/hooks/x?" + q)
+    assert (status, json.loads(body)["error"]) == (400, "invalid_parameter")
+    status, history = d.get("/api/channels/x.events/history", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert status in (200, 404) and not (history or {}).get("events")
+    # while a genuine delivery is accepted
+    delivery = b'{"for_user_id":"2244994945","tweet_create_events":[]}'
+    mac = base64.b64encode(hmac.new(b"consumer-secret", delivery, hashlib.sha256).digest()).decode()
+    status, _, _ = http("POST", d.url + "/hooks/x", delivery,
+                        {"Content-Type": "application/json", "X-Twitter-Webhooks-Signature": "sha256=" + mac})
+    assert status == 202
+
+
+def test_e2e_unsigned_junk_does_not_lock_out_the_sender(make_daemon: Callable[..., Daemon]) -> None:
+    """Against the daemon: 30 unsigned or badly signed requests leave the source's rate limit to the genuine sender."""
+    d = make_daemon(ISSUE13_CONFIG.format(failures=0, secret=SECRET))
+    for _ in range(15):
+        assert post_gh(d, PUSH, secret="not-the-secret")[0] == 401
+        status, _, _ = http("POST", d.url + "/hooks/github", PUSH,
+                            {"Content-Type": "application/json", "X-GitHub-Event": "push"})
+        assert status == 401
+    status, _, body = post_gh(d, PUSH, delivery="genuine-1")
+    assert (status, body["id"]) == (202, "genuine-1")
+    status, headers, body = post_gh(d, PUSH, delivery="genuine-2")
+    assert status == 429 and int(headers["retry-after"]) >= 1  # the limit still counts what verified
+
+
+def test_e2e_signature_failures_throttled_per_address(make_daemon: Callable[..., Daemon]) -> None:
+    """Against the daemon: past the failure budget one address gets 429 + Retry-After; another address gets 202."""
+    d = make_daemon(ISSUE13_CONFIG.format(failures=5, secret=SECRET))
+    url = d.url + "/hooks/github"
+    for _ in range(5):
+        assert http_from("127.0.0.1", "POST", url, PUSH, gh_headers(PUSH, secret="guess"))[0] == 401
+    status, headers, body = http_from("127.0.0.1", "POST", url, PUSH, gh_headers(PUSH, secret="guess"))
+    assert (status, json.loads(body)["error"]) == (429, "rate_limited")
+    assert headers["retry-after"] == "12"  # 60 s / 5 failures
+    # even a right guess from that address is not looked at any more
+    assert http_from("127.0.0.1", "POST", url, PUSH, gh_headers(PUSH))[0] == 429
+    status, _, body = http_from("127.0.0.2", "POST", url, PUSH, gh_headers(PUSH, delivery="other-address"))
+    assert (status, json.loads(body)["id"]) == (202, "other-address")
+    assert http("GET", d.url + "/healthz")[0] == 200
