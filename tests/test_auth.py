@@ -328,3 +328,107 @@ def test_daemon_rs256(make_daemon: Callable[..., Daemon], tmp_path: Path) -> Non
         "POST", d.url + "/api/publish", {"channel": "other", "data": 1}, {"Authorization": f"Bearer {rs}"}
     )
     assert status == 403 and got["error"] == "forbidden"
+
+
+# -- audience ([auth] jwt_audience) ------------------------------------------
+
+
+def test_audience_unset_accepts_tokens_with_or_without_aud() -> None:
+    """Without jwt_audience a token's aud is not looked at (PyJWT alone would refuse any token carrying one)."""
+    auth = _auth()
+    for aud in (None, "rt.example.com", ["a", "b"], 5):
+        assert auth.authenticate(_hs(_claims(aud=aud))).sub == "alice", aud
+    with pytest.raises(jwt.InvalidAudienceError):  # the library default this guards against
+        jwt.decode(_hs(_claims(aud="x")), SECRET, algorithms=["HS256"], options={"verify_exp": False})
+
+
+@pytest.mark.parametrize("aud", ["rt.example.com", ["other", "rt.example.com"], ["rt.example.com"]])
+def test_audience_set_accepts_the_right_aud(aud: Any) -> None:
+    """With jwt_audience, an aud equal to it, or a list holding it (RFC 7519), is accepted."""
+    assert _auth(jwt_audience="rt.example.com").authenticate(_hs(_claims(aud=aud))).sub == "alice"
+
+
+@pytest.mark.parametrize(
+    ("aud", "words"),
+    [
+        (None, "no 'aud' claim"),
+        ("other.example.com", "not this server's"),
+        (["a", "b"], "not this server's"),
+        ([], "not this server's"),
+        ("RT.EXAMPLE.COM", "not this server's"),
+        (5, "string or a list of strings"),
+        ([1], "string or a list of strings"),
+        ({"rt.example.com": 1}, "string or a list of strings"),
+    ],
+)
+def test_audience_set_refuses_other_or_missing_aud(aud: Any, words: str) -> None:
+    """With jwt_audience, a token without it, with another, or with a malformed aud is 401 invalid_token, said clearly."""
+    auth = _auth(jwt_audience="rt.example.com")
+    with pytest.raises(AuthError) as e:
+        auth.authenticate(_hs(_claims(aud=aud)))
+    assert (e.value.code, e.value.status) == ("invalid_token", 401)
+    assert words in e.value.message
+
+
+def test_audience_does_not_apply_to_api_keys() -> None:
+    """API keys are not JWTs: jwt_audience does not touch them."""
+    assert _auth(jwt_audience="rt.example.com").authenticate("key-one").admin
+
+
+def test_mint_carries_the_configured_audience() -> None:
+    """mint() puts jwt_audience in aud by default, or the aud it is given; the token verifies."""
+    auth = _auth(jwt_audience="rt.example.com")
+    untimed = {"verify_exp": False, "verify_iat": False, "verify_nbf": False}  # minted on the fake clock
+    claims = jwt.decode(auth.mint("bob"), SECRET, algorithms=["HS256"], audience="rt.example.com", options=untimed)
+    assert claims["aud"] == "rt.example.com"
+    assert auth.authenticate(auth.mint("bob")).sub == "bob"
+    two = auth.mint("bob", aud=["rt.example.com", "other"])
+    assert jwt.decode(two, SECRET, algorithms=["HS256"], audience="other", options=untimed)["aud"] == [
+        "rt.example.com", "other"]
+    assert "aud" not in jwt.decode(_auth().mint("bob"), SECRET, algorithms=["HS256"], options=untimed)
+
+
+def test_daemon_checks_the_audience(make_daemon: Callable[..., Daemon]) -> None:
+    """With jwt_audience the daemon answers 401 invalid_token to tokens without it (HTTP and /ws upgrade), 2xx with it."""
+    import time
+
+    import websocket
+
+    d = make_daemon(f"""
+        [journal]
+        path = "var/journal.sqlite3"
+        [auth]
+        api_keys = ["{API_KEY}"]
+        jwt_secret = "{JWT_SECRET}"
+        jwt_audience = "rt.example.com"
+    """)
+    base = {"sub": "svc", "exp": time.time() + 600, "publish": ["aud.*"], "subscribe": ["aud.*"]}
+    body = {"channel": "aud.x", "data": 1}
+    for aud in (None, "elsewhere", ["elsewhere"]):
+        claims = dict(base) if aud is None else {**base, "aud": aud}
+        tok = jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+        status, got = http_json("POST", d.url + "/api/publish", body, {"Authorization": f"Bearer {tok}"})
+        assert (status, got["error"]) == (401, "invalid_token"), aud
+        assert "aud" in got["message"]
+        with pytest.raises(websocket.WebSocketBadStatusException) as e:
+            websocket.create_connection(d.ws_url + f"?token={tok}", timeout=5)
+        assert e.value.status_code == 401
+    for aud in ("rt.example.com", ["x", "rt.example.com"]):
+        tok = jwt.encode({**base, "aud": aud}, JWT_SECRET, algorithm="HS256")
+        status, got = http_json("POST", d.url + "/api/publish", body, {"Authorization": f"Bearer {tok}"})
+        assert status == 202, got
+        ws = websocket.create_connection(d.ws_url + f"?token={tok}", timeout=5)
+        ws.send('{"op":"ping"}')
+        assert ws.recv() == '{"op":"pong"}'
+        ws.close()
+
+
+def test_daemon_without_audience_accepts_a_token_with_aud(daemon: Daemon) -> None:
+    """Without jwt_audience a token that carries an aud (e.g. from a shared issuer) is accepted."""
+    import time
+
+    tok = jwt.encode({"sub": "svc", "exp": time.time() + 600, "aud": "anything", "publish": ["a.*"]}, JWT_SECRET,
+                     algorithm="HS256")
+    status, got = http_json("POST", daemon.url + "/api/publish", {"channel": "a.x", "data": 1},
+                            {"Authorization": f"Bearer {tok}"})
+    assert status == 202, got

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -106,3 +107,44 @@ def test_console_script_token_works_on_the_daemon(daemon: Daemon) -> None:
     assert status == 200 and body["last_offset"] == 1
     status, _ = http_json("POST", daemon.url + "/api/publish", {"channel": "other", "data": 1}, headers)
     assert status == 403
+
+
+def test_token_aud_from_config_and_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With [auth] jwt_audience the token carries it; --aud sets it (once: a string, repeated: a list)."""
+    path = _config(tmp_path, f'jwt_secret = "{JWT_SECRET}"\njwt_audience = "rt.example.com"')
+    assert main(["token", "--config", str(path), "--sub", "a"]) == 0
+    tok = capsys.readouterr().out.strip()
+    assert jwt.decode(tok, JWT_SECRET, algorithms=["HS256"], audience="rt.example.com")["aud"] == "rt.example.com"
+    assert Authenticator(load(str(path)).auth).authenticate(tok).sub == "a"
+    assert main(["token", "--config", str(_config(tmp_path)), "--sub", "b", "--aud", "svc.one"]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), JWT_SECRET, algorithms=["HS256"], audience="svc.one")
+    assert claims["aud"] == "svc.one"
+    assert main(["token", "--config", str(path), "--sub", "c", "--aud", "rt.example.com", "--aud", "x"]) == 0
+    tok = capsys.readouterr().out.strip()
+    assert jwt.decode(tok, JWT_SECRET, algorithms=["HS256"], audience="x")["aud"] == ["rt.example.com", "x"]
+    assert Authenticator(load(str(path)).auth).authenticate(tok).sub == "c"
+    assert main(["token", "--config", str(_config(tmp_path)), "--sub", "d"]) == 0
+    assert "aud" not in jwt.decode(capsys.readouterr().out.strip(), JWT_SECRET, algorithms=["HS256"])
+    assert main(["token", "--config", str(path), "--sub", "e", "--aud", " "]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--aud" in captured.err
+
+
+def test_console_script_token_with_audience_works_on_the_daemon(make_daemon: Any) -> None:
+    """A daemon with jwt_audience takes the token the script mints from its config, and refuses one for another aud."""
+    d: Daemon = make_daemon(f"""
+        [journal]
+        path = "var/journal.sqlite3"
+        [auth]
+        api_keys = ["{API_KEY}"]
+        jwt_secret = "{JWT_SECRET}"
+        jwt_audience = "rt.example.com"
+    """)
+    base = [str(BIN / "twisted-rt"), "token", "--config", str(d.config_path), "--sub", "cli", "--publish", "cli.*"]
+    good = subprocess.run(base, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    other = subprocess.run([*base, "--aud", "elsewhere"], capture_output=True, text=True, timeout=60,
+                           check=True).stdout.strip()
+    body = {"channel": "cli.x", "data": 1}
+    assert http_json("POST", d.url + "/api/publish", body, {"Authorization": f"Bearer {good}"})[0] == 202
+    status, got = http_json("POST", d.url + "/api/publish", body, {"Authorization": f"Bearer {other}"})
+    assert (status, got["error"]) == (401, "invalid_token")

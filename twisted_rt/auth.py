@@ -5,8 +5,10 @@ Who is asking, and what they may do.
 A request carries C{Authorization: Bearer <api key or JWT>} (or C{?token=}
 on the streaming routes).  An API key may do everything.  A JWT (HS256 with
 C{jwt_secret}, or RS256/ES256 with C{jwt_public_key_file}) must have C{sub}
-and C{exp}; C{nbf} and C{iat} are checked when present; its rights are the
-C{subscribe} and C{publish} lists of channel patterns.  No token at all gives
+and C{exp}; C{nbf} and C{iat} are checked when present; with C{[auth]
+jwt_audience} set it must also carry that C{aud} (RFC 7519: a string, or a
+list of strings that includes it), and without it an C{aud} is not looked at;
+its rights are the C{subscribe} and C{publish} lists of channel patterns.  No token at all gives
 the anonymous principal, who may subscribe to C{anonymous_subscribe}.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import hmac
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import jwt
 
@@ -105,6 +107,7 @@ class Authenticator:
         self._clock = clock
         self._leeway = leeway
         self._keys = [k.encode("utf-8") for k in config.api_keys]
+        self._audience = config.jwt_audience
         self._verify_key: Any = None
         self._algorithms: list[str] = []
         self._sign_key: Any = None
@@ -156,6 +159,8 @@ class Authenticator:
         if not isinstance(sub, str) or not sub:
             raise AuthError("invalid_token", "the 'sub' claim must be a non-empty string")
         exp = self._check_times(claims)
+        if self._audience:
+            self._check_audience(claims)
         return Principal(
             sub=sub,
             subscribe=_rights(claims, "subscribe"),
@@ -185,6 +190,8 @@ class Authenticator:
                     "verify_exp": False,
                     "verify_nbf": False,
                     "verify_iat": False,
+                    # checked by _check_audience, with clear messages (PyJWT
+                    # would refuse every token with an aud when given none)
                     "verify_aud": False,
                     "verify_iss": False,
                     "verify_sub": False,
@@ -204,6 +211,20 @@ class Authenticator:
         if not isinstance(claims, dict):  # pragma: no cover - PyJWT always gives a dict
             raise AuthError("invalid_token", "the token's claims are not an object")
         return claims
+
+    def _check_audience(self, claims: dict[str, Any]) -> None:
+        """C{aud} must be the configured audience, or a list that includes it."""
+        want = self._audience
+        if "aud" not in claims:
+            raise AuthError("invalid_token", f"the token has no 'aud' claim; this server needs aud = {want!r}")
+        aud = claims["aud"]
+        auds = [aud] if isinstance(aud, str) else aud
+        if not isinstance(auds, list) or not all(isinstance(a, str) for a in auds):
+            raise AuthError("invalid_token", "the 'aud' claim must be a string or a list of strings")
+        if want not in auds:
+            raise AuthError(
+                "invalid_token", f"the token's audience {aud!r} is not this server's {want!r} (jwt_audience)"
+            )
 
     def _check_times(self, claims: dict[str, Any]) -> float:
         """Check C{exp}, C{nbf} and C{iat} against the clock; return C{exp}."""
@@ -246,8 +267,14 @@ class Authenticator:
         subscribe: Iterable[str] = (),
         publish: Iterable[str] = (),
         ttl: float = 3600,
+        aud: str | Sequence[str] | None = None,
     ) -> str:
-        """A JWT signed with the configured secret (HS256 only)."""
+        """
+        A JWT signed with the configured secret (HS256 only).
+
+        @param aud: the C{aud} claim (one audience, or several); by default
+            C{[auth] jwt_audience} when it is set, else none.
+        """
         if self._sign_key is None:
             raise ValueError("minting tokens needs [auth] jwt_secret")
         now = int(self._clock())
@@ -258,6 +285,10 @@ class Authenticator:
             "subscribe": list(subscribe),
             "publish": list(publish),
         }
+        if aud is None:
+            aud = self._audience or None
+        if aud is not None:
+            claims["aud"] = aud if isinstance(aud, str) else list(aud)
         return jwt.encode(claims, self._sign_key, algorithm="HS256")
 
 

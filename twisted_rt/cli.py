@@ -38,7 +38,7 @@ def _token(args: argparse.Namespace) -> int:
         print(f"twisted-rt token: {args.config}: {e}", file=sys.stderr)
         return 1
     if args.secret:
-        auth = AuthConfig(jwt_secret=args.secret)
+        auth = AuthConfig(jwt_secret=args.secret, jwt_audience=auth.jwt_audience)
     if not auth.jwt_secret:
         print("twisted-rt token: the config has no [auth] jwt_secret to sign with", file=sys.stderr)
         return 1
@@ -48,7 +48,14 @@ def _token(args: argparse.Namespace) -> int:
     except PatternError as e:
         print(f"twisted-rt token: {e}", file=sys.stderr)
         return 2
-    print(Authenticator(auth).mint(args.sub, args.subscribe, args.publish, args.ttl))
+    aud: str | list[str] | None = None
+    if args.aud:
+        if not all(a.strip() for a in args.aud):
+            print("twisted-rt token: --aud may not be empty", file=sys.stderr)
+            return 2
+        aud = args.aud[0] if len(args.aud) == 1 else list(args.aud)
+    # without --aud, the config's [auth] jwt_audience (when set) is the token's aud
+    print(Authenticator(auth).mint(args.sub, args.subscribe, args.publish, args.ttl, aud=aud))
     return 0
 
 
@@ -89,6 +96,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--subscribe", action="append", default=[], metavar="PATTERN")
     t.add_argument("--publish", action="append", default=[], metavar="PATTERN")
     t.add_argument("--ttl", type=int, default=3600, metavar="SECONDS")
+    t.add_argument("--aud", action="append", default=[], metavar="AUDIENCE",
+                   help="the token's aud claim (repeatable); default: the config's [auth] jwt_audience, if set")
     t.set_defaults(func=_token)
 
     pub = sub.add_parser("publish", help="publish one event")
