@@ -299,3 +299,37 @@ def test_tail_pretty_on_a_terminal(daemon: Daemon) -> None:
     text = out.decode().replace("\r\n", "\n")
     assert '\n  "data": {\n    "deep": {\n      "n": 1' in text
     assert json.loads(text)["offset"] == 1
+
+
+GITLAB_CONFIG = DEFAULT_CONFIG + """
+[[sources]]
+name = "gitlab"
+verify = "gitlab"
+secrets = ["gl-token-1"]
+channel = "gitlab.{header:X-Gitlab-Event}"
+redact_headers = ["X-Api-Key"]
+"""
+
+
+def test_tail_forward_never_sends_secret_headers(
+    make_daemon: Callable[..., Daemon], tails: Callable[..., Tail]
+) -> None:
+    """``tail --forward`` re-sends a GitLab delivery without X-Gitlab-Token, credentials or redact_headers."""
+    r = Receiver()
+    try:
+        d = make_daemon(GITLAB_CONFIG)
+        t = tails("gitlab.>", "--url", d.ws_url, "--token", API_KEY, "--since", "0", "--forward", r.url,
+                  "--count", "1")
+        raw = b'{"object_kind": "push"}'
+        status, _, _ = http("POST", d.url + "/hooks/gitlab", raw, {
+            "Content-Type": "application/json", "X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "gl-token-1",
+            "Authorization": "Bearer user-credential", "Cookie": "session=1", "X-Api-Key": "k-1",
+            "X-Gitlab-Event-UUID": "u-1"})
+        assert status == 202
+        assert t.wait() == 0, t.stderr()
+        ((body, headers),) = r.requests
+        assert body == raw
+        assert headers["x-gitlab-event"] == "Push Hook" and headers["x-gitlab-event-uuid"] == "u-1"
+        assert not {"x-gitlab-token", "authorization", "cookie", "x-api-key"} & set(headers)
+    finally:
+        r.close()

@@ -167,6 +167,50 @@ def test_error_messages_go_to_on_error() -> None:
     assert errors[0]["code"] == "forbidden"
 
 
+class FakeRawResponse:
+    """A 200 answer of C{/api/raw} whose body is delivered at once."""
+
+    code = 200
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.body = json.dumps(doc).encode()
+
+    def deliverBody(self, protocol: Any) -> None:
+        from twisted.web.client import ResponseDone
+
+        protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class FakeAgent:
+    """Answers every request with one L{FakeRawResponse}."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Any:
+        return defer.succeed(FakeRawResponse(self.doc))
+
+
+def test_forwarder_never_forwards_secret_headers() -> None:
+    """Even when a daemon serves them (rows of an older version), credentials and GitLab's token are not re-sent."""
+    from twisted_rt.client import Forwarder
+
+    clock = MemoryReactorClock()
+    fwd = Forwarder("http://127.0.0.1:9/hook", "ws://127.0.0.1:9/ws", API_KEY, clock, report=lambda line: None)
+    doc = {"body_base64": "e30=", "headers": {
+        "Content-Type": "application/json", "X-Gitlab-Token": "gl", "authorization": "Bearer k",
+        "COOKIE": "a=b", "Proxy-Authorization": "Basic x", "Host": "rt.example.com", "Content-Length": "2",
+        "X-Gitlab-Event": "Push Hook", "webhook-signature": "v1,abc"}}
+    fwd.agent = FakeAgent(doc)  # type: ignore[assignment]
+    got: list[Any] = []
+    fwd.original({"channel": "gitlab.Push_Hook", "offset": 1}).addBoth(got.append)
+    (delivery,) = got
+    assert delivery.body == b"{}"
+    assert delivery.headers == {"Content-Type": "application/json", "X-Gitlab-Event": "Push Hook",
+                                "webhook-signature": "v1,abc"}
+
+
 # -- against a real daemon ------------------------------------------------------
 
 
