@@ -315,3 +315,110 @@ def test_slow_sse_reader_is_cut_off(make_daemon: Callable[..., Daemon]) -> None:
     slow.close()
     _, st = d.get("/api/stats", headers=auth)
     assert st["connections_by_transport"].get("sse", 0) == 0
+
+
+def _publish_many(d: Daemon, events: list[tuple[str, Any]]) -> None:
+    for i in range(0, len(events), 100):
+        batch = [{"channel": c, "data": v} for c, v in events[i : i + 100]]
+        status, body = d.post("/api/publish", {"events": batch}, {"Authorization": f"Bearer {API_KEY}"})
+        assert status == 202, body
+
+
+def test_id_stays_bounded_with_many_channels(daemon: Daemon) -> None:
+    """With 1,500 channels on one wildcard stream every id is a v1 cursor of at most 256 bytes, and it resumes exactly."""
+    n = 1500
+    _publish_many(daemon, [(f"m.c{i}", i) for i in range(n)])
+    s = Stream(daemon, urllib.parse.urlencode({"pattern": "m.>", "since": "0", "token": API_KEY}))
+    got = [s.event() for _ in range(n)]
+    s.close()
+    assert all(len(e["id"].encode()) <= 256 for e in got)
+    assert [json.loads(e["data"])["data"] for e in got] == list(range(n))
+    seqs = [seq(e) for e in got]
+    assert seqs == sorted(set(seqs))
+    _publish_many(daemon, [("m.c7", "late"), ("m.new", "new")])
+    s2 = Stream(daemon, urllib.parse.urlencode({"pattern": "m.>", "token": API_KEY}), {"Last-Event-ID": got[699]["id"]})
+    rest = [s2.event() for _ in range(n - 700 + 2)]
+    assert [json.loads(e["data"])["data"] for e in rest] == [*range(700, n), "late", "new"]
+    publish(daemon, "m.c1", "live")
+    e = s2.event()
+    assert json.loads(e["data"])["data"] == "live" and seq(e) > seq(rest[-1])
+    s2.close()
+
+
+def test_pattern_param_and_overlapping_patterns(daemon: Daemon) -> None:
+    """pattern= subscribes to wildcards beside channel=; an event matched by several of them comes once, replayed or live."""
+    publish(daemon, "o.a", 1)
+    publish(daemon, "o.b.c", 2)
+    query = urllib.parse.urlencode([("pattern", "o.*"), ("channel", "o.a"), ("pattern", "o.>"), ("since", "0"),
+                                    ("token", API_KEY)])
+    s = Stream(daemon, query)
+    replayed = [s.event() for _ in range(2)]
+    assert [(e["event"], json.loads(e["data"])["data"]) for e in replayed] == [("o.a", 1), ("o.b.c", 2)]
+    publish(daemon, "o.a", 3)
+    publish(daemon, "o.x", 4)
+    live = [s.event() for _ in range(2)]
+    assert [(e["event"], json.loads(e["data"])["data"]) for e in live] == [("o.a", 3), ("o.x", 4)]
+    publish(daemon, "o.b.d", 5)
+    assert json.loads(s.event()["data"])["data"] == 5
+    s.close()
+    status, body = http_json("GET", daemon.url + "/sse?" + urllib.parse.urlencode(
+        [("pattern", "o.>")] * 60 + [("channel", "o.a")] * 41 + [("token", API_KEY)]))
+    assert status == 400 and body["error"] == "bad_request"
+
+
+def test_earlier_ids_still_resume(daemon: Daemon) -> None:
+    """A browser connected before the upgrade resumes with its old id (chan=off,... or a bare offset), then gets v1 ids."""
+    for i in range(1, 4):
+        publish(daemon, "l.a", i)
+        publish(daemon, "l.b", i)
+    publish(daemon, "l.c", 1)
+    query = urllib.parse.urlencode([("pattern", "l.*"), ("token", API_KEY)])
+    s = Stream(daemon, query, {"Last-Event-ID": "l.a=2,l.b=3"})
+    events = [s.event(), s.event()]
+    got = [(e["event"], json.loads(e["data"])["offset"]) for e in events]
+    assert got == [("l.a", 3), ("l.c", 1)]  # l.c is not named: from its start
+    assert [seq(e) for e in events] == [5, 7]
+    s.close()
+    s = Stream(daemon, q("l.a", "l.b", token=API_KEY), {"Last-Event-ID": "2"})
+    got = [(e["event"], json.loads(e["data"])["offset"]) for e in (s.event(), s.event())]
+    assert got == [("l.a", 3), ("l.b", 3)]
+    s.close()
+
+
+def test_cursor_past_the_journal_starts_now(daemon: Daemon) -> None:
+    """A cursor from another (longer) journal does not silence the stream: it starts at the current position."""
+    publish(daemon, "f.a", 1)
+    s = Stream(daemon, q("f.a", token=API_KEY), {"Last-Event-ID": "v1:999999"})
+    assert s.block() == {"comments": [], "retry": "2000"}
+    start = s.block()
+    assert start is not None and seq(start) == 1
+    publish(daemon, "f.a", 2)
+    e = s.event()
+    assert json.loads(e["data"])["offset"] == 2 and seq(e) == 2
+    s.close()
+
+
+def test_stream_ends_when_token_expires(daemon: Daemon) -> None:
+    """An SSE stream opened with a JWT ends (cleanly) when the token's exp passes; a stream with an API key goes on."""
+    import jwt
+    from conftest import JWT_SECRET
+
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 2, "subscribe": ["t.>"]}, JWT_SECRET,
+                       algorithm="HS256")
+    s = Stream(daemon, q("t.a", token=token), timeout=20)
+    other = Stream(daemon, q("t.a", token=API_KEY), timeout=20)
+    assert s.resp.status == 200
+    s.block()
+    s.block()
+    publish(daemon, "t.a", "before")
+    assert json.loads(s.event()["data"])["data"] == "before"
+    comments: list[str] = []
+    while (b := s.block()) is not None:  # the server ends the response
+        comments += b["comments"]
+    assert "token expired" in comments
+    publish(daemon, "t.a", "after")
+    assert json.loads(other.event()["data"])["data"] == "before"
+    assert json.loads(other.event()["data"])["data"] == "after"
+    other.close()
+    status, body = http_json("GET", daemon.url + "/sse?" + q("t.a", token=token))
+    assert (status, body["error"]) == (401, "token_expired")
