@@ -453,6 +453,142 @@ async def test_redis_restart_makes_node_unready_then_delivery_resumes(
     assert [e.data for e in rec.events] == ["one", "two"]
 
 
+# -- 0.2: seq, scoped idempotency, bounded pages, replay by seq --------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_seq_is_global_and_set_everywhere(brokers: Callable[..., RedisBroker]) -> None:
+    """Every published, stored, replayed and live event carries the cluster-wide seq, in publish order."""
+    a, b = brokers(), brokers()
+    await gatherResults([a.start(), b.start()])
+    rec = Recorder()
+    b.subscribe("s.>", rec)
+    assert await a.position() == 0
+    acc = await a.publish([Draft("s.x", 1), Draft("s.y", 2)])
+    acc += await b.publish([Draft("s.x", 3)])
+    assert [x.event.seq for x in acc] == [1, 2, 3]
+    assert await b.position() == 3
+    assert [e.seq for e in await b.history("s.x")] == [1, 3]
+    assert [(e.channel, e.seq) for e in await b.replay("s.*", {})] == [("s.x", 1), ("s.y", 2), ("s.x", 3)]
+    await until(lambda: len(rec.events) == 3, what="live events")
+    assert [e.seq for e in rec.events] == [1, 2, 3]
+    [dup] = await a.publish([Draft("s.x", 9, source="gh", id="d1")])
+    [again] = await b.publish([Draft("s.x", 9, source="gh", id="d1")])
+    assert again.duplicate and again.event.seq == dup.event.seq == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotency_is_scoped_per_publisher_in_redis(brokers: Callable[..., RedisBroker]) -> None:
+    """The same id is one event within a scope, another in another scope; scopes with ':' never collide."""
+    a = brokers()
+    await a.start()
+    [x] = await a.publish([Draft("i.a", 1, source="api", id="X", scope="pub:sub:alice")])
+    [y] = await a.publish([Draft("i.b", 2, source="api", id="X", scope="pub:sub:bob")])
+    [z] = await a.publish([Draft("i.c", 3, source="ws", id="X", scope="pub:sub:alice")])
+    assert not x.duplicate and not y.duplicate and (y.event.channel, y.event.offset) == ("i.b", 1)
+    assert z.duplicate and (z.event.channel, z.event.data) == ("i.a", 1)
+    # ("pub:sub:a:b", "c") and ("pub:sub:a", "b:c") are different keys; so are a source and a scope
+    [p] = await a.publish([Draft("i.d", 4, id="c", scope="pub:sub:a:b")])
+    [q] = await a.publish([Draft("i.d", 5, id="b:c", scope="pub:sub:a")])
+    [r] = await a.publish([Draft("i.d", 6, source="pub", id="sub:a:b:c")])
+    assert not (p.duplicate or q.duplicate or r.duplicate)
+
+
+@pytest_twisted.ensureDeferred
+async def test_replay_pages_by_seq_across_patterns_each_event_once(brokers: Callable[..., RedisBroker]) -> None:
+    """Replay of several patterns merges streams by seq; paging by after_seq (count or bytes) gives every event once."""
+    a = brokers()
+    await a.start()
+    for i in range(25):
+        await a.publish([Draft(f"gh.r{i % 3}", i), Draft(f"bill.x.{i % 2}", i), Draft("solo", i),
+                         Draft("other.z", i), Draft("gh.deep.no", i)])
+    since = {"gh.r0": 4, "solo": 23}
+    patterns = ["gh.*", "bill.>", "solo"]
+    everything = await a.replay(patterns, since, 100000)
+    assert len(everything) == 25 - 4 + 25 + 2
+    assert [e.seq for e in everything] == sorted(e.seq for e in everything)
+    for limit, max_bytes in ((4, 1 << 20), (1000, 200), (9, 2000)):
+        got: list[Event] = []
+        after = 0
+        while True:
+            page = await a.replay(patterns, since, limit, after_seq=after, max_bytes=max_bytes)
+            if not page:
+                break
+            assert len(page) <= limit
+            got += page
+            after = page[-1].seq
+        assert [(e.channel, e.offset) for e in got] == [(e.channel, e.offset) for e in everything]
+    assert await a.replay(["nope.*", "none"], {}) == []
+    assert [(e.channel, e.offset) for e in await a.replay("*.r1", {"gh.r1": 7})] == [("gh.r1", 8)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_pages_are_bounded_by_bytes(brokers: Callable[..., RedisBroker]) -> None:
+    """A history page of large events stops at about max_bytes, with at least one event; paging reads them all."""
+    a = brokers()
+    await a.start()
+    big = "x" * 50_000
+    for i in range(30):
+        await a.publish([Draft("big", {"i": i, "s": big})])
+    page = await a.history("big", 0, 1000, max_bytes=500_000)
+    assert 8 <= len(page) <= 10 and [e.offset for e in page] == list(range(1, len(page) + 1))
+    assert len(await a.history("big", 0, 1000, max_bytes=1)) == 1
+    assert len(await a.history("big", 0, 1000)) == 30
+    assert [e.offset for e in await a.history("big", 27, 2)] == [28, 29]
+    assert await a.history("big", 2**63 - 1) == [] and await a.history("big", 0, 0) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_replay_pages_start_where_the_last_page_left_each_channel(
+    brokers: Callable[..., RedisBroker],
+) -> None:
+    """Paging a wildcard replay does not re-read each channel from since: entries read stay about linear."""
+    a = brokers()
+    await a.start()
+    for i in range(300):
+        await a.publish([Draft("lin.a", i), Draft("lin.b", i), Draft("lin.c", i)])
+    read = [0]
+    real = a._xrange
+
+    def counting(channel: str, start: int, end: int | None, count: int) -> Deferred[list[Any]]:
+        def add(entries: list[Any]) -> list[Any]:
+            read[0] += len(entries)
+            return entries
+
+        return real(channel, start, end, count).addCallback(add)
+
+    a._xrange = counting  # type: ignore[method-assign]
+    total, after = 0, 0
+    while True:
+        page = await a.replay("lin.*", {}, 50, after_seq=after)
+        if not page:
+            break
+        total += len(page)
+        after = page[-1].seq
+    assert total == 900
+    assert read[0] < 2 * 900, read[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_entries_written_before_seq_are_history_only(
+    brokers: Callable[..., RedisBroker], redis_server: RedisServer
+) -> None:
+    """A stream entry without a seq (written by 0.1) is served by history and skipped by seq-paged replays."""
+    a = brokers()
+    await a.start()
+    conn = await txredisapi.Connection("127.0.0.1", redis_server.port, reconnect=False)
+    legacy = rt_redis._encode_body(Draft("leg", "old"), "old-1", "2026-11-21T00:00:00.000Z")
+    await conn.execute_command("XADD", "t:s:leg", "1-0", "e", legacy)
+    await conn.execute_command("SET", "t:seq:leg", "1")
+    await conn.execute_command("SADD", "t:channels", "leg")
+    await conn.disconnect()
+    [new] = await a.publish([Draft("leg", "new")])
+    assert new.event.offset == 2 and new.event.seq == 1
+    assert [(e.offset, e.seq) for e in await a.history("leg")] == [(1, 0), (2, 1)]
+    assert [e.offset for e in await a.replay("leg", {})] == [2]
+    assert [e.offset for e in await a.replay(["leg", "x.*"], {})] == [2]
+
+
 # -- end to end: two daemons, one redis --------------------------------------
 
 
