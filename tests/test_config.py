@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -146,3 +147,45 @@ def test_jwt_public_key_of_wrong_kind_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as e:
             parse(f'[auth]\njwt_public_key_file = "{tmp_path / name}"\n', {})
         assert str(e.value).startswith("auth.jwt_public_key_file: ")
+
+
+# -- issue 13 #18: key material that is empty once expanded ------------------------------------
+
+EMPTY_KEYS = [
+    ("whsec_ alone", '[[sources]]\nname = "s"\nverify = "standard"\nsecrets = ["whsec_"]\n', "sources[0].secrets[0]"),
+    ("whsec_ of a variable that is empty",
+     '[[sources]]\nname = "s"\nverify = "standard"\nsecrets = ["whsec_${RT_TEST_EMPTY}"]\n', "sources[0].secrets[0]"),
+    ("secret of a variable that is empty",
+     '[[sources]]\nname = "g"\nverify = "github"\nsecrets = ["${RT_TEST_EMPTY}"]\n', "sources[0].secrets[0]"),
+    ("jwt secret of a variable that is empty", '[auth]\njwt_secret = "${RT_TEST_EMPTY}"\n', "auth.jwt_secret"),
+    ("api key of a variable that is empty", '[auth]\napi_keys = ["${RT_TEST_EMPTY}"]\n', "auth.api_keys[0]"),
+]
+
+
+@pytest.mark.parametrize("text,key", [e[1:] for e in EMPTY_KEYS], ids=[e[0] for e in EMPTY_KEYS])
+def test_check_config_refuses_empty_key_material(tmp_path: Path, text: str, key: str) -> None:
+    """`check-config` exits non-zero with one line naming the key for a secret that is empty after ${VAR} or whsec_."""
+    cfg = tmp_path / "empty.toml"
+    cfg.write_text(text)
+    env = {**os.environ, "RT_TEST_EMPTY": ""}
+    r = subprocess.run([str(BIN / "twisted-rt"), "check-config", str(cfg)], capture_output=True, text=True, env=env)
+    assert r.returncode != 0, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{cfg}: {key}: "), r.stderr
+
+
+@pytest.mark.parametrize("text,key", [e[1:] for e in EMPTY_KEYS[:3]], ids=[e[0] for e in EMPTY_KEYS[:3]])
+def test_daemon_refuses_empty_key_material(tmp_path: Path, text: str, key: str) -> None:
+    """The daemon does not start on such a file: exit 1 and one line naming the key, no listener opened."""
+    cfg = tmp_path / "empty.toml"
+    cfg.write_text(text)
+    port = free_port()
+    env = {**os.environ, "RT_TEST_EMPTY": ""}
+    r = subprocess.run(
+        [str(BIN / "twistd"), "-n", "--pidfile=", "rt", "--config", str(cfg), "--listen", f"tcp:{port}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60, env=env,
+    )
+    assert r.returncode == 1
+    lines = [ln for ln in (r.stderr + r.stdout).strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and f": {key}: " in lines[0], r.stderr + r.stdout
+    assert "Traceback" not in r.stderr
