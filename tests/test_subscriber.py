@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -12,18 +13,24 @@ from twisted_rt.matcher import PatternIndex, matches
 from twisted_rt.subscriber import Subscriber
 
 
-def ev(channel: str, offset: int) -> Event:
-    return Event(f"{channel}-{offset}", channel, offset, "t", "test", "", {"n": offset})
+def ev(channel: str, offset: int, seq: int = 0, size: int = 0) -> Event:
+    return Event(f"{channel}-{offset}", channel, offset, "t", "test", "", {"n": offset, "pad": "x" * size},
+                 seq=seq)
 
 
 class FakeBroker:
-    """Just enough of a Broker: a journal list, an index, and replays the test fires by hand."""
+    """
+    Just enough of a Broker: a journal list, an index, and replays (with the
+    broker's paging rule: seq order, limit, about max_bytes, at least one
+    event) answered at once or fired by the test by hand.
+    """
 
     def __init__(self) -> None:
         self.journal: list[Event] = []
         self.index: PatternIndex[Listener] = PatternIndex()
-        self.pending: list[tuple[Deferred[list[Event]], str, dict[str, int], int]] = []
+        self.pending: list[tuple[Deferred[list[Event]], str, dict[str, int], int, int, int]] = []
         self.manual = False
+        self.queries: list[tuple[str, int]] = []  # (pattern, after_seq) of every replay query
 
     def subscribe(self, pattern: str, listener: Listener) -> None:
         self.index.add(pattern, listener)
@@ -31,29 +38,42 @@ class FakeBroker:
     def unsubscribe(self, pattern: str, listener: Listener) -> None:
         self.index.remove(pattern, listener)
 
-    def commit(self, channel: str) -> Event:
+    def commit(self, channel: str, size: int = 0) -> Event:
         off = 1 + sum(1 for e in self.journal if e.channel == channel)
-        e = ev(channel, off)
+        e = ev(channel, off, len(self.journal) + 1, size)
         self.journal.append(e)
         for listener in self.index.match(channel):
             listener.deliver(e)
         return e
 
-    def _query(self, pattern: str, since: dict[str, int], limit: int) -> list[Event]:
-        out = [e for e in self.journal if matches(pattern, e.channel) and e.offset > since.get(e.channel, 0)]
-        return out[:limit]
+    def _query(self, pattern: str, since: Mapping[str, int], limit: int, after_seq: int = 0,
+               max_bytes: int = 1 << 22) -> list[Event]:
+        out: list[Event] = []
+        size = 0
+        for e in self.journal:
+            if e.seq > after_seq and matches(pattern, e.channel) and e.offset > since.get(e.channel, 0):
+                if out and (len(out) >= limit or size + len(e.json()) > max_bytes):
+                    break
+                out.append(e)
+                size += len(e.json())
+        return out
 
-    def replay(self, pattern: str, since: dict[str, int], limit: int = 100000) -> Deferred[list[Event]]:
+    def replay(self, pattern: str, since: Mapping[str, int], limit: int = 1000, *, after_seq: int = 0,
+               max_bytes: int = 1 << 22) -> Deferred[list[Event]]:
+        self.queries.append((pattern, after_seq))
         if not self.manual:
-            return succeed(self._query(pattern, since, limit))
+            return succeed(self._query(pattern, since, limit, after_seq, max_bytes))
         d: Deferred[list[Event]] = Deferred()
-        self.pending.append((d, pattern, dict(since), limit))
+        self.pending.append((d, pattern, since, limit, after_seq, max_bytes))
         return d
+
+    def run_one(self) -> None:
+        d, *args = self.pending.pop(0)
+        d.callback(self._query(*args))  # type: ignore[arg-type]
 
     def run_pending(self) -> None:
         while self.pending:
-            d, pattern, since, limit = self.pending.pop(0)
-            d.callback(self._query(pattern, since, limit))
+            self.run_one()
 
 
 def make() -> tuple[FakeBroker, Subscriber, list[tuple[str, int]]]:
@@ -97,14 +117,17 @@ def test_events_during_replay_are_buffered_and_deduplicated() -> None:
 
 
 def test_event_after_query_but_before_replay_returns() -> None:
-    """An event the query missed but the buffer caught is delivered right after the replay."""
+    """An event the last (empty) page missed but the buffer caught is delivered right after the replay."""
     broker, sub, got = make()
     broker.manual = True
     broker.commit("a")
     sub.add("a", 0)
-    d, pattern, since, limit = broker.pending.pop(0)
-    snapshot = broker._query(pattern, since, limit)
-    broker.commit("a")  # committed after the query read the journal
+    broker.run_one()  # the first page: a#1; the next query is in flight
+    assert got == [("a", 1)]
+    d, *args = broker.pending.pop(0)
+    snapshot = broker._query(*args)  # type: ignore[arg-type]
+    assert snapshot == []
+    broker.commit("a")  # committed after the last query read the journal
     d.callback(snapshot)
     assert got == [("a", 1), ("a", 2)]
 
@@ -230,3 +253,208 @@ def test_buffer_overflow_calls_back() -> None:
     for _ in range(4):
         broker.commit("a")
     assert overflowed == [True]
+
+
+# ---------------------------------------------------------------------------
+# bounds (issue 13: defects 3, 13 and 14)
+
+
+def gated() -> tuple[FakeBroker, Subscriber, list[tuple[str, int]], list[Deferred[None]]]:
+    """A subscriber whose client is always 'full': every event waits for the test to open the gate."""
+    broker = FakeBroker()
+    got: list[tuple[str, int]] = []
+    gate: list[Deferred[None]] = []
+
+    def backlog() -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        gate.append(d)
+        return d
+
+    sub = Subscriber(broker, lambda e: got.append((e.channel, e.offset)), backlog=backlog)  # type: ignore[arg-type]
+    return broker, sub, got, gate
+
+
+def test_repeated_subscribe_does_not_replay_again() -> None:
+    """A pattern already subscribed, or still replaying, is not replayed again, whatever its since."""
+    broker, sub, got = make()
+    for _ in range(5):
+        broker.commit("a")
+    broker.manual = True
+    first = sub.add("a", 0)
+    for since in (0, 1, 3, None):
+        assert sub.add("a", since).called  # answered at once, nothing started
+    assert len(broker.pending) == 1
+    broker.run_pending()
+    assert first.called and got == [("a", i) for i in range(1, 6)]
+    queries = len(broker.queries)
+    for _ in range(50):
+        sub.add("a", 0)
+    assert len(broker.queries) == queries and broker.pending == []
+    broker.commit("a")
+    assert got[-1] == ("a", 6) and len(got) == 6
+
+
+def test_since_keeps_only_channels_the_pattern_matches() -> None:
+    """Names in a since object that the pattern does not match are not kept (nor are zero offsets)."""
+    _broker, sub, _got = make()
+    since = {"g.a": 3, "g.b": 0, "x.y": 5, "g.a.b": 2, "g": 1, **{f"other.{i}": 1 for i in range(500)}}
+    sub.add("g.*", since)
+    assert sub.seen == {"g.a": 3}
+    sub.add("h", {"h": 4, "h.x": 2})
+    assert sub.seen == {"g.a": 3, "h": 4}
+
+
+def test_seen_stays_bounded_through_subscribe_unsubscribe_loops() -> None:
+    """Subscribing with made-up since names and unsubscribing, again and again, does not grow seen."""
+    from twisted_rt.subscriber import PRUNE_MIN
+
+    _broker, sub, _got = make()
+    sub.add("keep.*", {"keep.a": 1})
+    sizes = []
+    for i in range(300):
+        sub.add("p.>", {f"p.{i}.{j}": 7 for j in range(100)})
+        sub.remove("p.>")
+        sizes.append(len(sub.seen))
+    assert max(sizes) <= 2 * PRUNE_MIN + 100
+    sub.add("p.>", {"p.x": 1})
+    assert sub.seen.get("keep.a") == 1  # what current patterns match is kept
+
+
+def test_replays_run_one_at_a_time() -> None:
+    """Several subscribes with since are replayed one after another, one query in flight."""
+    broker, sub, got = make()
+    for ch in ["a", "b", "c", "a"]:
+        broker.commit(ch)
+    broker.manual = True
+    ds = [sub.add(p, 0) for p in ("a", "b", "c")]
+    while broker.pending:
+        assert len(broker.pending) == 1
+        broker.run_one()
+    assert all(d.called for d in ds)
+    assert got == [("a", 1), ("a", 2), ("b", 1), ("c", 1)]
+
+
+def test_replay_pages_by_seq_until_an_empty_page() -> None:
+    """Pages short because of max_bytes are followed with after_seq = the last seq until a page is empty."""
+    broker = FakeBroker()
+    got: list[int] = []
+    sub = Subscriber(broker, lambda e: got.append(e.offset), page_bytes=1)  # type: ignore[arg-type]
+    for _ in range(5):
+        broker.commit("a", size=100)
+    broker.commit("b")
+    sub.add("a", 1)
+    assert got == [2, 3, 4, 5]
+    assert broker.queries == [("a", 0), ("a", 2), ("a", 3), ("a", 4), ("a", 5)]
+
+
+def test_after_seq_replays_only_later_events() -> None:
+    """add(after_seq=S) replays only events whose journal seq is above S, on every matching channel."""
+    broker, sub, got = make()
+    for ch in ["g.a", "g.b", "g.a", "g.b"]:
+        broker.commit(ch)
+    sub.add("g.*", after_seq=2)
+    assert got == [("g.a", 2), ("g.b", 2)]
+
+
+def test_live_buffer_is_bounded_in_bytes() -> None:
+    """Live events held during a replay are bounded by max_buffer_bytes of JSON, not only by count."""
+    broker = FakeBroker()
+    broker.manual = True
+    overflowed: list[bool] = []
+    sub = Subscriber(broker, lambda e: None, on_overflow=lambda: overflowed.append(True),  # type: ignore[arg-type]
+                     max_buffer_bytes=10_000)
+    sub.add("a", 0)
+    for _ in range(9):
+        broker.commit("a", size=1000)
+    assert overflowed == []
+    broker.commit("a", size=1000)
+    assert overflowed == [True]
+
+
+def test_unsubscribe_stops_a_running_replay_and_drops_what_it_buffered() -> None:
+    """remove() stops the replay at once (the wait is cut), and its buffered live events are never sent."""
+    broker, sub, got, gate = gated()
+    for _ in range(10):
+        broker.commit("r")
+    d = sub.add("r", 0)
+    assert got == [("r", 1)] and len(gate) == 1  # waiting for the client
+    broker.commit("r")  # live, buffered
+    assert sub.remove("r")
+    assert d.called and got == [("r", 1)]
+    while gate:
+        gate.pop().callback(None)  # the client drains: nothing more of r
+    broker.commit("r")
+    assert got == [("r", 1)]
+    assert len(broker.index) == 0
+
+
+def test_unsubscribe_keeps_buffered_events_another_pattern_matches() -> None:
+    """Live events buffered during the replay go out if a remaining pattern matches them, not otherwise."""
+    broker, sub, got, gate = gated()
+    for _ in range(3):
+        broker.commit("x.a")
+    sub.add("x.b")  # live only
+    sub.add("x.*", 0)  # replays x.a, waits on the client after the first event
+    broker.commit("x.b")
+    broker.commit("x.a")
+    assert sub.remove("x.*")
+    while gate:
+        gate.pop().callback(None)
+    assert got == [("x.a", 1), ("x.b", 1)]
+
+
+def test_unsubscribe_during_a_query_discards_its_page() -> None:
+    """A replay query in flight when its pattern is removed delivers nothing when it answers."""
+    broker, sub, got = make()
+    for _ in range(3):
+        broker.commit("q")
+    broker.manual = True
+    d = sub.add("q", 0)
+    sub.remove("q")
+    assert d.called
+    broker.run_pending()
+    assert got == [] and broker.pending == []
+
+
+def test_unsubscribe_of_a_queued_replay_never_queries() -> None:
+    """A replay still waiting for its turn is dropped by remove() without a query."""
+    broker, sub, got = make()
+    broker.commit("first")
+    broker.commit("second")
+    broker.manual = True
+    sub.add("first", 0)
+    later = sub.add("second", 0)
+    sub.remove("second")
+    assert later.called
+    broker.run_pending()
+    assert [p for p, _ in broker.queries] == ["first", "first"]
+    assert got == [("first", 1)]
+
+
+def test_remove_many_stops_everything_before_going_on() -> None:
+    """remove_many drops every pattern before the replay loop continues (a narrowed token)."""
+    broker, sub, got, gate = gated()
+    for ch in ["m.a", "m.b", "m.a", "m.b"]:
+        broker.commit(ch)
+    sub.add("m.a", 0)
+    sub.add("m.b", 0)  # queued behind m.a
+    broker.commit("m.b")  # live, buffered
+    assert sub.remove_many(["m.a", "m.b", "nope"]) == ["m.a", "m.b"]
+    while gate:
+        gate.pop().callback(None)
+    assert got == [("m.a", 1)]
+    assert len(broker.index) == 0 and sub.patterns == {}
+
+
+def test_close_during_a_paced_replay_releases_it() -> None:
+    """close() cuts a replay waiting on the client: nothing more is sent and the buffer is gone."""
+    broker, sub, got, gate = gated()
+    for _ in range(5):
+        broker.commit("c")
+    d = sub.add("c", 0)
+    broker.commit("c")
+    sub.close()
+    assert d.called and got == [("c", 1)]
+    while gate:
+        gate.pop().callback(None)
+    assert got == [("c", 1)] and len(broker.index) == 0

@@ -468,7 +468,8 @@ class FakeBroker:
     def unsubscribe(self, pattern: str, listener: Any) -> None:
         self.index.remove(pattern, listener)
 
-    def replay(self, pattern: str, since: dict[str, int], limit: int = 0) -> Any:
+    def replay(self, pattern: Any, since: Any, limit: int = 1000, *, after_seq: int = 0,
+               max_bytes: int = 1 << 22) -> Any:
         from twisted.internet.defer import succeed
 
         return succeed([])

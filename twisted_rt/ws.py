@@ -55,7 +55,7 @@ from twisted_rt.web import write_now
 if TYPE_CHECKING:
     from twisted_rt.app import App
 
-__all__ = ["RTWebSocketFactory", "RTWebSocketProtocol", "resource", "origin_allowed", "parse_since"]
+__all__ = ["RTWebSocketFactory", "RTWebSocketProtocol", "SinceTooLarge", "resource", "origin_allowed", "parse_since"]
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED = 1003
@@ -75,6 +75,10 @@ SLOW_CLOSE_TIMEOUT = 30.0
 FLUSH_EVERY = 20000
 #: seconds the shutdown hook waits for clients to answer the 1001 close
 SHUTDOWN_WAIT = 3.0
+#: publishes of one connection awaiting the journal before its reads pause
+MAX_PUBLISHING = 64
+#: channels one C{since} object may name when C{max_subscriptions} is 0
+MAX_SINCE_CHANNELS = 1000
 
 _STATE_OPEN = 3  # WebSocketProtocol.STATE_OPEN
 
@@ -101,10 +105,17 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...], host: str | Non
     return False
 
 
-def parse_since(value: Any) -> Since:
-    """
-    Check a C{since} value: absent, an offset, or C{{channel: offset}}.
+class SinceTooLarge(ValueError):
+    """A C{since} object naming more channels than one subscribe may."""
 
+
+def parse_since(value: Any, max_channels: int = 0) -> Since:
+    """
+    Check a C{since} value: absent, an offset, or C{{channel: offset}}
+    naming at most C{max_channels} channels (0: any number).
+
+    @raise SinceTooLarge: an object naming more channels (refused before
+        any of them is looked at).
     @raise ValueError: anything else.
     """
     if value is None:
@@ -116,6 +127,11 @@ def parse_since(value: Any) -> Since:
             raise ValueError("'since' may not be negative")
         return value
     if isinstance(value, dict):
+        if max_channels and len(value) > max_channels:
+            raise SinceTooLarge(
+                f"'since' names {len(value)} channels; one subscribe may name at most {max_channels}"
+                " ([websocket] max_subscriptions)"
+            )
         out: dict[str, int] = {}
         for k, v in value.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -173,6 +189,11 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._expiry: IDelayedCall | None = None
         self._compress = False
         self._drain_waiters: list[Deferred[None]] = []
+        # publishes awaiting the journal (count, message bytes); reads pause past a bound
+        self._publishing = 0
+        self._publishing_bytes = 0
+        self._reads_paused = False
+        self._msg_bytes = 0
         self.principal: Principal | None = None
         self.subscriber: Subscriber | None = None
         self._deny_code = ""
@@ -230,7 +251,11 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         f.clients.add(self)
         app.stats.connections["ws"] += 1
         self.subscriber = Subscriber(
-            app.broker, self._send_event, backlog=self._backlog, on_overflow=self._slow_consumer
+            app.broker,
+            self._send_event,
+            backlog=self._backlog,
+            on_overflow=self._slow_consumer,
+            max_buffer_bytes=f.max_send_buffer,
         )
         transport: Any = self.transport
         try:
@@ -420,6 +445,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         if handler is None:
             self._error("unknown_op", f"unknown op {op!r}: use subscribe, unsubscribe, publish, ping, auth", ref)
             return
+        self._msg_bytes = len(payload)
         try:
             result = handler(self, msg, ref)
         except Exception:  # noqa: BLE001 - answered, logged
@@ -443,15 +469,24 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._reply({"op": "pong"}, ref)
 
     def op_subscribe(self, msg: dict[str, Any], ref: Any) -> Deferred[None] | None:
-        """Subscribe to a channel or pattern, replaying after C{since}."""
+        """
+        Subscribe to a channel or pattern, replaying after C{since}.  A
+        pattern this connection already has (subscribed, or still replaying)
+        is answered C{subscribed} and nothing else happens: no second replay,
+        its C{since} is not used (see L{twisted_rt.subscriber}).
+        """
         channel = msg.get("channel")
         try:
             pattern = validate_pattern(channel)
         except PatternError as e:
             self._error("invalid_channel", str(e), ref)
             return None
+        limit = self.factory.app.config.websocket.max_subscriptions
         try:
-            since = parse_since(msg.get("since"))
+            since = parse_since(msg.get("since"), limit or MAX_SINCE_CHANNELS)
+        except SinceTooLarge as e:
+            self._error("too_many_channels", str(e), ref)
+            return None
         except ValueError as e:
             self._error("bad_request", str(e), ref)
             return None
@@ -460,23 +495,23 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             self._error("forbidden", f"this token may not subscribe to {pattern!r}", ref)
             return None
         sub = self.subscriber
-        fresh = pattern not in sub.patterns
-        limit = self.factory.app.config.websocket.max_subscriptions
-        if fresh and limit and len(sub.patterns) >= limit:
+        if pattern in sub.patterns:
+            self._reply({"op": "subscribed", "channel": pattern}, ref)
+            return None
+        if limit and len(sub.patterns) >= limit:
             self._error("too_many_subscriptions", f"at most {limit} subscriptions per connection", ref, False)
             return None
         self._reply({"op": "subscribed", "channel": pattern}, ref)
         stats = self.factory.app.stats
         d = sub.add(pattern, since)
-        if fresh:
-            stats.subscriptions["ws"] += 1
+        stats.subscriptions["ws"] += 1
 
-            def undo(f: Failure) -> Failure:
-                if pattern not in sub.patterns and not sub.closed:
-                    stats.subscriptions["ws"] -= 1
-                return f
+        def undo(f: Failure) -> Failure:
+            if pattern not in sub.patterns and not sub.closed:
+                stats.subscriptions["ws"] -= 1
+            return f
 
-            d.addErrback(undo)
+        d.addErrback(undo)
         return d
 
     def op_unsubscribe(self, msg: dict[str, Any], ref: Any) -> None:
@@ -512,7 +547,16 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             self._error("forbidden", f"this token may not publish to {channel!r}", ref)
             return None
         app = self.factory.app
-        d = app.broker.publish([Draft(channel=channel, data=msg["data"], source="ws", type=etype, id=event_id)])
+        size = self._msg_bytes
+        self._publish_started(size)
+        # the publisher's idempotency scope: the same key over HTTP is the same event
+        draft = Draft(channel=channel, data=msg["data"], source="ws", type=etype, id=event_id,
+                      scope=self.principal.scope)
+        d = app.broker.publish([draft])
+
+        def settled(result: Any) -> Any:
+            self._publish_settled(size)
+            return result
 
         def done(accepted: list[Any]) -> None:
             a = accepted[0]
@@ -520,7 +564,34 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
                 app.stats.events_in["ws"] += 1
             self._reply({"op": "published", **a.receipt()}, ref)
 
-        return d.addCallback(done)
+        return d.addBoth(settled).addCallback(done)
+
+    def _publish_started(self, size: int) -> None:
+        """
+        One more publish awaits the journal.  Past L{MAX_PUBLISHING} of them,
+        or C{max_send_buffer_bytes} of their messages, the connection is no
+        longer read (TCP pushes back on the client) until half have settled.
+        """
+        self._publishing += 1
+        self._publishing_bytes += size
+        if not self._reads_paused and (
+            self._publishing >= MAX_PUBLISHING or self._publishing_bytes >= self.factory.max_send_buffer
+        ):
+            self._reads_paused = True
+            transport: Any = self.transport
+            if transport is not None:
+                transport.pauseProducing()
+
+    def _publish_settled(self, size: int) -> None:
+        self._publishing -= 1
+        self._publishing_bytes -= size
+        if self._reads_paused and (
+            self._publishing <= MAX_PUBLISHING // 2 and self._publishing_bytes <= self.factory.max_send_buffer // 2
+        ):
+            self._reads_paused = False
+            transport: Any = self.transport
+            if transport is not None:
+                transport.resumeProducing()
 
     def op_auth(self, msg: dict[str, Any], ref: Any) -> None:
         """
@@ -538,15 +609,16 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             return
         self.principal = principal
         self._schedule_expiry()
-        self._reply({"op": "authenticated", "sub": principal.sub}, ref)
+        # the new token may have fewer rights: first drop (and stop the
+        # replays of) every pattern it may not read, then answer
+        dropped: list[str] = []
         sub = self.subscriber
         if sub is not None:
-            # the new token may have fewer rights: drop what it may not read
-            for pattern in list(sub.patterns):
-                if not principal.can_subscribe(pattern):
-                    sub.remove(pattern)
-                    self.factory.app.stats.subscriptions["ws"] -= 1
-                    self._reply({"op": "unsubscribed", "channel": pattern, "reason": "forbidden"})
+            dropped = sub.remove_many([p for p in sub.patterns if not principal.can_subscribe(p)])
+        self.factory.app.stats.subscriptions["ws"] -= len(dropped)
+        self._reply({"op": "authenticated", "sub": principal.sub}, ref)
+        for pattern in dropped:
+            self._reply({"op": "unsubscribed", "channel": pattern, "reason": "forbidden"})
 
 
 _DENY_CODES = {400: "bad_request", 401: "invalid_token", 403: "forbidden", 429: "too_many_connections",
