@@ -218,7 +218,7 @@ def test_publish_401(shared: Daemon) -> None:
         assert_error(status, json.loads(raw), 401)
         assert hdrs.get("www-authenticate", "").startswith("Bearer")
     _, hist = shared.get("/api/channels/pub.auth/history", headers=AUTH)
-    assert hist == {"events": [], "last_offset": 0}
+    assert hist == {"events": [], "last_offset": 0, "more": False}
 
 
 def test_publish_403_without_right(shared: Daemon) -> None:
@@ -332,12 +332,14 @@ def test_history_since_and_limit(shared: Daemon) -> None:
     assert body["last_offset"] == 10
     _, body = shared.get("/api/channels/hist.a/history?since=4&limit=3", headers=AUTH)
     assert [e["offset"] for e in body["events"]] == [5, 6, 7] and body["last_offset"] == 10
-    assert [e["data"] for e in body["events"]] == [5, 6, 7]
+    assert [e["data"] for e in body["events"]] == [5, 6, 7] and body["more"] is True
     assert set(body["events"][0]) == {"id", "channel", "offset", "time", "source", "type", "data"}
+    _, body = shared.get("/api/channels/hist.a/history?since=7", headers=AUTH)
+    assert [e["offset"] for e in body["events"]] == [8, 9, 10] and body["more"] is False
     _, body = shared.get("/api/channels/hist.a/history?since=10", headers=AUTH)
-    assert body == {"events": [], "last_offset": 10}
+    assert body == {"events": [], "last_offset": 10, "more": False}
     _, body = shared.get("/api/channels/hist.never/history", headers=AUTH)
-    assert body == {"events": [], "last_offset": 0}
+    assert body == {"events": [], "last_offset": 0, "more": False}
 
 
 def test_history_odd_channel_names(shared: Daemon) -> None:
@@ -507,9 +509,9 @@ def test_publish_passes_drafts_in_one_call() -> None:
     status, got = _call(_stub(broker), "POST", "/api/publish", body.encode())
     assert status == 202 and len(got["events"]) == 2
     assert calls == [2]
-    assert [(d.channel, d.source, d.id, d.type) for d in broker.published] == [
-        ("a", "api", "x", ""),
-        ("b", "api", None, "t"),
+    assert [(d.channel, d.source, d.id, d.type, d.scope) for d in broker.published] == [
+        ("a", "api", "x", "", "pub:key"),
+        ("b", "api", None, "t", "pub:key"),
     ]
 
 

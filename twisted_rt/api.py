@@ -5,9 +5,15 @@ C{/openapi.json}.
 
   - C{POST /api/publish}: one event C{{"channel","data","id"?,"type"?}} or a
     batch C{{"events": [...]}} of at most L{MAX_BATCH}, journaled in one
-    commit; idempotent by C{id} (source C{api}).
+    commit; idempotent by C{id} within the caller's scope
+    (L{twisted_rt.auth.Principal.scope}: one for API keys, one per JWT
+    C{sub}; the same over WebSocket), so another publisher's ids are
+    neither met nor revealed.
   - C{GET /api/channels}: channels the caller may read.
-  - C{GET /api/channels/<name>/history?since=N&limit=M}.
+  - C{GET /api/channels/<name>/history?since=N&limit=M}: at most C{limit}
+    events and about L{twisted_rt.broker.PAGE_BYTES} of them;
+    C{"more": true} when more events follow (page on with C{since} = the
+    last offset of the page), C{"more": false} otherwise.
   - C{GET /api/stats}: the counters of L{twisted_rt.metrics.Stats}.
   - C{GET /metrics}: Prometheus text exposition.
   - C{GET /openapi.json}: L{twisted_rt.openapi.document}.
@@ -28,7 +34,7 @@ from twisted.web.server import Request
 from twisted_rt.auth import AuthError, Principal, require
 from twisted_rt.event import Draft, dumps, loads
 from twisted_rt.matcher import ChannelError, validate_channel
-from twisted_rt.web import JsonError, JsonResource, Reply, Root, error_body
+from twisted_rt.web import JsonError, JsonResource, Reply, Root, error_body, int_arg
 
 if TYPE_CHECKING:
     from twisted_rt.app import App
@@ -143,9 +149,11 @@ class Publish(JsonResource):
             raise JsonError(415, "unsupported_media_type", "send the body as Content-Type: application/json")
         assert request.content is not None
         drafts, batch = parse_publish(request.content.read())
+        scope = principal.scope
         for d in drafts:
             if not principal.can_publish(d.channel):
                 raise AuthError("forbidden", f"this token may not publish to {d.channel!r}", 403)
+            d.scope = scope
         accepted = await self.app.broker.publish(drafts)
         fresh = sum(1 for a in accepted if not a.duplicate)
         if fresh:
@@ -153,19 +161,6 @@ class Publish(JsonResource):
         if batch:
             return Reply(202, {"events": [a.receipt() for a in accepted]})
         return Reply(202, accepted[0].receipt())
-
-
-def _int_arg(request: Request, name: str, default: int, low: int, high: int) -> int:
-    values = (request.args or {}).get(name.encode("ascii"))
-    if not values:
-        return default
-    raw = values[0].decode("ascii", "replace")
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
-        raise _bad("invalid_parameter", f"{name} must be an integer from {low} to {high}")
-    value = int(raw)
-    if not low <= value <= high:
-        raise _bad("invalid_parameter", f"{name} must be an integer from {low} to {high}")
-    return value
 
 
 def _no_subpath(request: Request) -> None:
@@ -201,8 +196,8 @@ class Channels(JsonResource):
             channel = validate_channel(raw_name.decode("utf-8"))
         except (UnicodeDecodeError, ChannelError) as e:
             raise _bad("invalid_channel", f"{e}") from None
-        since = _int_arg(request, "since", 0, 0, MAX_OFFSET)
-        limit = _int_arg(request, "limit", DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT)
+        since = int_arg(request, "since", 0, 0, MAX_OFFSET)
+        limit = int_arg(request, "limit", DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT)
         if not principal.can_read(channel):
             if principal.anonymous:
                 require(principal)
@@ -211,7 +206,11 @@ class Channels(JsonResource):
         last = await self.app.broker.last_offset(channel)
         if events:
             last = max(last, events[-1].offset)
-        return {"events": [e.public() for e in events], "last_offset": last}
+        return {
+            "events": [e.public() for e in events],
+            "last_offset": last,
+            "more": bool(events) and events[-1].offset < last,
+        }
 
 
 class StatsPage(JsonResource):
