@@ -1,0 +1,74 @@
+"""The local broker over the SQLite journal: seq on everything it returns or fans out, position, bounded pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from twisted_rt.broker import PAGE_BYTES, LocalBroker
+from twisted_rt.event import Draft, Event
+from twisted_rt.journal import PAGE_BYTES as JOURNAL_PAGE_BYTES
+from twisted_rt.journal import Journal
+
+
+class Recorder:
+    """A listener that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def deliver(self, event: Event) -> None:
+        self.events.append(event)
+
+
+async def _broker(tmp_path: Path) -> LocalBroker:
+    b = LocalBroker(Journal(reactor, str(tmp_path / "j.db")))
+    await b.start()
+    return b
+
+
+def test_page_bytes_is_four_mib() -> None:
+    """PAGE_BYTES is the contract's 4 MiB, the same constant the journal uses."""
+    assert PAGE_BYTES == JOURNAL_PAGE_BYTES == 4 * 1024 * 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_fanout_is_in_seq_order_and_position_follows(tmp_path: Path) -> None:
+    """Concurrent publishes fan out in increasing seq, each event with its seq; position is the last seq."""
+    b = await _broker(tmp_path)
+    try:
+        rec = Recorder()
+        b.subscribe(">", rec)
+        assert await b.position() == 0
+        results = await defer.gatherResults(
+            [b.publish([Draft(f"f.c{i % 4}", i), Draft("f.x", i)]) for i in range(50)]
+        )
+        seqs = [a.event.seq for acc in results for a in acc]
+        assert sorted(seqs) == list(range(1, 101))
+        assert [e.seq for e in rec.events] == list(range(1, 101))
+        assert await b.position() == 100
+        [dup] = await b.publish([Draft("f.x", "d", source="s", id="same")])
+        [again] = await b.publish([Draft("f.x", "d", source="s", id="same")])
+        assert again.duplicate and rec.events[-1].seq == dup.event.seq == 101
+        assert len(rec.events) == 101  # a duplicate is not fanned out again
+    finally:
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_and_replay_take_the_page_bounds(tmp_path: Path) -> None:
+    """history(max_bytes=) and replay(after_seq=, max_bytes=) reach the journal with their bounds."""
+    b = await _broker(tmp_path)
+    try:
+        for i in range(5):
+            await b.publish([Draft("h.a", {"s": "z" * 1000}), Draft("h.b", i)])
+        assert len(await b.history("h.a", 0, 100, max_bytes=1)) == 1
+        assert [e.offset for e in await b.history("h.a", 2, 2)] == [3, 4]
+        page = await b.replay(["h.a", "h.b"], {"h.a": 4}, 100, after_seq=3)
+        assert [(e.channel, e.offset, e.seq) for e in page] == [
+            ("h.b", 2, 4), ("h.b", 3, 6), ("h.b", 4, 8), ("h.a", 5, 9), ("h.b", 5, 10)]
+        assert len(await b.replay("h.*", {}, 100, max_bytes=1)) == 1
+    finally:
+        await b.stop()
