@@ -135,3 +135,17 @@ def test_busy_key_survives_prune_of_full_ones() -> None:
     assert rl.take("busy") == 1
     rl.take("new")  # the table is full: a, b, c go, busy stays
     assert rl.take("busy") == 1
+
+
+def test_recent_empties_the_table_after_a_quiet_spell() -> None:
+    """recent() is False for an empty table, True while a bucket may be short, and empties it once all are full."""
+    clock = Clock()
+    rl = RateLimiter(1, clock, burst=4)
+    assert rl.recent() is False
+    rl.take("a")
+    clock.advance(3.9)
+    rl.take("b")
+    clock.advance(3.9)
+    assert rl.recent() is True and len(rl) == 2  # b took 3.9 s ago: not full yet
+    clock.advance(0.2)
+    assert rl.recent() is False and len(rl) == 0

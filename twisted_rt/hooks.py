@@ -32,7 +32,7 @@ else is a 405.
 
 This is the ingest hot path: no logging besides the access log, one copy of
 the body, templates compiled once per source, and the failure throttle is
-looked at only while some address has failed recently.
+looked at only while some address has failed in the last minute.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Union, cast
 from urllib.parse import parse_qsl
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
@@ -81,6 +82,25 @@ _TEXT_TYPES = frozenset(
     }
 )
 _HANDSHAKE_GET = frozenset({"meta", "twitter"})
+
+log = Logger()
+
+
+def shared_crc_secrets(sources: tuple[SourceConfig, ...]) -> list[tuple[str, str]]:
+    """
+    (X source, other source) pairs that share a secret.  X's C{crc_token}
+    answer is the plain base64 HMAC of the token under the consumer secret,
+    which a C{github}, C{meta}, C{shopify} or C{hmac-sha256} source holding
+    the same secret would take as the signature of a body equal to the token.
+    """
+    pairs = []
+    for x in sources:
+        if x.verify != "twitter":
+            continue
+        for other in sources:
+            if other is not x and set(x.secrets) & set(other.secrets):
+                pairs.append((x.name, other.name))
+    return pairs
 
 
 class ChannelTemplate:
@@ -333,6 +353,15 @@ class HooksResource:
         self.reactor = app.reactor
         self.stats = app.stats
         self.sources = {s.name: _Source(s, app.reactor) for s in app.config.sources}
+        for x, other in shared_crc_secrets(app.config.sources):
+            log.warn(
+                "source {x!r} (X) shares a secret with source {other!r}: X's crc_token handshake signs"
+                " whatever it is asked with that secret, which {other!r} may take as a delivery's signature;"
+                " give every source its own secret",
+                x=x,
+                other=other,
+                log_category="RT-H-SHARED-SECRET",
+            )
         rate = app.config.server.rate_limit_per_ip_per_second
         self.ip_limiter = RateLimiter(rate, app.reactor) if rate > 0 else None
         failures = app.config.server.signature_failures_per_ip_per_minute
@@ -391,23 +420,21 @@ class HooksResource:
         self.stats.webhook(src.name, e.code)
         return e
 
-    def _throttled(self, request: Request, src: _Source) -> None:
+    def _throttle(self, request: Request, src: _Source, failures: RateLimiter) -> None:
         """
         @raise JsonError: 429 when the client's address has used up its
-            signature failures (looked at only while some address has failed
-            recently: an empty table costs one C{len}).
+            signature failures (called only while some address has failed
+            in the last minute: otherwise L{RateLimiter.recent} is the cost).
         """
-        failures = self.failures
-        if failures is not None and len(failures):
-            wait = failures.peek(_peer(request))
-            if wait:
-                self.stats.webhook(src.name, "signature_throttled")
-                raise JsonError(
-                    429,
-                    "rate_limited",
-                    "too many requests with a bad signature or token from this address",
-                    {"Retry-After": str(wait)},
-                )
+        wait = failures.peek(_peer(request))
+        if wait:
+            self.stats.webhook(src.name, "signature_throttled")
+            raise JsonError(
+                429,
+                "rate_limited",
+                "too many requests with a bad signature or token from this address",
+                {"Retry-After": str(wait)},
+            )
 
     def _failed_check(self, request: Request) -> None:
         """Count one signature (or verify token) failure against the client's address."""
@@ -417,7 +444,9 @@ class HooksResource:
     # -- POST ---------------------------------------------------------------
 
     def _post(self, request: Request, src: _Source) -> Answer:
-        self._throttled(request, src)
+        failures = self.failures
+        if failures is not None and failures.recent():
+            self._throttle(request, src, failures)
         body = _body(request)
         lower: dict[str, str] = {}
         kept: dict[str, str] = {}
@@ -500,7 +529,8 @@ class HooksResource:
     # -- GET handshakes -----------------------------------------------------
 
     def _get(self, request: Request, src: _Source) -> Reply:
-        self._throttled(request, src)
+        if self.failures is not None and self.failures.recent():
+            self._throttle(request, src, self.failures)
         args = {
             k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace")
             for k, v in (request.args or {}).items()

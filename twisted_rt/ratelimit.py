@@ -56,6 +56,7 @@ class RateLimiter:
         self._max_keys = max_keys
         # key -> (tokens, time of last update)
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._last_take = 0.0
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -68,7 +69,7 @@ class RateLimiter:
         Take one token for C{key}: 0 if allowed, else the whole seconds to
         wait before a token is available (the C{Retry-After} value).
         """
-        now = self._clock.seconds()
+        now = self._last_take = self._clock.seconds()
         state = self._buckets.get(key)
         if state is None:
             tokens = self.burst
@@ -82,6 +83,20 @@ class RateLimiter:
             return 0
         self._buckets[key] = (tokens, now)
         return self._wait(tokens)
+
+    def recent(self) -> bool:
+        """
+        Whether some bucket may still be short of tokens.  Once C{burst /
+        rate} seconds have passed since the last L{take}, every bucket is
+        full again and the table is emptied, so a caller that asks this
+        first pays nothing per request after a quiet spell.
+        """
+        if not self._buckets:
+            return False
+        if self._clock.seconds() - self._last_take >= self.burst / self.rate:
+            self._buckets.clear()
+            return False
+        return True
 
     def peek(self, key: str) -> int:
         """
