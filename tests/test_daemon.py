@@ -228,3 +228,33 @@ def test_systemd_endpoint_without_socket_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "twisted-rt: cannot listen on systemd:domain=INET:index=0: systemd passed no such socket" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_tokens_never_reach_the_log(make_daemon: Callable[..., Daemon]) -> None:
+    """A ?token= (and other secret query parameters) is written token=REDACTED in text and JSON logs, whatever the route."""
+    from conftest import API_KEY
+
+    secret_meta = "meta-verify-secret-xyz"
+    for fmt in ("text", "json"):
+        d = make_daemon(extra_args=["--log-format", fmt], name=f"log-{fmt}")
+        d.get(f"/poll?channel=public.a&timeout=0&token={API_KEY}")
+        d.get(f"/sse?channel=a..b&token={API_KEY}")  # a 400
+        d.get(f"/no/such/route?x=1&access_token={API_KEY}")
+        d.get(f"/hooks/nothing?hub.verify_token={secret_meta}&hub.challenge=1")
+        d.get(f"/poll?channel=public.a&timeout=0&To%6Ben={API_KEY}")  # an encoded name
+        d.stop()
+        log = d.log()
+        assert API_KEY not in log and secret_meta not in log, fmt
+        assert "token=REDACTED" in log and "access_token=REDACTED" in log and "hub.verify_token=REDACTED" in log
+        assert "channel=public.a&timeout=0&token=REDACTED" in log
+
+
+def test_unit_redact_uri() -> None:
+    """redact_uri replaces only secret query values and keeps the rest byte for byte."""
+    from twisted_rt.logs import redact_uri
+
+    assert redact_uri(b"/sse?channel=a&token=abc&since=1") == "/sse?channel=a&token=REDACTED&since=1"
+    assert redact_uri(b"/p?to%6Ben=s&TOKEN=t&x_token&api_key=k") == "/p?to%6Ben=REDACTED&TOKEN=REDACTED&x_token=REDACTED&api_key=REDACTED"
+    assert redact_uri(b"/healthz") == "/healthz"
+    assert redact_uri(b"/a?tokenizer=1&monkey=2") == "/a?tokenizer=1&monkey=2"
+    assert redact_uri(b"/a?\xff=1&token=\xfe") == "/a?\ufffd=1&token=REDACTED"

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -348,3 +349,92 @@ def test_whole_head_skips_line_by_line_parsing(monkeypatch: pytest.MonkeyPatch) 
     answer, _ = _serve(_ours(Echo()), [raw])
     assert answer.startswith(b"HTTP/1.1 200 OK")
     assert calls == [b"POST /x HTTP/1.1", b""]
+
+
+def _bad_body_root() -> Resource:
+    """Routes whose answers cannot be encoded (sync and async), and one that fails after its client left."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import CancelledError, Deferred
+    from twisted.internet.task import deferLater
+
+    from twisted_rt.web import JsonResource, Root
+
+    class Sync(JsonResource):
+        def handle_GET(self, request: Request) -> dict[str, Any]:
+            return {"x": object()}
+
+    class Async(JsonResource):
+        async def handle_GET(self, request: Request) -> dict[str, Any]:
+            await deferLater(reactor, 0, lambda: None)  # type: ignore[arg-type]
+            return {"x": {1, 2}}
+
+    class Late(JsonResource):
+        async def handle_GET(self, request: Request) -> dict[str, Any]:
+            try:
+                await Deferred()
+            except CancelledError:
+                raise RuntimeError("cleanup failed after the client left") from None
+            return {}  # pragma: no cover
+
+    root = Root()
+    root.putChild(b"sync", Sync())
+    root.putChild(b"async", Async())
+    root.putChild(b"late", Late())
+    return root
+
+
+@pytest_twisted.ensureDeferred
+async def test_reply_path_failures_are_json_500_over_a_real_socket() -> None:
+    """An answer that cannot be encoded is a JSON 500 (sync and async handlers), logged; nothing stays in flight."""
+    from conftest import http
+    from twisted.internet import reactor, threads
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    site = RTSite(_bad_body_root(), log_requests=False, reactor=reactor)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        for path in ("/sync", "/async"):
+            status, headers, raw = await threads.deferToThread(http, "GET", url + path, None, None, 5)
+            assert status == 500 and headers["content-type"] == "application/json", (path, raw)
+            assert json.loads(raw)["error"] == "internal_error"
+        assert not site.inflight
+        assert [e.get("uri") for e in events if e.get("log_category") == "RT-W500"] == ["/sync", "/async"]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_failure_after_the_client_left_is_logged() -> None:
+    """A handler that fails after its client went away is logged (not dropped) and leaves nothing in flight."""
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    site = RTSite(_bad_body_root(), log_requests=False, reactor=reactor)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+    try:
+        s = socket.create_connection(("127.0.0.1", port.getHost().port))
+        s.sendall(b"GET /late?token=s3cret HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(200):
+            await deferLater(reactor, 0.01, lambda: None)  # type: ignore[arg-type]
+            if site.inflight:
+                break
+        s.close()
+        for _ in range(200):
+            await deferLater(reactor, 0.01, lambda: None)  # type: ignore[arg-type]
+            if any(e.get("log_category") == "RT-W501" for e in events):
+                break
+        late = [e for e in events if e.get("log_category") == "RT-W501"]
+        assert late and late[0]["uri"] == "/late?token=REDACTED"
+        assert not site.inflight
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await port.stopListening()
