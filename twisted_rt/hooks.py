@@ -504,7 +504,7 @@ class HooksResource:
             channel, data, source=src.name, type=etype, id=eid, raw=body, headers=kept, text=_json_text(lower, body)
         )
         d = self.app.broker.publish([draft])
-        return d.addCallbacks(self._accepted, self._failed, callbackArgs=(src.name,), errbackArgs=(src.name,))
+        return d.addCallback(self._accepted, src.name).addErrback(self._failed, src.name)
 
     def _accepted(self, accepted: list[Accepted], name: str) -> Reply:
         a = accepted[0]
