@@ -461,6 +461,8 @@ class FakeBroker:
         from twisted_rt.matcher import PatternIndex
 
         self.index: PatternIndex[Any] = PatternIndex()
+        self.replays: list[str] = []
+        self.published: list[tuple[Any, Any]] = []  # (Deferred, draft), fired by the test
 
     def subscribe(self, pattern: str, listener: Any) -> None:
         self.index.add(pattern, listener)
@@ -472,7 +474,15 @@ class FakeBroker:
                max_bytes: int = 1 << 22) -> Any:
         from twisted.internet.defer import succeed
 
+        self.replays.append(pattern)
         return succeed([])
+
+    def publish(self, drafts: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[Any] = Deferred()
+        self.published.append((d, drafts[0]))
+        return d
 
     def fanout(self, channel: str, offset: int, size: int = 10) -> None:
         from twisted_rt.event import Event
@@ -708,3 +718,82 @@ def test_write_now_sends_directly_and_keeps_order() -> None:
         server.stopReading()  # the Server registered itself with the global reactor
         a.close()
         b.close()
+
+
+def _client_text(payload: bytes) -> bytes:
+    """A masked client text frame of any size (mask of zeros)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x81, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x81, 0xFE]) + struct.pack("!H", n)
+    else:
+        head = bytes([0x81, 0xFF]) + struct.pack("!Q", n)
+    return head + b"\0\0\0\0" + payload
+
+
+def test_unit_publishes_in_flight_pause_reading() -> None:
+    """Past MAX_PUBLISHING publishes awaiting the journal the connection is no longer read, until half have settled."""
+    from twisted_rt.event import Accepted, Event
+    from twisted_rt.ws import MAX_PUBLISHING
+
+    proto, clock, transport, broker = open_proto()
+    for i in range(MAX_PUBLISHING - 1):
+        proto.dataReceived(_client_text(b'{"op":"publish","channel":"p","data":%d}' % i))
+    assert transport.producerState == "producing"
+    proto.dataReceived(_client_text(b'{"op":"publish","channel":"p","data":"last"}'))
+    assert transport.producerState == "paused"
+    for k, (d, draft) in enumerate(list(broker.published)[: MAX_PUBLISHING // 2]):
+        assert transport.producerState == "paused", k
+        d.callback([Accepted(Event(f"id{k}", "p", k + 1, "t", "ws", "", draft.data))])
+    assert transport.producerState == "producing"
+    clock.advance(0)
+    replies = [json.loads(p) for _, p in frames(transport.value())]
+    assert [r["offset"] for r in replies] == list(range(1, MAX_PUBLISHING // 2 + 1))
+
+
+def test_unit_big_publishes_in_flight_pause_reading_by_bytes() -> None:
+    """A few large publishes in flight (a send buffer's worth) pause reading as well."""
+    proto, _clock, transport, broker = open_proto(max_send=10_000)
+    big = b'{"op":"publish","channel":"p","data":"' + b"x" * 4000 + b'"}'
+    proto.dataReceived(_client_text(big))
+    proto.dataReceived(_client_text(big))
+    assert transport.producerState == "producing"
+    proto.dataReceived(_client_text(big))
+    assert transport.producerState == "paused"
+    from twisted_rt.journal import JournalUnavailable
+
+    for d, _draft in broker.published:  # failures settle them too
+        d.errback(JournalUnavailable("disk full"))
+    assert transport.producerState == "producing"
+
+
+def test_unit_publish_carries_the_principal_scope() -> None:
+    """A WebSocket publish is journaled in the publisher's idempotency scope (as over HTTP)."""
+    proto, _clock, _transport, broker = open_proto()
+    proto.dataReceived(_client_text(b'{"op":"publish","channel":"p","data":1,"id":"k"}'))
+    jwt_proto, _c, _t, jwt_broker = open_proto(tok=token(sub="alice", publish=["p"]))
+    jwt_proto.dataReceived(_client_text(b'{"op":"publish","channel":"p","data":1,"id":"k"}'))
+    assert [d.scope for _, d in broker.published + jwt_broker.published] == ["pub:key", "pub:sub:alice"]
+
+
+def test_unit_repeated_subscribe_replays_once() -> None:
+    """Subscribing again with since to a pattern held answers 'subscribed' without another replay query."""
+    proto, clock, transport, broker = open_proto()
+    for _ in range(20):
+        proto.dataReceived(_client_text(b'{"op":"subscribe","channel":"r.*","since":{"r.a":1},"ref":1}'))
+    clock.advance(0)
+    replies = [json.loads(p) for _, p in frames(transport.value())]
+    assert replies == [{"op": "subscribed", "channel": "r.*", "ref": 1}] * 20
+    assert broker.replays == ["r.*"]
+    assert proto.factory.app.stats.subscriptions["ws"] == 1
+
+
+def test_unit_parse_since_bounds_the_channels() -> None:
+    """parse_since refuses an object naming more than max_channels channels before looking at them."""
+    from twisted_rt.ws import SinceTooLarge, parse_since
+
+    assert parse_since({"a": 1, "b": 2}, 2) == {"a": 1, "b": 2}
+    with pytest.raises(SinceTooLarge, match="at most 2"):
+        parse_since({"a": 1, "b": 2, "bad..name": -1}, 2)
+    assert len(parse_since({f"c{i}": 1 for i in range(5000)})) == 5000  # type: ignore[arg-type]
