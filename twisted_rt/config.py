@@ -398,7 +398,11 @@ def validate(cfg: Config) -> None:
         for j, secret in enumerate(s.secrets):
             if not secret:
                 raise ConfigError(f"{key}.secrets[{j}]", "must not be empty")
-            if secret.startswith("whsec_"):
+            if secret.strip() == "whsec_":
+                raise ConfigError(f"{key}.secrets[{j}]", "whsec_ secret has no key material after the prefix")
+            if secret.startswith("whsec_") and s.verify in ("standard", "gitlab"):
+                # Standard Webhooks (and GitLab's signing tokens): base64 key bytes after the
+                # prefix; Stripe's whsec_ secrets are used whole, as they are.
                 import base64
                 import binascii
 
