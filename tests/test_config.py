@@ -196,3 +196,14 @@ def test_stripe_whsec_secret_is_not_base64() -> None:
     cfg = parse('[[sources]]\nname = "s"\nverify = "stripe"\nsecrets = ["whsec_1234567890abcdefghijklmnopqrstuvwxyzAB"]\n',
                 {})
     assert cfg.sources[0].secrets == ("whsec_1234567890abcdefghijklmnopqrstuvwxyzAB",)
+
+
+def test_x_secret_shared_with_another_source_is_refused() -> None:
+    """An X source may not share its secret with another source (the crc handshake would sign its bodies)."""
+    text = (
+        '[[sources]]\nname = "x"\nverify = "twitter"\nsecrets = ["same"]\n'
+        '[[sources]]\nname = "gh"\nverify = "github"\nsecrets = ["other", "same"]\n'
+    )
+    with pytest.raises(ConfigError) as e:
+        parse(text, {})
+    assert e.value.key == "sources[0].secrets" and "'gh'" in str(e.value)

@@ -487,22 +487,6 @@ def test_twitter_crc_token_is_no_signing_oracle(h: Harness) -> None:
     assert (code, got["channel"], got["offset"]) == (202, "x.events", 1)
 
 
-def test_x_secret_shared_with_another_source_is_warned(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An X consumer secret reused by another source is logged at start (the crc answer would sign for it)."""
-    from twisted_rt import hooks
-
-    events: list[dict[str, Any]] = []
-    monkeypatch.setattr(hooks.log, "observer", events.append)
-    sources = (SourceConfig(name="x", verify="twitter", secrets=("shared",)),
-               SourceConfig(name="shop", verify="shopify", secrets=("own", "shared")),
-               SourceConfig(name="gh", verify="github", secrets=("other",)))
-    assert hooks.shared_crc_secrets(sources) == [("x", "shop")]
-    cfg = Config(sources=sources)
-    resource(App(cfg, Clock(), FakeBroker(), Authenticator(AuthConfig()), Stats()))  # type: ignore[arg-type]
-    assert [(e["x"], e["other"]) for e in events if e.get("log_category") == "RT-H-SHARED-SECRET"] == [
-        ("x", "shop")]
-
-
 def test_journal_unavailable_is_503(h: Harness) -> None:
     """When the journal cannot commit, the answer is 503 with Retry-After and nothing is acknowledged."""
     h.broker.failing = True

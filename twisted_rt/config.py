@@ -424,6 +424,18 @@ def validate(cfg: Config) -> None:
         problem = template_problem(s.channel)
         if problem:
             raise ConfigError(f"{key}.channel", problem)
+    # X's crc handshake answers HMAC(secret, token) for any token: with a secret shared
+    # with another source it would sign that source's bodies.
+    for i, s in enumerate(cfg.sources):
+        if s.verify != "twitter":
+            continue
+        for k, other in enumerate(cfg.sources):
+            if k != i and set(s.secrets) & set(other.secrets):
+                raise ConfigError(
+                    f"sources[{i}].secrets",
+                    f"an X (twitter) secret must not be shared with another source ({other.name!r}): "
+                    "its crc handshake would sign that source's bodies",
+                )
 
 
 def _check_public_key(path: str) -> None:

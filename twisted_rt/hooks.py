@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any, Union, cast
 from urllib.parse import parse_qsl
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
@@ -83,24 +82,6 @@ _TEXT_TYPES = frozenset(
 )
 _HANDSHAKE_GET = frozenset({"meta", "twitter"})
 
-log = Logger()
-
-
-def shared_crc_secrets(sources: tuple[SourceConfig, ...]) -> list[tuple[str, str]]:
-    """
-    (X source, other source) pairs that share a secret.  X's C{crc_token}
-    answer is the plain base64 HMAC of the token under the consumer secret,
-    which a C{github}, C{meta}, C{shopify} or C{hmac-sha256} source holding
-    the same secret would take as the signature of a body equal to the token.
-    """
-    pairs = []
-    for x in sources:
-        if x.verify != "twitter":
-            continue
-        for other in sources:
-            if other is not x and set(x.secrets) & set(other.secrets):
-                pairs.append((x.name, other.name))
-    return pairs
 
 
 class ChannelTemplate:
@@ -353,15 +334,6 @@ class HooksResource:
         self.reactor = app.reactor
         self.stats = app.stats
         self.sources = {s.name: _Source(s, app.reactor) for s in app.config.sources}
-        for x, other in shared_crc_secrets(app.config.sources):
-            log.warn(
-                "source {x!r} (X) shares a secret with source {other!r}: X's crc_token handshake signs"
-                " whatever it is asked with that secret, which {other!r} may take as a delivery's signature;"
-                " give every source its own secret",
-                x=x,
-                other=other,
-                log_category="RT-H-SHARED-SECRET",
-            )
         rate = app.config.server.rate_limit_per_ip_per_second
         self.ip_limiter = RateLimiter(rate, app.reactor) if rate > 0 else None
         failures = app.config.server.signature_failures_per_ip_per_minute
