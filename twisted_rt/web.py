@@ -243,11 +243,12 @@ def _answer(result: Any, request: Request, finished: list[bool]) -> None:
         body = dumps(result)
     finished[0] = True
     request.setResponseCode(status)
-    request.setHeader(b"content-type", content_type)
+    set_header = request.responseHeaders.setRawHeaders
+    set_header(b"content-type", [content_type])
     if headers:
         for k, v in headers.items():
-            request.setHeader(k.encode("latin-1"), v.encode("latin-1"))
-    request.setHeader(b"content-length", b"%d" % len(body))
+            set_header(k.encode("latin-1"), [v.encode("latin-1")])
+    set_header(b"content-length", [b"%d" % len(body)])
     request.write(body)
     request.finish()
 
@@ -560,12 +561,14 @@ class RTChannel(HTTPChannel):
     #
     # twisted.web's idle timeout is reset by every read, so a client sending
     # one byte every few seconds holds a connection for ever.  Here the
-    # channel's one TimeoutMixin timer is a deadline instead: a request head
-    # must arrive whole within the site's head_timeout (from the connection's
-    # start, or from the end of the previous response on a keep-alive
-    # connection), whatever trickles in; a body must bring at least
-    # BODY_PROGRESS_BYTES per head_timeout.  While a request is handled
-    # (streams, long-polls) twisted.web turns the timer off, as before.
+    # channel's one TimeoutMixin timer is a deadline instead: a request (its
+    # head, then its body) must arrive within the site's head_timeout (from
+    # the connection's start, or from the end of the previous response on a
+    # keep-alive connection), whatever trickles in; each BODY_PROGRESS_BYTES
+    # of body read in later reads moves the deadline to head_timeout from
+    # then.  While a request is handled (streams, long-polls) twisted.web
+    # turns the timer off, as before.  Per read this costs two attribute
+    # tests; per request nothing more than twisted.web's own timer.
 
     def connectionMade(self) -> None:
         timeout = getattr(getattr(self, "site", None), "head_timeout", None)
@@ -574,22 +577,14 @@ class RTChannel(HTTPChannel):
         super().connectionMade()
 
     def resetTimeout(self) -> None:
-        """Reads do not extend the deadline (see L{rawDataReceived} for bodies)."""
+        """Reads do not extend the deadline (only body progress does: L{dataReceived})."""
 
-    def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()
-        if self.length != 0:  # a body follows: a fresh deadline, extended by progress
-            self._body_read = 0
+    def _body_progress(self, size: int) -> None:
+        n = self._body_read + size
+        if n >= BODY_PROGRESS_BYTES:
+            n = 0
             TimeoutMixin.resetTimeout(self)
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if not self._handlingRequest:  # request body bytes
-            n = self._body_read + len(data)
-            if n >= BODY_PROGRESS_BYTES:
-                n = 0
-                TimeoutMixin.resetTimeout(self)
-            self._body_read = n
-        super().rawDataReceived(data)
+        self._body_read = n
 
     def timeoutConnection(self) -> None:
         """
@@ -672,6 +667,8 @@ class RTChannel(HTTPChannel):
     # -- reading ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if not self.line_mode and not self._handlingRequest:
+            self._body_progress(len(data))  # more of a request body
         if not _FAST_HEAD or self._busyReceiving:
             super().dataReceived(data)
             return
