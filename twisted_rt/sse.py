@@ -20,8 +20,11 @@ it sent.  Live fan-out is in C{seq} order, so that one comparison also drops
 the second copy of an event matched by two overlapping patterns.  Older
 ids are still read, for browsers connected before an upgrade: a bare offset
 (every channel after it) and C{chan=off,chan=off,...} (those channels after
-those offsets, other matching channels from their start); their streams
-then carry C{v1:} ids.
+those offsets, other matching channels from their start).  Such a replay
+(and C{?since=N} with N > 0) is by offsets, which a C{seq} cannot stand
+for, so its events carry no C{id:} (the browser keeps the id it resumed
+with) and an C{id:} block with the position follows the replay; live
+events then carry C{v1:} ids as usual.
 
 Long-poll: C{GET /poll?channel=a&since=N&timeout=30} registers a live
 listener I{before} reading the journal after C{N}, so an event committed
@@ -153,7 +156,7 @@ def parse_last_event_id(text: str) -> Resume:
         return Resume(after_seq=seq)
     offset = _digits(text)
     if offset is not None:
-        return Resume(since=_Floor({}, offset))
+        return _since(_Floor({}, offset))
     since: dict[str, int] = {}
     for part in text.split(","):
         chan, eq, off = part.partition("=")
@@ -164,7 +167,19 @@ def parse_last_event_id(text: str) -> Resume:
             since[validate_channel(chan)] = value
         except ChannelError as e:
             raise ValueError(str(e)) from None
+    return _since(since)
+
+
+def _since(since: Mapping[str, int]) -> Resume:
+    """Resume after offsets; when every one is 0 that is all of it: the cursor C{v1:0}."""
+    if not any(since.values()) and not getattr(since, "floor", 0):
+        return Resume(after_seq=0)
     return Resume(since=since)
+
+
+def _frame_without_id(event: Event) -> bytes:
+    """An event's SSE block without C{id:} (a replay by offsets)."""
+    return b"event: %s\ndata: %s\n\n" % (event.channel.encode(), event.json())
 
 
 def _frame(event: Event) -> bytes:
@@ -428,7 +443,7 @@ class SSEResource(Resource):
             except ValueError as e:
                 raise JsonError(400, "invalid_last_event_id", f"cannot read Last-Event-ID: {e}") from None
         since = int_arg(request, "since", -1)
-        return Resume() if since < 0 else Resume(since=_Floor({}, since))
+        return Resume() if since < 0 else _since(_Floor({}, since))
 
     async def _open(self, stream: _Stream, resume: Resume) -> None:
         broker = self.app.broker
@@ -460,11 +475,13 @@ class SSEResource(Resource):
         """
         Send every journaled event of the stream's patterns above
         C{stream.last_seq} (and C{since}), paced by the client.  Returns the
-        C{seq} of the last event sent, or C{None}.
+        C{seq} of the last event sent with an C{id:} (none are with
+        C{since}), or C{None}.
         """
         broker = self.app.broker
         patterns: Sequence[str] = stream.patterns
         cursor: Mapping[str, int] = since if since is not None else {}
+        frame = _frame if since is None else _frame_without_id
         last: int | None = None
         stats = self.app.stats
         while not stream.done:
@@ -476,10 +493,12 @@ class SSEResource(Resource):
             sent = 0
             for event in page:
                 if event.seq > stream.last_seq:
-                    stream.last_seq = last = event.seq
-                    stream.write(_frame(event))
+                    stream.last_seq = event.seq
+                    stream.write(frame(event))
                     sent += 1
             stats.events_out["sse"] += sent
+            if sent and since is None:
+                last = stream.last_seq
             if page[-1].seq <= stream.last_seq and not sent:
                 break  # nothing new (a broker that ignores after_seq): do not loop
             wait = stream.drained()
