@@ -492,7 +492,7 @@ class FakeBroker:
             listener.deliver(e)
 
 
-def open_proto(max_send: int = 4096, tok: str = "key") -> tuple[Any, Any, Any, FakeBroker]:
+def open_proto(max_send: int = 4096, tok: str = "key", max_message: int = 1048576) -> tuple[Any, Any, Any, FakeBroker]:
     """A /ws protocol after a real handshake on a StringTransport, its clock, transport and broker."""
     from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -505,7 +505,8 @@ def open_proto(max_send: int = 4096, tok: str = "key") -> tuple[Any, Any, Any, F
     clock = MemoryReactorClock()
     clock.advance(time.time())
     broker = FakeBroker()
-    config = Config(websocket=WebSocketConfig(max_send_buffer_bytes=max_send, ping_interval_seconds=0),
+    config = Config(websocket=WebSocketConfig(max_send_buffer_bytes=max_send, ping_interval_seconds=0,
+                                              max_message_bytes=max_message),
                     auth=AuthConfig(api_keys=("key",), jwt_secret=JWT_SECRET))
     app = App(config=config, reactor=clock, broker=broker, auth=Authenticator(config.auth),  # type: ignore[arg-type]
               stats=Stats())
@@ -753,8 +754,8 @@ def test_unit_publishes_in_flight_pause_reading() -> None:
 
 
 def test_unit_big_publishes_in_flight_pause_reading_by_bytes() -> None:
-    """A few large publishes in flight (a send buffer's worth) pause reading as well."""
-    proto, _clock, transport, broker = open_proto(max_send=10_000)
+    """A few large publishes in flight (max_message_bytes of them) pause reading as well."""
+    proto, _clock, transport, broker = open_proto(max_message=10_000)
     big = b'{"op":"publish","channel":"p","data":"' + b"x" * 4000 + b'"}'
     proto.dataReceived(_client_text(big))
     proto.dataReceived(_client_text(big))

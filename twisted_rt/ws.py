@@ -569,13 +569,15 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
     def _publish_started(self, size: int) -> None:
         """
         One more publish awaits the journal.  Past L{MAX_PUBLISHING} of them,
-        or C{max_send_buffer_bytes} of their messages, the connection is no
-        longer read (TCP pushes back on the client) until half have settled.
+        or C{max_message_bytes} of their messages (a message's parsed data
+        is held until journaled, and JSON like C{[{},{},...]} takes some 24
+        times its text), the connection is no longer read (TCP pushes back
+        on the client) until half have settled.
         """
         self._publishing += 1
         self._publishing_bytes += size
         if not self._reads_paused and (
-            self._publishing >= MAX_PUBLISHING or self._publishing_bytes >= self.factory.max_send_buffer
+            self._publishing >= MAX_PUBLISHING or self._publishing_bytes >= self.factory.max_message
         ):
             self._reads_paused = True
             transport: Any = self.transport
@@ -586,7 +588,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._publishing -= 1
         self._publishing_bytes -= size
         if self._reads_paused and (
-            self._publishing <= MAX_PUBLISHING // 2 and self._publishing_bytes <= self.factory.max_send_buffer // 2
+            self._publishing <= MAX_PUBLISHING // 2 and self._publishing_bytes <= self.factory.max_message // 2
         ):
             self._reads_paused = False
             transport: Any = self.transport
@@ -643,6 +645,7 @@ class RTWebSocketFactory(WebSocketServerFactory):
         self.app = app
         ws = app.config.websocket
         self.max_send_buffer = ws.max_send_buffer_bytes
+        self.max_message = ws.max_message_bytes
         self.clients: set[RTWebSocketProtocol] = set()
         self.per_ip: Counter[str] = Counter()
         self._dirty: list[RTWebSocketProtocol] = []
