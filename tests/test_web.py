@@ -357,7 +357,15 @@ def _bad_body_root() -> Resource:
     from twisted.internet.defer import CancelledError, Deferred
     from twisted.internet.task import deferLater
 
-    from twisted_rt.web import JsonResource, Root
+    from twisted_rt.web import JsonResource, Reply, Root
+
+    class BadStatus(JsonResource):
+        async def handle_GET(self, request: Request) -> Reply:
+            return Reply("200", {"ok": 1}, {"X-Snow": "\u2603"})  # type: ignore[arg-type]
+
+    class BadStatusSync(JsonResource):
+        def handle_GET(self, request: Request) -> Reply:
+            return Reply("200", {"ok": 1})  # type: ignore[arg-type]
 
     class Sync(JsonResource):
         def handle_GET(self, request: Request) -> dict[str, Any]:
@@ -380,6 +388,8 @@ def _bad_body_root() -> Resource:
     root.putChild(b"sync", Sync())
     root.putChild(b"async", Async())
     root.putChild(b"late", Late())
+    root.putChild(b"badstatus", BadStatus())
+    root.putChild(b"badstatus-sync", BadStatusSync())
     return root
 
 
@@ -396,12 +406,13 @@ async def test_reply_path_failures_are_json_500_over_a_real_socket() -> None:
     port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
     try:
         url = f"http://127.0.0.1:{port.getHost().port}"
-        for path in ("/sync", "/async"):
+        for path in ("/sync", "/async", "/badstatus", "/badstatus-sync"):
             status, headers, raw = await threads.deferToThread(http, "GET", url + path, None, None, 5)
             assert status == 500 and headers["content-type"] == "application/json", (path, raw)
             assert json.loads(raw)["error"] == "internal_error"
         assert not site.inflight
-        assert [e.get("uri") for e in events if e.get("log_category") == "RT-W500"] == ["/sync", "/async"]
+        logged = [e.get("uri") for e in events if e.get("log_category") == "RT-W500"]
+        assert logged == ["/sync", "/async", "/badstatus", "/badstatus-sync"]
     finally:
         globalLogPublisher.removeObserver(events.append)
         await port.stopListening()

@@ -241,19 +241,26 @@ def _answer(result: Any, request: Request, finished: list[bool]) -> None:
     else:
         status, content_type, headers = 200, b"application/json", None
         body = dumps(result)
+    extra = [(k.encode("latin-1"), [v.encode("latin-1")]) for k, v in headers.items()] if headers else ()
+    if type(status) is not int:
+        raise TypeError(f"a reply's status must be an int, not {status!r}")
     finished[0] = True
     request.setResponseCode(status)
     set_header = request.responseHeaders.setRawHeaders
     set_header(b"content-type", [content_type])
-    if headers:
-        for k, v in headers.items():
-            set_header(k.encode("latin-1"), [v.encode("latin-1")])
+    for name, value in extra:
+        set_header(name, value)
     set_header(b"content-length", [b"%d" % len(body)])
     request.write(body)
     request.finish()
 
 
 def _answer_failure(f: Failure, request: Request, finished: list[bool]) -> None:
+    if finished[0] and _unanswered(request):
+        # _answer failed before writing anything (e.g. a header it may not
+        # send): the client is still there and waiting
+        request.responseHeaders = Headers()
+        finished[0] = False
     if finished[0]:
         # the client went away (cancelled), or the answer broke while being
         # written: nobody can be told, so it is logged
@@ -265,10 +272,21 @@ def _answer_failure(f: Failure, request: Request, finished: list[bool]) -> None:
                 uri=_uri(request),
                 log_category="RT-W501",
             )
+        if not (request.finished or getattr(request, "_disconnected", True)):
+            request.channel.loseConnection()  # a half-written answer: do not leave the client waiting
         return
     finished[0] = True
     e = _map_failure(f, request)
     write_json(request, e.status, error_body(e.code, e.message), e.headers)
+
+
+def _unanswered(request: Request) -> bool:
+    """Nothing of an answer was written yet, and the client has not gone."""
+    return not (
+        getattr(request, "startedWriting", True)
+        or getattr(request, "finished", True)
+        or getattr(request, "_disconnected", True)
+    )
 
 
 def _unanswerable(f: Failure, request: Request) -> None:
