@@ -23,6 +23,16 @@ possible per subscriber:
     closed with 1013 (the close frame is then the next thing on the wire
     after at most the transport's own buffer).
 
+Per-connection memory is bounded whatever the client sends (see
+L{twisted_rt.subscriber} for subscriptions and replays): a C{since} object
+names at most C{max_subscriptions} channels (else C{too_many_channels}); a
+subscribe of a pattern already held is answered and changes nothing; the
+queue of frames and replies is bounded as above (1013); publishes waiting
+for the journal are at most L{MAX_PUBLISHING} and about
+C{max_message_bytes} of messages, past which the connection is not read
+until half have settled; incoming messages are bounded by Autobahn at
+C{max_message_bytes} (1009).
+
 Autobahn traps handled here: C{sendClose} only accepts 1000 and 3000-4999,
 so 1001/1008/1009/1013 go through C{sendCloseFrame}; C{failByDrop} is off so
 an oversized message gets a real 1009 close; C{onMessage}'s async work has
