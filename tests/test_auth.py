@@ -432,3 +432,20 @@ def test_daemon_without_audience_accepts_a_token_with_aud(daemon: Daemon) -> Non
     status, got = http_json("POST", daemon.url + "/api/publish", {"channel": "a.x", "data": 1},
                             {"Authorization": f"Bearer {tok}"})
     assert status == 202, got
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_non_finite_times_refused(claim: str, value: str) -> None:
+    """A time claim of JSON Infinity/NaN (which PyJWT's decoder accepts) is refused: such a token would never expire."""
+    import hashlib
+    import hmac as _hmac
+
+    claims = json.dumps(_claims()).rstrip("}") + f', "{claim}": {value}' + "}"
+    if claim == "exp":
+        claims = claims.replace(f'"exp": {NOW + 60}, ', "")
+    header = _b64({"alg": "HS256", "typ": "JWT"})
+    body = base64.urlsafe_b64encode(claims.encode()).rstrip(b"=").decode()
+    sig = _hmac.new(SECRET.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
+    tok = f"{header}.{body}.{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}"
+    assert _code(_auth(), tok) == ("invalid_token", 401)

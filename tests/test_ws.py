@@ -798,3 +798,14 @@ def test_unit_parse_since_bounds_the_channels() -> None:
     with pytest.raises(SinceTooLarge, match="at most 2"):
         parse_since({"a": 1, "b": 2, "bad..name": -1}, 2)
     assert len(parse_since({f"c{i}": 1 for i in range(5000)})) == 5000  # type: ignore[arg-type]
+
+
+def test_unit_errors_do_not_echo_huge_input() -> None:
+    """An unknown op or unsubscribe of a 60 KB string is named in the error cut to 80 characters."""
+    proto, clock, transport, _broker = open_proto()
+    proto.dataReceived(_client_text(json.dumps({"op": "x" * 60000}).encode()))
+    proto.dataReceived(_client_text(json.dumps({"op": "unsubscribe", "channel": "y" * 60000}).encode()))
+    clock.advance(0)
+    errors = [json.loads(p) for _, p in frames(transport.value())]
+    assert [e["code"] for e in errors] == ["unknown_op", "not_subscribed"]
+    assert all(len(e["message"]) < 200 for e in errors)

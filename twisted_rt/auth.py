@@ -15,6 +15,7 @@ the anonymous principal, who may subscribe to C{anonymous_subscribe}.
 from __future__ import annotations
 
 import hmac
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -234,7 +235,8 @@ class Authenticator:
             if name not in claims:
                 continue
             value = claims[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            # JSON's Infinity/NaN, which PyJWT's decoder accepts, are not times
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise AuthError("invalid_token", f"the {name!r} claim must be a number (epoch seconds)")
             times[name] = float(value)
         if times["exp"] <= now:

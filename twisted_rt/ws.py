@@ -97,6 +97,12 @@ _STATE_OPEN = 3  # WebSocketProtocol.STATE_OPEN
 _log = Logger()
 
 
+def _short(value: Any) -> str:
+    """C{repr(value)}, cut to 80 characters (error messages echo client input)."""
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def origin_allowed(origin: str | None, allowed: tuple[str, ...], host: str | None = None) -> bool:
     """
     Whether a request with C{Origin: origin} may connect: any when
@@ -453,7 +459,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         op = msg.get("op")
         handler = _OPS.get(op) if isinstance(op, str) else None
         if handler is None:
-            self._error("unknown_op", f"unknown op {op!r}: use subscribe, unsubscribe, publish, ping, auth", ref)
+            self._error("unknown_op", f"unknown op {_short(op)}: use subscribe, unsubscribe, publish, ping, auth", ref)
             return
         self._msg_bytes = len(payload)
         try:
@@ -529,7 +535,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         channel = msg.get("channel")
         assert self.subscriber is not None
         if not isinstance(channel, str) or not self.subscriber.remove(channel):
-            self._error("not_subscribed", f"not subscribed to {channel!r}", ref, False)
+            self._error("not_subscribed", f"not subscribed to {_short(channel)}", ref, False)
             return
         self.factory.app.stats.subscriptions["ws"] -= 1
         self._reply({"op": "unsubscribed", "channel": channel}, ref)
