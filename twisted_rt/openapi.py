@@ -157,10 +157,19 @@ def _schemas() -> dict[str, Any]:
         },
         "History": {
             "type": "object",
-            "required": ["events", "last_offset"],
+            "required": ["events", "last_offset", "more"],
             "properties": {
-                "events": {"type": "array", "items": _ref("Event"), "description": "Oldest first."},
+                "events": {
+                    "type": "array",
+                    "items": _ref("Event"),
+                    "description": "Oldest first: at most `limit` events and at most 4 MiB of event JSON "
+                    "(always at least one event when there is one).",
+                },
                 "last_offset": {"type": "integer", "minimum": 0},
+                "more": {
+                    "type": "boolean",
+                    "description": "More events follow: ask again with `since` = the last offset of this page.",
+                },
             },
         },
         "RawEvent": {
@@ -192,6 +201,10 @@ def _schemas() -> dict[str, Any]:
                     "type": "integer",
                     "minimum": 0,
                     "description": "The offset to poll from next.",
+                },
+                "more": {
+                    "type": "boolean",
+                    "description": "Present and true when the answer was cut (by `limit` or 4 MiB): poll again at once.",
                 },
             },
         },
@@ -255,12 +268,18 @@ def _responses() -> dict[str, Any]:
         "TooLarge": _error("The body is over `[server] max_body_bytes`."),
         "UnsupportedMediaType": _error("The body's content type is not accepted."),
         "TooManyRequests": _error(
-            "Over the source's `rate_limit_per_second`.",
+            "Over the source's `rate_limit_per_second` (`rate_limited`), or this address has used up "
+            "`[server] signature_failures_per_ip_per_minute` with badly signed deliveries.",
             {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
         ),
         "InternalError": _error("An unexpected failure; it was logged, no details are given."),
+        "RequestTimeout": _error(
+            "The request head (or body) did not arrive within `[server] request_head_timeout_seconds` "
+            "(`request_timeout`); the connection is closed."
+        ),
         "Unavailable": _error(
-            "The journal (or broker) is down: nothing was accepted.",
+            "The journal (or broker) is down: nothing was accepted (`journal_unavailable`); or the daemon "
+            "is over `[server] max_connections` / `max_connections_per_ip` (`too_many_connections`).",
             {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
         ),
     }
@@ -276,14 +295,6 @@ def _token_param() -> dict[str, Any]:
 
 def _paths() -> dict[str, Any]:
     std_errors = {"401": _resp("Unauthorized"), "500": _resp("InternalError")}
-    channels_param = _q(
-        "channel",
-        {"type": "array", "items": _ref("Pattern"), "minItems": 1},
-        "A channel or pattern; repeat for several.",
-        required=True,
-        style="form",
-        explode=True,
-    )
     return {
         "/api/publish": {
             "post": {
@@ -357,7 +368,7 @@ def _paths() -> dict[str, Any]:
                             "maximum": MAX_HISTORY_LIMIT,
                             "default": DEFAULT_HISTORY_LIMIT,
                         },
-                        "At most this many events.",
+                        "At most this many events (and at most 4 MiB of them: see `more`).",
                     ),
                 ],
                 "responses": {
@@ -507,19 +518,37 @@ def _paths() -> dict[str, Any]:
                 "tags": ["streams"],
                 "security": _BEARER_OR_ANON,
                 "parameters": [
-                    channels_param,
+                    _q(
+                        "channel",
+                        {"type": "array", "items": _ref("Channel")},
+                        "An exact channel; repeat for several (`channel` and `pattern` together: at least one).",
+                        style="form",
+                        explode=True,
+                    ),
+                    _q(
+                        "pattern",
+                        {"type": "array", "items": _ref("Pattern")},
+                        "A wildcard pattern (`github.*`, `billing.>`); repeat for several.",
+                        style="form",
+                        explode=True,
+                    ),
                     _q(
                         "since",
-                        {"type": "string"},
-                        "Where to resume: `chan=offset,...` (or one offset), like `Last-Event-ID`.",
+                        {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
+                        "The last offset seen, for every listed channel (0: from the start).",
                     ),
                     _token_param(),
                     {
                         "name": "Last-Event-ID",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "string"},
-                        "description": "Resume every listed channel after this id.",
+                        "schema": {"type": "string", "maxLength": 256},
+                        "description": (
+                            "Resume every channel and pattern of the stream after this cursor: the opaque "
+                            "`id:` of the last event seen (`v1:<seq>`, at most 256 bytes; the `chan=offset,...` "
+                            "ids of 0.1 are still read). An id the server cannot read is 400 "
+                            "`invalid_last_event_id`."
+                        ),
                     },
                 ],
                 "responses": {
@@ -545,10 +574,10 @@ def _paths() -> dict[str, Any]:
                 "parameters": [
                     _q("channel", _ref("Channel"), "One exact channel.", required=True),
                     _q("since", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}, "The last offset seen."),
-                    _q("limit", {"type": "integer", "minimum": 0}, "At most this many events."),
+                    _q("limit", {"type": "integer", "minimum": 0}, "At most this many events (0: the default)."),
                     _q(
                         "timeout",
-                        {"type": "number", "minimum": 0},
+                        {"type": "integer", "minimum": 0},
                         "Seconds to wait (default 30, capped by `[sse] max_poll_timeout_seconds`).",
                     ),
                     _token_param(),
@@ -633,6 +662,19 @@ def _paths() -> dict[str, Any]:
     }
 
 
+def _every_route_can(paths: dict[str, Any]) -> dict[str, Any]:
+    """Add what any request can be answered: 408 (slow head), 503 (connection caps), 500."""
+    for item in paths.values():
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            responses = op["responses"]
+            responses.setdefault("408", _resp("RequestTimeout"))
+            responses.setdefault("503", _resp("Unavailable"))
+            responses.setdefault("500", _resp("InternalError"))
+    return paths
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (a fresh dict each call)."""
     return {
@@ -652,7 +694,7 @@ def document() -> dict[str, Any]:
             {"name": "streams", "description": "Subscribers out."},
             {"name": "operations", "description": "Health, metrics, this document, the inspector."},
         ],
-        "paths": _paths(),
+        "paths": _every_route_can(_paths()),
         "components": {
             "schemas": _schemas(),
             "responses": _responses(),
