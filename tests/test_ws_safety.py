@@ -49,17 +49,22 @@ def read_through_pong(ws: websocket.WebSocket, ref: str = "end") -> list[dict[st
         out.append(m)
 
 
-def test_since_naming_more_channels_than_max_subscriptions_is_refused(make_daemon: Callable[..., Daemon]) -> None:
-    """A since object over max_subscriptions channels is an error (too_many_channels), not a subscription."""
-    d = make_daemon(with_config("[websocket]\nmax_subscriptions = 5\n"))
+def test_since_naming_more_channels_than_max_since_channels_is_refused(make_daemon: Callable[..., Daemon]) -> None:
+    """Since objects naming more than max_since_channels channels over a connection are refused (too_many_channels)."""
+    d = make_daemon(with_config("[websocket]\nmax_since_channels = 5\n"))
     ws = conn(d, None)  # anonymous: public.> only
     big = {f"public.c{i}": 1 for i in range(6)}
     r = request(ws, op="subscribe", channel="public.>", since=big, ref=1)
     assert (r["op"], r["code"], r["ref"]) == ("error", "too_many_channels", 1)
     assert "5" in r["message"]
     assert request(ws, op="unsubscribe", channel="public.>")["code"] == "not_subscribed"
-    r = request(ws, op="subscribe", channel="public.>", since=dict(list(big.items())[:5]), ref=2)
+    r = request(ws, op="subscribe", channel="public.>", since=dict(list(big.items())[:3]), ref=2)
     assert r == {"op": "subscribed", "channel": "public.>", "ref": 2}
+    # the three names are kept for public.>: a second pattern may name only two more
+    r = request(ws, op="subscribe", channel="public.*", since={f"public.d{i}": 1 for i in range(3)}, ref=3)
+    assert (r["op"], r["code"]) == ("error", "too_many_channels")
+    r = request(ws, op="subscribe", channel="public.*", since={"public.c1": 1, "public.c2": 1}, ref=4)
+    assert r == {"op": "subscribed", "channel": "public.*", "ref": 4}
     ws.close()
 
 

@@ -102,6 +102,7 @@ class WebSocketConfig:
     max_send_buffer_bytes: int = 4194304
     compression: bool = False
     max_subscriptions: int = 100
+    max_since_channels: int = 10000
     max_connections_per_ip: int = 0
 
 

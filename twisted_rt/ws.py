@@ -25,7 +25,8 @@ possible per subscriber:
 
 Per-connection memory is bounded whatever the client sends (see
 L{twisted_rt.subscriber} for subscriptions and replays): a C{since} object
-names at most C{max_subscriptions} channels (else C{too_many_channels}); a
+names at most C{max_since_channels} channels over the connection's life
+(those the subscriber still keeps; else C{too_many_channels}); a
 subscribe of a pattern already held is answered and changes nothing; the
 queue of frames and replies is bounded as above (1013); publishes waiting
 for the journal are at most L{MAX_PUBLISHING} and about
@@ -87,8 +88,8 @@ FLUSH_EVERY = 20000
 SHUTDOWN_WAIT = 3.0
 #: publishes of one connection awaiting the journal before its reads pause
 MAX_PUBLISHING = 64
-#: channels one C{since} object may name when C{max_subscriptions} is 0
-MAX_SINCE_CHANNELS = 1000
+#: channels the C{since} objects of one connection may name when C{max_since_channels} is 0
+MAX_SINCE_CHANNELS = 100000
 
 _STATE_OPEN = 3  # WebSocketProtocol.STATE_OPEN
 
@@ -125,10 +126,10 @@ class SinceTooLarge(ValueError):
     """A C{since} object naming more channels than one subscribe may."""
 
 
-def parse_since(value: Any, max_channels: int = 0) -> Since:
+def parse_since(value: Any, max_channels: int | None = None) -> Since:
     """
     Check a C{since} value: absent, an offset, or C{{channel: offset}}
-    naming at most C{max_channels} channels (0: any number).
+    naming at most C{max_channels} channels (C{None}: any number).
 
     @raise SinceTooLarge: an object naming more channels (refused before
         any of them is looked at).
@@ -143,10 +144,10 @@ def parse_since(value: Any, max_channels: int = 0) -> Since:
             raise ValueError("'since' may not be negative")
         return value
     if isinstance(value, dict):
-        if max_channels and len(value) > max_channels:
+        if max_channels is not None and len(value) > max_channels:
             raise SinceTooLarge(
-                f"'since' names {len(value)} channels; one subscribe may name at most {max_channels}"
-                " ([websocket] max_subscriptions)"
+                f"'since' names {len(value)} channels; this connection may name {max_channels} more"
+                " ([websocket] max_since_channels)"
             )
         out: dict[str, int] = {}
         for k, v in value.items():
@@ -497,16 +498,20 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         except PatternError as e:
             self._error("invalid_channel", str(e), ref)
             return None
-        limit = self.factory.app.config.websocket.max_subscriptions
+        wsconf = self.factory.app.config.websocket
+        limit = wsconf.max_subscriptions
+        assert self.principal is not None and self.subscriber is not None
+        # what a since object may still name on this connection: the names it claims
+        # are kept (per channel) for as long as a pattern of the connection matches them
+        room = max(0, (wsconf.max_since_channels or MAX_SINCE_CHANNELS) - len(self.subscriber.seen))
         try:
-            since = parse_since(msg.get("since"), limit or MAX_SINCE_CHANNELS)
+            since = parse_since(msg.get("since"), room)
         except SinceTooLarge as e:
             self._error("too_many_channels", str(e), ref)
             return None
         except ValueError as e:
             self._error("bad_request", str(e), ref)
             return None
-        assert self.principal is not None and self.subscriber is not None
         if not self.principal.can_subscribe(pattern):
             self._error("forbidden", f"this token may not subscribe to {pattern!r}", ref)
             return None
