@@ -5,11 +5,15 @@ L{spawn}) and driven over a pipe by the orchestrator in C{bench/__main__.py}.
   - L{subscriber_worker}: holds N WebSocket subscribers in one selectors
     loop; on C{"mark"} reports the events received so far, the latencies
     sampled since the last mark and its own CPU time;
-  - L{publisher_worker}: publishes at a fixed rate of events/s over one
-    keep-alive connection (batches of at most C{max_batch} per request, the
-    send time in each event's C{data.ts});
-  - L{ingest_worker}: signed GitHub webhooks at a fixed concurrency,
-    closed loop, one keep-alive connection per slot;
+  - L{single_publisher_worker}: the realistic publisher -- ONE event per
+    request, paced at a fixed rate of events/s over C{conns} keep-alive
+    connections with at most one request in flight on each (the send time
+    in each event's C{data.ts});
+  - L{publisher_worker}: the batched publisher -- a fixed rate of events/s
+    over one keep-alive connection, closed loop, every event due when the
+    last answer came sent in one request (at most C{max_batch});
+  - L{ingest_worker}: signed GitHub webhooks, or single-event publishes,
+    at a fixed concurrency, closed loop, one keep-alive connection per slot;
   - L{resume_worker}: one subscriber with C{since}, timed until caught up.
 
 Every worker reports C{time.process_time()} so the table can show the
@@ -27,19 +31,21 @@ import resource
 import selectors
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
-from bench.wire import HttpConn, WSConn, parse_http_response
+from bench.wire import HttpConn, WSConn, http_request, parse_http_response
 
 __all__ = [
+    "event_body",
     "github_body",
     "ingest_worker",
     "open_subscribers",
     "publisher_worker",
     "raise_nofile",
     "resume_worker",
+    "single_publisher_worker",
     "spawn",
     "subscriber_worker",
 ]
@@ -92,11 +98,14 @@ def open_subscribers(
     since: int | None = None,
     inflight: int = 24,
     timeout: float = 120,
+    subscribe: bool = True,
 ) -> tuple[list[WSConn], Counter[str]]:
     """
     Open C{n} WebSocket connections and subscribe each to C{channel}, at
     most C{inflight} handshakes at a time.  Returns the subscribed
-    connections and a count of the failures by reason.
+    connections and a count of the failures by reason.  With C{subscribe}
+    false the channel is in C{path} (nchan): a connection is subscribed
+    once its upgrade was answered 101.
     """
     sel = selectors.DefaultSelector()
     ready: list[WSConn] = []
@@ -141,6 +150,11 @@ def open_subscribers(
             if mask & selectors.EVENT_READ:
                 was = c.state
                 alive = c.on_readable()
+                if c.state == "open" and was == "handshake" and not subscribe:
+                    sel.unregister(c.sock)
+                    pending -= 1
+                    ready.append(c)
+                    continue
                 if c.state == "open" and was == "handshake":
                     c.send_json(sub)
                     if not c.flush():
@@ -173,11 +187,12 @@ def subscriber_worker(
     channel: str,
     sample_every: int,
     cpus: list[int] | None,
+    subscribe: bool = True,
 ) -> None:
     """Hold C{n} subscribers; answer C{"mark"} and C{"stop"} on the pipe."""
     _pin(cpus)
     raise_nofile()
-    conns, failures = open_subscribers(host, port, path, n, channel, sample_every)
+    conns, failures = open_subscribers(host, port, path, n, channel, sample_every, subscribe=subscribe)
     pipe.send({"ready": len(conns), "failures": dict(failures)})
     sel = selectors.DefaultSelector()
     for c in conns:
@@ -213,6 +228,153 @@ def subscriber_worker(
                 c.close()
 
 
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def event_body(form: str, channel: str, ts: float, seq: int, padding: str) -> bytes:
+    """
+    The body of a single-event publish.  C{form} C{"api"}: C{{"channel",
+    "data"}} (twisted_rt and the Autobahn baseline build the frame);
+    C{"frame"}: the frame twisted_rt would deliver for it, same keys in the
+    same order (nchan relays the body as it is), so every server puts the
+    same JSON with the same C{data.ts} on the subscribers' wire.
+    """
+    data = {"ts": ts, "seq": seq, "pad": padding}
+    if form == "frame":
+        return json.dumps(
+            {"op": "event", "id": f"{os.getpid():08x}{seq:024x}", "channel": channel, "offset": seq + 1,
+             "time": _iso(ts), "source": "api", "type": "", "data": data},
+            separators=(",", ":"),
+        ).encode()
+    return json.dumps({"channel": channel, "data": data}).encode()
+
+
+class _Slot:
+    """One keep-alive connection of the single-event publisher."""
+
+    __slots__ = ("buf", "sent_at", "sock")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()  # the timeout keeps sendall whole; recv only after select said readable
+        self.sent_at = 0.0
+
+
+def single_publisher_worker(
+    pipe: Connection,
+    host: str,
+    port: int,
+    path: str,
+    headers: dict[str, str],
+    channel: str,
+    rate: float,
+    duration: float,
+    pad: int,
+    cpus: list[int] | None,
+    form: str = "api",
+    conns: int = 16,
+    grace: float = 10.0,
+) -> None:
+    """
+    Publish C{rate} events/s to C{channel} for C{duration} seconds, ONE
+    event per request, over C{conns} keep-alive connections with at most one
+    request in flight on each.  Event C{k} is due at C{t0 + k / rate}; a due
+    event goes out on the first idle connection, with C{data.ts} set to the
+    time it is sent.  When every connection waits for an answer, due events
+    wait (C{behind}, in the report) and go out as connections free up.
+    Reports every request's C{(sent_at, ack seconds)} for a 2xx: the publish
+    ack, send to durable 2xx.
+    """
+    _pin(cpus)
+    padding = "x" * pad
+    hdrs = {**headers, "Content-Type": "application/json"}
+    authority = f"{host}:{port}"
+    slots = [_Slot(host, port) for _ in range(conns)]
+    idle: deque[_Slot] = deque(slots)
+    sel = selectors.DefaultSelector()
+    for sl in slots:
+        sel.register(sl.sock, selectors.EVENT_READ, sl)
+    sent = ok = errors = 0
+    statuses: Counter[int] = Counter()
+    acks: list[tuple[float, float]] = []
+    max_behind = 0
+    cpu0 = time.process_time()
+    t0 = time.time()
+    end = t0 + duration
+
+    def reconnect(sl: _Slot) -> _Slot:
+        sel.unregister(sl.sock)
+        sl.sock.close()
+        fresh = _Slot(host, port)
+        sel.register(fresh.sock, selectors.EVENT_READ, fresh)
+        return fresh
+
+    while True:
+        now = time.time()
+        if (now >= end and len(idle) == conns) or now >= end + grace:
+            break
+        if now < end:
+            due = int((now - t0) * rate) + 1
+            max_behind = max(max_behind, due - sent - len(idle))
+            while idle and sent < due:
+                sl = idle.popleft()
+                ts = time.time()
+                req = http_request("POST", path, authority, event_body(form, channel, ts, sent, padding), hdrs)
+                sl.sent_at = ts
+                sl.sock.sendall(req)
+                sent += 1
+            wait = (t0 + sent / rate - time.time()) if idle and sent >= due else 0.05
+            wait = min(max(wait, 0.0), 0.05)
+        else:
+            wait = 0.05
+        for key, _ in sel.select(wait):
+            sl = key.data
+            try:
+                data = sl.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:  # the server closed it: count the request lost, go on with a new one
+                errors += 1
+                statuses[0] += 1
+                idle.append(reconnect(sl))
+                continue
+            sl.buf += data
+            got = parse_http_response(sl.buf)
+            if got is None:
+                continue
+            status = got[0]
+            statuses[status] += 1
+            if 200 <= status < 300:
+                ok += 1
+                acks.append((sl.sent_at, time.time() - sl.sent_at))
+            else:
+                errors += 1
+            idle.append(sl)
+        if errors > 50:
+            break
+    for sl in slots:
+        try:
+            sl.sock.close()
+        except OSError:
+            pass
+    pipe.send(
+        {
+            "sent": ok,
+            "requests": sent,
+            "elapsed": min(time.time(), end) - t0,
+            "errors": errors,
+            "statuses": dict(statuses),
+            "cpu": time.process_time() - cpu0,
+            "acks": acks,
+            "behind": max(0, max_behind),
+        }
+    )
+
+
 def publisher_worker(
     pipe: Connection,
     host: str,
@@ -233,7 +395,7 @@ def publisher_worker(
     hdrs = {**headers, "Content-Type": "application/json"}
     sent = requests = errors = seq = 0
     statuses: Counter[int] = Counter()
-    acks: list[float] = []  # time from send to the 2xx (the durable ack), per request
+    acks: list[tuple[float, float]] = []  # (sent at, seconds to the 2xx: the durable ack) per request
     t0 = time.time()
     cpu0 = time.process_time()
     while True:
@@ -251,7 +413,7 @@ def publisher_worker(
         seq += k
         body = json.dumps({"events": evs} if k > 1 else evs[0]).encode()
         status, _ = conn.request("POST", path, body, hdrs)
-        acks.append(time.time() - ts)
+        acks.append((ts, time.time() - ts))
         requests += 1
         statuses[status] += 1
         if 200 <= status < 300:
@@ -303,21 +465,43 @@ def ingest_worker(
     duration: float,
     secret: str,
     cpus: list[int] | None,
+    kind: str = "github",
+    headers: dict[str, str] | None = None,
+    pad: int = 64,
 ) -> None:
     """
-    Signed GitHub webhooks, C{concurrency} requests in flight (one per
-    keep-alive connection), closed loop.  Counts the 2xx completed inside
-    the window C{[warm, warm + duration]} and their latencies.
+    C{concurrency} requests in flight (one per keep-alive connection), closed
+    loop.  C{kind} C{"github"}: signed GitHub C{push} webhooks, each with a
+    fresh C{X-GitHub-Delivery}; C{"publish"}: single-event C{{"channel",
+    "data"}} publishes (C{headers} carries the API key).  Counts the 2xx
+    completed inside the window C{[warm, warm + duration]} and their
+    latencies.
     """
     _pin(cpus)
-    body = github_body()
-    sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"User-Agent: GitHub-Hookshot/bench\r\nX-GitHub-Event: push\r\n"
-        f"X-Hub-Signature-256: {sig}\r\nContent-Length: {len(body)}\r\nX-GitHub-Delivery: "
-    ).encode()
     prefix = f"{os.getpid():08x}-0000-4000-8000-"
+    if kind == "github":
+        body = github_body()
+        sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"User-Agent: GitHub-Hookshot/bench\r\nX-GitHub-Event: push\r\n"
+            f"X-Hub-Signature-256: {sig}\r\nContent-Length: {len(body)}\r\nX-GitHub-Delivery: "
+        ).encode()
+
+        def request(n: int) -> bytes:
+            return head + f"{prefix}{n:012x}\r\n\r\n".encode() + body
+    else:
+        channel = f"bench.ingest.{os.getpid()}"
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        template = json.dumps({"channel": channel, "data": {"seq": "@" * 12, "pad": "x" * pad}}).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(template)}\r\n\r\n"
+        ).encode()
+        at = template.index(b"@" * 12)
+
+        def request(n: int) -> bytes:
+            return head + template[:at] + f"{n:012x}".encode() + template[at + 12:]
     counter = 0
     sel = selectors.DefaultSelector()
     socks: dict[int, tuple[socket.socket, bytearray, list[float]]] = {}
@@ -326,7 +510,7 @@ def ingest_worker(
         nonlocal counter
         counter += 1
         st[0] = time.time()
-        s.sendall(head + f"{prefix}{counter:012x}\r\n\r\n".encode() + body)
+        s.sendall(request(counter))
 
     for _ in range(concurrency):
         s = socket.create_connection((host, port))

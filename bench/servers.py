@@ -1,11 +1,15 @@
 """
-The two servers under test, each started as its own process the way its
-users would start it, optionally pinned to a set of CPUs.
+The servers under test, each started as its own process the way its users
+would start it, optionally pinned to a set of CPUs.
 
   - L{Ours}: C{twistd -n --pidfile= rt --config bench/bench.toml --listen
     tcp:<port>:interface=127.0.0.1} in a fresh directory (durable journal
     under C{var/} there);
-  - L{Baseline}: C{python -m bench.baseline --port <port>}.
+  - L{Baseline}: C{python -m bench.baseline --port <port>};
+  - L{Nchan}: Debian's C{nginx} with C{libnginx-mod-nchan}, in the
+    foreground from a fresh directory (C{nginx -p DIR -c DIR/nginx.conf}),
+    with the config made from C{bench/nchan.conf}; L{install_nchan} puts
+    the two packages on the machine with C{apt-get} when they are missing.
 """
 
 from __future__ import annotations
@@ -18,13 +22,25 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import psutil  # type: ignore[import-untyped]
 
-__all__ = ["BENCH_DIR", "Baseline", "Ours", "Server", "free_port", "sched_wait"]
+__all__ = [
+    "BENCH_DIR",
+    "NCHAN_PACKAGES",
+    "Baseline",
+    "Nchan",
+    "Ours",
+    "Server",
+    "free_port",
+    "install_nchan",
+    "nchan_missing",
+    "sched_wait",
+]
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -61,6 +77,14 @@ class Server:
 
     name = "server"
     label = "server"
+    # which scenarios this server takes part in
+    scenarios: ClassVar[frozenset[str]] = frozenset({"fanout", "batched", "ingest", "idle", "resume"})
+    # True: after the upgrade a subscriber sends {"op":"subscribe"} and waits for "subscribed";
+    # False: the channel is in the URL and the subscription starts with the 101
+    ws_subscribe: ClassVar[bool] = True
+    # "api": POST {"channel","data"} (the server builds the event frame);
+    # "frame": POST the frame itself (nchan relays the body as it is)
+    publish_form: ClassVar[str] = "api"
 
     def __init__(self, cpus: list[int] | None = None, keep: bool = False) -> None:
         self.cpus = cpus
@@ -77,6 +101,15 @@ class Server:
     ws_path = "/ws"
     publish_path = "/api/publish"
     hook_path = "/hooks/github"
+    ingest_publish_path = "/api/publish"  # the single-event ingest line's target
+
+    def ws_target(self, channel: str) -> str:
+        """The WebSocket path a subscriber of C{channel} opens."""
+        return self.ws_path
+
+    def publish_target(self, channel: str) -> str:
+        """The path a publisher to C{channel} POSTs to."""
+        return self.publish_path
 
     @property
     def publish_headers(self) -> dict[str, str]:
@@ -91,6 +124,9 @@ class Server:
     def start(self) -> Server:
         """Start on a new free port and wait until C{/healthz} answers."""
         self.port = free_port()
+        return self._launch()
+
+    def _launch(self) -> Server:
         cpus = self.cpus
         preexec: Callable[[], None] | None = None
         if cpus:
@@ -121,19 +157,39 @@ class Server:
             return ""
 
     def cpu(self) -> float:
-        """CPU seconds used so far (all threads)."""
+        """CPU seconds used so far (all threads, and any child processes)."""
         assert self._ps is not None
         t = self._ps.cpu_times()
-        return float(t.user + t.system)
+        total = float(t.user + t.system)
+        try:
+            for child in self._ps.children(recursive=True):
+                c = child.cpu_times()
+                total += float(c.user + c.system)
+        except psutil.Error:
+            pass
+        return total
 
     def wait(self) -> float:
         """Seconds spent runnable but not running, so far (see L{sched_wait})."""
-        return sched_wait(self.proc.pid) if self.proc is not None else 0.0
+        if self.proc is None:
+            return 0.0
+        total = sched_wait(self.proc.pid)
+        if self._ps is not None:
+            try:
+                total += sum(sched_wait(c.pid) for c in self._ps.children(recursive=True))
+            except psutil.Error:
+                pass
+        return total
 
     def rss(self) -> int:
-        """Resident memory in bytes."""
+        """Resident memory in bytes (with any child processes)."""
         assert self._ps is not None
-        return int(self._ps.memory_info().rss)
+        total = int(self._ps.memory_info().rss)
+        try:
+            total += sum(int(c.memory_info().rss) for c in self._ps.children(recursive=True))
+        except psutil.Error:
+            pass
+        return total
 
     def wait_quiet(self, below: float = 0.15, timeout: float = 30) -> None:
         """Wait until the server uses less than C{below} of a core (backlogs drained)."""
@@ -182,6 +238,8 @@ class Baseline(Server):
 
     name = "baseline"
     label = "baseline (plain Autobahn)"
+    # the single-event ingest line is measured against the bare POST resource
+    ingest_publish_path = "/hooks/publish"
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "bench.baseline", "--port", str(self.port)]
@@ -190,3 +248,126 @@ class Baseline(Server):
         env = super().env()
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         return env
+
+
+# ------------------------------------------------------------------ nchan
+
+NCHAN_PACKAGES = ("nginx", "libnginx-mod-nchan")
+_MODULE_DIRS = (Path("/usr/lib/nginx/modules"), Path("/usr/share/nginx/modules"))
+_POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+
+
+def _nginx_binary() -> str | None:
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+
+
+def _nchan_module() -> Path | None:
+    for d in _MODULE_DIRS:
+        if (d / "ngx_nchan_module.so").exists():
+            return d / "ngx_nchan_module.so"
+    return None
+
+
+def nchan_missing() -> str | None:
+    """Why the nchan baseline cannot run on this machine now, or C{None} when it can."""
+    if _nginx_binary() is None:
+        return "nginx is not installed"
+    if _nchan_module() is None:
+        return "nginx is installed but not libnginx-mod-nchan (no ngx_nchan_module.so)"
+    return None
+
+
+def install_nchan(say: Callable[[str], None]) -> str | None:
+    """
+    Install Debian's C{nginx} and C{libnginx-mod-nchan} with C{apt-get}
+    (C{apt-get update} first) when they are missing.  Returns C{None} when
+    they are there afterwards, else why not (the caller goes on without the
+    nchan lines).  As root only (no sudo is tried).  While it installs, a
+    C{policy-rc.d} that answers 101 keeps the packaged nginx service from
+    starting on port 80 (only when the machine has none of its own).
+    """
+    why = nchan_missing()
+    if why is None:
+        return None
+    if shutil.which("apt-get") is None:
+        return f"{why}, and there is no apt-get here to install {' and '.join(NCHAN_PACKAGES)}"
+    if os.geteuid() != 0:
+        return f"{why}; not root, so not installing: apt-get install {' '.join(NCHAN_PACKAGES)} as root"
+    say(f"{why}: installing Debian's {' and '.join(NCHAN_PACKAGES)} with apt-get (apt-get update first)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    lock = ["-o", "DPkg::Lock::Timeout=300"]
+    created = False
+    try:
+        if not _POLICY_RC_D.exists():
+            _POLICY_RC_D.write_text("#!/bin/sh\n# written by python -m bench while it installs nginx\nexit 101\n")
+            _POLICY_RC_D.chmod(0o755)
+            created = True
+        for cmd in (["apt-get", "-q", *lock, "update"],
+                    ["apt-get", "-q", "-y", *lock, "install", "--no-install-recommends", *NCHAN_PACKAGES]):
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+            if r.returncode != 0:
+                tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+                return f"{' '.join(cmd)} exited {r.returncode}: {' | '.join(tail)}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"apt-get failed: {e}"
+    finally:
+        if created:
+            _POLICY_RC_D.unlink(missing_ok=True)
+    why = nchan_missing()
+    if why is None:
+        say(f"installed {' and '.join(NCHAN_PACKAGES)}")
+    return None if why is None else f"after apt-get install: {why}"
+
+
+class Nchan(Server):
+    """
+    nginx + nchan, the C pub/sub server: nginx in the foreground (C{daemon
+    off}) with one worker process, from a fresh directory, with the config of
+    C{bench/nchan.conf}; its CPU, memory and run-queue wait are the master's
+    and the worker's together.  It relays each POSTed body to the channel's
+    WebSocket subscribers as one text frame, so the publisher POSTs the very
+    frame twisted_rt would deliver (same JSON, same C{data.ts}).
+    """
+
+    name = "nchan"
+    label = "nginx + nchan (C)"
+    scenarios: ClassVar[frozenset[str]] = frozenset({"fanout", "idle"})
+    ws_subscribe: ClassVar[bool] = False
+    publish_form: ClassVar[str] = "frame"
+
+    @property
+    def publish_headers(self) -> dict[str, str]:
+        return {}
+
+    def ws_target(self, channel: str) -> str:
+        return "/ws?channel=" + urllib.parse.quote(channel, safe="")
+
+    def publish_target(self, channel: str) -> str:
+        return "/api/publish?channel=" + urllib.parse.quote(channel, safe="")
+
+    def config(self) -> str:
+        """C{bench/nchan.conf} with this run's port, directory and module path."""
+        module = _nchan_module()
+        if module is None:
+            raise RuntimeError(nchan_missing() or "no nchan module")
+        text = (BENCH_DIR / "nchan.conf").read_text()
+        for key, value in (("@MODULE@", str(module)), ("@DIR@", str(self.workdir)), ("@PORT@", str(self.port))):
+            text = text.replace(key, value)
+        return text
+
+    def start(self) -> Server:
+        why = nchan_missing()
+        if why is not None:
+            raise RuntimeError(why)
+        self.port = free_port()
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+        (self.workdir / "nginx.conf").write_text(self.config())
+        return self._launch()
+
+    def command(self) -> list[str]:
+        nginx = _nginx_binary()
+        assert nginx is not None
+        return [nginx, "-p", f"{self.workdir}/", "-c", str(self.workdir / "nginx.conf"), "-e", "stderr"]
