@@ -14,9 +14,11 @@ would start it, optionally pinned to a set of CPUs.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +47,15 @@ __all__ = [
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 BIN = Path(sys.executable).parent
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: SIGTERM when the bench goes, however it goes (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -128,9 +139,10 @@ class Server:
 
     def _launch(self) -> Server:
         cpus = self.cpus
-        preexec: Callable[[], None] | None = None
-        if cpus:
-            def preexec() -> None:
+
+        def preexec() -> None:
+            _die_with_parent()
+            if cpus:
                 os.sched_setaffinity(0, cpus)
         log = open(self.workdir / "server.log", "ab")
         self.proc = subprocess.Popen(self.command(), cwd=self.workdir, env=self.env(), stdout=log,
