@@ -29,6 +29,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
@@ -332,7 +333,7 @@ class Bench:
             shape=shape, subs=n, server=server.name, rnd=rnd, kind=kind, offered=rate * n,
             delivered=delivered / dt, published=p["sent"] / max(p["elapsed"], 1e-9),
             p50=percentile(lat, 50) * 1000, p99=percentile(lat, 99) * 1000, pmax=max(lat, default=float("nan")) * 1000,
-            cpu_us=(c1 - c0) / max(delivered, 1) * 1e6, ack50=percentile(acks, 50) * 1000,
+            cpu_us=(c1 - c0) / delivered * 1e6 if delivered else float("nan"), ack50=percentile(acks, 50) * 1000,
             ack99=percentile(acks, 99) * 1000, server_cpu=(c1 - c0) / dt, gen_cpu=gen_cpu / dt,
             server_wait=(w1 - w0) / dt, closed=closed, errors=errors,
         )
@@ -692,17 +693,18 @@ class Bench:
                 for s in steps:
                     rows.append([
                         f"{s.offered:,.0f}" + ("" if s.kind == "step" else " *"), s.server, str(s.rnd),
-                        f"{s.delivered:,.0f}", _f(s.p50), _f(s.p99), _f(s.pmax), f"{s.cpu_us:.2f}",
+                        f"{s.delivered:,.0f}", _f(s.p50), _f(s.p99), _f(s.pmax), _f(s.cpu_us, "{:.2f}"),
                         _f(s.ack50), _f(s.ack99), f"{s.published:,.0f}", f"{s.server_cpu * 100:.0f}",
                         f"{s.gen_cpu * 100:.0f}", f"{s.server_wait * 100:.0f}",
                     ])
+                out[-1] = textwrap.fill(out[-1], 110, subsequent_indent="  ")
                 out.append(_grid(rows))
                 out.append("")
         return "\n".join(out)
 
 
-def _f(v: float) -> str:
-    return "n/a" if v != v else f"{v:,.1f}"
+def _f(v: float, fmt: str = "{:,.1f}") -> str:
+    return "n/a" if v != v else fmt.format(v)
 
 
 def _grid(rows: list[list[str]]) -> str:
@@ -844,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{s.server} round {s.rnd}: {bench._title(s.shape, s.subs)} at {_rate(s.offered)}: the "
                          f"generator was at {s.gen_cpu:.0%} of its CPU; from there on that run is a lower bound")
             break
+    legend = [textwrap.fill(x, 110, subsequent_indent="  ") for x in legend]
     text = "\n".join(head) + "\n\n" + table + "\n\n" + "\n".join(legend) + "\n\n" + bench.step_tables()
     if notes or bench.errors:
         text += "\n" + "\n".join(f"note: {n}" for n in notes + bench.errors) + "\n"
