@@ -20,14 +20,14 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from twisted_rt import api
 from twisted_rt.app import App
-from twisted_rt.auth import Authenticator
-from twisted_rt.config import AuthConfig, Config
-from twisted_rt.event import Accepted, Draft, Event
-from twisted_rt.journal import JournalUnavailable
-from twisted_rt.metrics import Stats
-from twisted_rt.web import Root
+from twisted_rt.core.auth import Authenticator
+from twisted_rt.core.config import AuthConfig, Config
+from twisted_rt.core.event import Accepted, Draft, Event
+from twisted_rt.core.metrics import Stats
+from twisted_rt.interfaces import JournalUnavailable
+from twisted_rt.routes import api
+from twisted_rt.web.resource import Root
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -517,7 +517,7 @@ def test_publish_passes_drafts_in_one_call() -> None:
 
 def test_parse_publish_rejects_lone_surrogates() -> None:
     """A body with a lone surrogate escape (not encodable as UTF-8) is 400, not a crash later."""
-    from twisted_rt.web import JsonError
+    from twisted_rt.web.resource import JsonError
 
     with pytest.raises(JsonError) as e:
         api.parse_publish(b'{"channel":"a","data":"\\ud800"}')

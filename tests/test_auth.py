@@ -17,8 +17,9 @@ from conftest import API_KEY, JWT_SECRET, Daemon, http_json
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from twisted_rt.auth import Authenticator, AuthError, Principal, load_public_key, require
-from twisted_rt.config import AuthConfig
+from twisted_rt.core.auth import Authenticator, Principal, load_public_key, require
+from twisted_rt.core.config import AuthConfig
+from twisted_rt.interfaces import AuthError
 
 pytestmark = pytest.mark.filterwarnings("ignore:The HMAC key is")
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from twisted_rt.broker import PAGE_BYTES, LocalBroker
-from twisted_rt.event import Draft, Event
-from twisted_rt.journal import PAGE_BYTES as JOURNAL_PAGE_BYTES
-from twisted_rt.journal import Journal
+from twisted_rt.core.event import Draft, Event
+from twisted_rt.interfaces import PAGE_BYTES
+from twisted_rt.interfaces import PAGE_BYTES as JOURNAL_PAGE_BYTES
+from twisted_rt.store.journal import Journal
+from twisted_rt.store.local import LocalBroker
 
 
 class Recorder:

@@ -14,9 +14,9 @@ import jwt
 import pytest
 from conftest import API_KEY, BIN, JWT_SECRET, Daemon, http_json
 
-from twisted_rt.auth import Authenticator
 from twisted_rt.cli import main
-from twisted_rt.config import load
+from twisted_rt.core.auth import Authenticator
+from twisted_rt.core.config import load
 
 
 def _config(tmp_path: Path, auth: str = f'jwt_secret = "{JWT_SECRET}"') -> Path:

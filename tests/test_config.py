@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, ROOT, free_port
 
-from twisted_rt.config import Config, ConfigError, check_file, load, parse
+from twisted_rt.core.config import Config, ConfigError, check_file, load, parse
 
 SAMPLE_ENV = {
     "RT_API_KEY": "k",

@@ -251,7 +251,7 @@ def test_tokens_never_reach_the_log(make_daemon: Callable[..., Daemon]) -> None:
 
 def test_unit_redact_uri() -> None:
     """redact_uri replaces only secret query values and keeps the rest byte for byte."""
-    from twisted_rt.logs import redact_uri
+    from twisted_rt.core.logs import redact_uri
 
     assert redact_uri(b"/sse?channel=a&token=abc&since=1") == "/sse?channel=a&token=REDACTED&since=1"
     assert redact_uri(b"/p?to%6Ben=s&TOKEN=t&x_token&api_key=k") == "/p?to%6Ben=REDACTED&TOKEN=REDACTED&x_token=REDACTED&api_key=REDACTED"

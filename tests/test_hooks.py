@@ -27,13 +27,13 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from twisted_rt.app import App
-from twisted_rt.auth import Authenticator
-from twisted_rt.config import AuthConfig, Config, ServerConfig, SourceConfig
-from twisted_rt.event import Accepted, Draft, Event, new_id, now_iso
-from twisted_rt.hooks import ChannelTemplate, parse_body, resource
-from twisted_rt.journal import JournalUnavailable
-from twisted_rt.metrics import Stats
-from twisted_rt.web import JsonError
+from twisted_rt.core.auth import Authenticator
+from twisted_rt.core.config import AuthConfig, Config, ServerConfig, SourceConfig
+from twisted_rt.core.event import Accepted, Draft, Event, new_id, now_iso
+from twisted_rt.core.metrics import Stats
+from twisted_rt.interfaces import JournalUnavailable
+from twisted_rt.routes.hooks import ChannelTemplate, parse_body, resource
+from twisted_rt.web.resource import JsonError
 
 SECRET = "gh-secret"
 EXAMPLES = SHARED_DATA / "octokit-webhook-examples"
@@ -453,7 +453,7 @@ def test_peer_key_counts_ipv6_per_64(host: str, key: str) -> None:
     """Per-IP limits count IPv4 addresses one by one and IPv6 ones per /64 (IPv4-mapped as IPv4)."""
     from twisted.internet.address import IPv4Address, IPv6Address
 
-    from twisted_rt.hooks import _peer
+    from twisted_rt.routes.hooks import _peer
 
     class R:
         def getClientAddress(self) -> Any:

@@ -19,11 +19,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.conftest import API_KEY, ARTIFACTS, DEFAULT_CONFIG, JWT_SECRET, Daemon, http
-from twisted_rt import inspector
-from twisted_rt.auth import Authenticator
-from twisted_rt.config import AuthConfig, Config, SourceConfig
-from twisted_rt.event import Event
-from twisted_rt.web import Root
+from twisted_rt.core.auth import Authenticator
+from twisted_rt.core.config import AuthConfig, Config, SourceConfig
+from twisted_rt.core.event import Event
+from twisted_rt.routes import inspector
+from twisted_rt.web.resource import Root
 
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

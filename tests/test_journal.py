@@ -14,8 +14,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from twisted_rt.event import Draft, now_iso
-from twisted_rt.journal import Journal, JournalUnavailable
+from twisted_rt.core.event import Draft, now_iso
+from twisted_rt.interfaces import JournalUnavailable
+from twisted_rt.store.journal import Journal
 
 
 async def _journal(path: str, **kw: object) -> Journal:
@@ -298,8 +299,8 @@ WRITER = textwrap.dedent(
     """
     import sys
     from twisted.internet import reactor, defer
-    from twisted_rt.journal import Journal
-    from twisted_rt.event import Draft
+    from twisted_rt.store.journal import Journal
+    from twisted_rt.core.event import Draft
 
     j = Journal(reactor, sys.argv[1])
 
@@ -360,7 +361,7 @@ def test_now_iso_format() -> None:
 @pytest_twisted.ensureDeferred
 async def test_unencodable_event_fails_alone(tmp_path: Path) -> None:
     """An event whose data cannot be JSON-encoded is refused by itself; the appends queued with it commit."""
-    from twisted_rt.journal import UnencodableEvent
+    from twisted_rt.interfaces import UnencodableEvent
 
     j = await _journal(str(tmp_path / "j.db"))
     try:
@@ -391,7 +392,7 @@ async def test_pre_encoded_text_is_stored_as_given(tmp_path: Path) -> None:
 
 def test_strict_json_loads() -> None:
     """event.loads refuses what cannot be written back: NaN, 1e999, lone surrogates, deep nesting."""
-    from twisted_rt.event import loads
+    from twisted_rt.core.event import loads
 
     assert loads(b'{"a":[1,2.5,"\\ud83d\\ude00"]}') == {"a": [1, 2.5, "\U0001f600"]}
     assert loads(b"\xef\xbb\xbf[1]") == [1]  # a UTF-8 BOM, as json.loads takes it

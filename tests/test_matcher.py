@@ -15,7 +15,7 @@ from conftest import API_KEY, Daemon, http, http_json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twisted_rt.matcher import (
+from twisted_rt.core.matcher import (
     ChannelError,
     PatternError,
     PatternIndex,

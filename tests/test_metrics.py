@@ -17,7 +17,7 @@ from conftest import API_KEY, DEFAULT_CONFIG, Daemon, http
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from twisted_rt.metrics import Stats
+from twisted_rt.core.metrics import Stats
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

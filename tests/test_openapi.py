@@ -21,7 +21,7 @@ import pytest
 from conftest import API_KEY, BIN, DEFAULT_CONFIG, JWT_SECRET, Daemon, http
 from openapi_spec_validator import validate
 
-from twisted_rt.openapi import document
+from twisted_rt.routes.openapi import document
 
 HOOK_SECRET = "hook-secret-for-openapi"
 CONFIG = DEFAULT_CONFIG + f"""

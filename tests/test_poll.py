@@ -130,8 +130,8 @@ def test_unit_waiter_collects_one_turn_and_times_out() -> None:
     """A poll waiter answers with every event of the turn after since, or [] at the timeout; cancel stops its timers."""
     from twisted.internet.task import Clock
 
-    from twisted_rt.event import Event
-    from twisted_rt.sse import _Waiter
+    from twisted_rt.core.event import Event
+    from twisted_rt.routes.sse import _Waiter
 
     def ev(off: int) -> Event:
         return Event(str(off), "c", off, "t", "s", "", off)
@@ -210,8 +210,8 @@ def test_unit_waiter_keeps_no_more_than_it_sends() -> None:
     """The live listener stops collecting at limit events or about max_bytes (the first event always) and says more."""
     from twisted.internet.task import Clock
 
-    from twisted_rt.event import Event
-    from twisted_rt.sse import _Waiter
+    from twisted_rt.core.event import Event
+    from twisted_rt.routes.sse import _Waiter
 
     def ev(off: int, size: int = 1) -> Event:
         return Event(str(off), "c", off, "t", "s", "", "x" * size)

@@ -1,11 +1,11 @@
-"""Token buckets of L{twisted_rt.ratelimit} on a fake clock."""
+"""Token buckets of L{twisted_rt.routes.ratelimit} on a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 from twisted.internet.task import Clock
 
-from twisted_rt.ratelimit import RateLimiter
+from twisted_rt.routes.ratelimit import RateLimiter
 
 
 def test_burst_then_refused_with_whole_seconds() -> None:

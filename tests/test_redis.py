@@ -23,12 +23,12 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 
-from twisted_rt import redis as rt_redis
-from twisted_rt.config import BrokerConfig, Config, JournalConfig
-from twisted_rt.event import Draft, Event
-from twisted_rt.journal import JournalUnavailable
-from twisted_rt.metrics import Stats
-from twisted_rt.redis import RedisBroker, backoff, parse_url
+from twisted_rt.core.config import BrokerConfig, Config, JournalConfig
+from twisted_rt.core.event import Draft, Event
+from twisted_rt.core.metrics import Stats
+from twisted_rt.interfaces import JournalUnavailable
+from twisted_rt.store import redis as rt_redis
+from twisted_rt.store.redis import RedisBroker, backoff, parse_url
 
 pytestmark = pytest.mark.redis
 

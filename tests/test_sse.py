@@ -269,7 +269,7 @@ def test_browser_eventsource_resumes_after_server_restart(make_daemon: Callable[
 
 def test_unit_last_event_id_forms() -> None:
     """A v1 cursor reads as a seq; a bare offset and chan=off,... (earlier versions' ids) as offsets; junk is refused."""
-    from twisted_rt.sse import encode_cursor, parse_last_event_id
+    from twisted_rt.routes.sse import encode_cursor, parse_last_event_id
 
     r = parse_last_event_id(encode_cursor(41))
     assert (r.after_seq, r.since) == (41, None)
@@ -458,11 +458,12 @@ def test_unit_expiry_uses_the_app_reactor() -> None:
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
-    from twisted_rt.app import App, build_root
-    from twisted_rt.auth import Authenticator
-    from twisted_rt.config import AuthConfig, Config
-    from twisted_rt.metrics import Stats
-    from twisted_rt.web import RTSite
+    from twisted_rt.app import App
+    from twisted_rt.core.auth import Authenticator
+    from twisted_rt.core.config import AuthConfig, Config
+    from twisted_rt.core.metrics import Stats
+    from twisted_rt.routes import build_root
+    from twisted_rt.web.site import RTSite
 
     clock = Clock()
     clock.advance(1000)

@@ -7,9 +7,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
-from twisted_rt.broker import Listener
-from twisted_rt.event import Event
-from twisted_rt.matcher import PatternIndex, matches
+from twisted_rt.core.event import Event
+from twisted_rt.core.matcher import PatternIndex, matches
+from twisted_rt.interfaces import Listener
 from twisted_rt.subscriber import Subscriber
 
 

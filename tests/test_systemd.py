@@ -12,7 +12,7 @@ import pytest
 from conftest import Daemon
 from twisted.internet.task import Clock
 
-from twisted_rt.systemd import Notifier, WatchdogService
+from twisted_rt.core.systemd import Notifier, WatchdogService
 
 
 @pytest.fixture

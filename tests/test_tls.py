@@ -32,8 +32,8 @@ from OpenSSL import SSL
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.testing import EventLoggingObserver, MemoryReactor
 
-from twisted_rt import tls
-from twisted_rt.config import Config, ConfigError, ServerConfig, TLSConfig, parse
+from twisted_rt.core.config import Config, ConfigError, ServerConfig, TLSConfig, parse
+from twisted_rt.web import tls
 
 # -- a test CA ---------------------------------------------------------------
 
@@ -293,7 +293,7 @@ def test_reload_swaps_certificate_or_keeps_old(
         assert factory.loaded is second
     finally:
         globalLogPublisher.removeObserver(observer)
-    cats = [e.get("log_category") for e in observer if e.get("log_namespace") == "twisted_rt.tls"]
+    cats = [e.get("log_category") for e in observer if e.get("log_namespace") == "twisted_rt.web.tls"]
     assert "RT-T01" in cats and "RT-T02" in cats
     kept = [e for e in observer if e.get("log_category") == "RT-T02"][-1]
     assert "holds no PEM certificate" in kept["problem"]

@@ -1,5 +1,5 @@
 """
-The webhook verifiers of L{twisted_rt.verify}: each provider's scheme, signed
+The webhook verifiers of L{twisted_rt.routes.verify}: each provider's scheme, signed
 by its official library where one is on PyPI (C{standardwebhooks},
 C{slack_sdk}, C{stripe}), else by its published example or algorithm.
 """
@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from slack_sdk.signature import SignatureVerifier
 
-from twisted_rt.config import SourceConfig
-from twisted_rt.verify import (
+from twisted_rt.core.config import SourceConfig
+from twisted_rt.routes.verify import (
     SECRET_HEADERS,
     SignatureError,
     crc_token_problem,

@@ -1,5 +1,5 @@
 """
-The HTTP layer's hot path (L{twisted_rt.web.RTChannel}, L{RTRequest}) must
+The HTTP layer's hot path (L{twisted_rt.web.site.RTChannel}, L{RTRequest}) must
 behave exactly as twisted.web's own channel: every request below, however it
 is cut into reads, gets the same bytes back from both (but for C{Date}).
 
@@ -22,7 +22,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from twisted_rt.web import RTChannel, RTRequest, RTSite, http_date
+from twisted_rt.web.site import RTChannel, RTRequest, RTSite, http_date
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 HOST = IPv4Address("TCP", "127.0.0.1", 8080)
@@ -323,7 +323,7 @@ def test_http_date_is_formatted_once_per_second(monkeypatch: pytest.MonkeyPatch)
     """The Date value is twisted.web's IMF-fixdate, formatted once per second and reused within it."""
     from twisted.web.http import datetimeToString
 
-    from twisted_rt import web
+    from twisted_rt.web import site as web
 
     now = [1700000000.2]
     monkeypatch.setattr(web.time, "time", lambda: now[0])
@@ -357,7 +357,7 @@ def _bad_body_root() -> Resource:
     from twisted.internet.defer import CancelledError, Deferred
     from twisted.internet.task import deferLater
 
-    from twisted_rt.web import JsonResource, Reply, Root
+    from twisted_rt.web.resource import JsonResource, Reply, Root
 
     class BadStatus(JsonResource):
         async def handle_GET(self, request: Request) -> Reply:

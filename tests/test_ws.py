@@ -458,7 +458,7 @@ class FakeBroker:
     """Only what a Subscriber uses, plus a fan-out the test calls."""
 
     def __init__(self) -> None:
-        from twisted_rt.matcher import PatternIndex
+        from twisted_rt.core.matcher import PatternIndex
 
         self.index: PatternIndex[Any] = PatternIndex()
         self.replays: list[str] = []
@@ -485,7 +485,7 @@ class FakeBroker:
         return d
 
     def fanout(self, channel: str, offset: int, size: int = 10) -> None:
-        from twisted_rt.event import Event
+        from twisted_rt.core.event import Event
 
         e = Event(f"id{offset}", channel, offset, "t", "test", "", "x" * size)
         for listener in self.index.match(channel):
@@ -497,10 +497,10 @@ def open_proto(max_send: int = 4096, tok: str = "key", max_message: int = 104857
     from twisted.internet.testing import MemoryReactorClock, StringTransport
 
     from twisted_rt.app import App
-    from twisted_rt.auth import Authenticator
-    from twisted_rt.config import AuthConfig, Config, WebSocketConfig
-    from twisted_rt.metrics import Stats
-    from twisted_rt.ws import RTWebSocketFactory
+    from twisted_rt.core.auth import Authenticator
+    from twisted_rt.core.config import AuthConfig, Config, WebSocketConfig
+    from twisted_rt.core.metrics import Stats
+    from twisted_rt.routes.ws import RTWebSocketFactory
 
     clock = MemoryReactorClock()
     clock.advance(time.time())
@@ -600,7 +600,7 @@ def test_unit_token_expiry_closes_4001_on_the_clock() -> None:
 
 def test_unit_parse_since_and_origin() -> None:
     """since is absent, an offset >= 0, or {channel: offset}; an empty allowed_origins allows any Origin."""
-    from twisted_rt.ws import origin_allowed, parse_since
+    from twisted_rt.routes.ws import origin_allowed, parse_since
 
     assert parse_since(None) is None and parse_since(3) == 3
     assert parse_since({"a.b": 2}) == {"a.b": 2}
@@ -639,7 +639,7 @@ def test_counters_follow_connections(daemon: Daemon) -> None:
 
 def test_unit_big_fanout_flushes_before_the_turn_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past FLUSH_EVERY queued deliveries, queues are written at once instead of at the end of the turn."""
-    import twisted_rt.ws as ws
+    import twisted_rt.routes.ws as ws
 
     monkeypatch.setattr(ws, "FLUSH_EVERY", 3)
     proto, clock, transport, broker = open_proto()
@@ -691,7 +691,7 @@ def test_write_now_sends_directly_and_keeps_order() -> None:
     """write_now sends at once on an idle TCP transport, and queues behind data the transport already holds."""
     from twisted.internet.testing import StringTransport
 
-    from twisted_rt.ws import write_now
+    from twisted_rt.routes.ws import write_now
 
     plain = StringTransport()
     write_now(plain, b"abc")  # not a TCP transport: plain write
@@ -735,8 +735,8 @@ def _client_text(payload: bytes) -> bytes:
 
 def test_unit_publishes_in_flight_pause_reading() -> None:
     """Past MAX_PUBLISHING publishes awaiting the journal the connection is no longer read, until half have settled."""
-    from twisted_rt.event import Accepted, Event
-    from twisted_rt.ws import MAX_PUBLISHING
+    from twisted_rt.core.event import Accepted, Event
+    from twisted_rt.routes.ws import MAX_PUBLISHING
 
     proto, clock, transport, broker = open_proto()
     for i in range(MAX_PUBLISHING - 1):
@@ -762,7 +762,7 @@ def test_unit_big_publishes_in_flight_pause_reading_by_bytes() -> None:
     assert transport.producerState == "producing"
     proto.dataReceived(_client_text(big))
     assert transport.producerState == "paused"
-    from twisted_rt.journal import JournalUnavailable
+    from twisted_rt.interfaces import JournalUnavailable
 
     for d, _draft in broker.published:  # failures settle them too
         d.errback(JournalUnavailable("disk full"))
@@ -792,7 +792,7 @@ def test_unit_repeated_subscribe_replays_once() -> None:
 
 def test_unit_parse_since_bounds_the_channels() -> None:
     """parse_since refuses an object naming more than max_channels channels before looking at them."""
-    from twisted_rt.ws import SinceTooLarge, parse_since
+    from twisted_rt.routes.ws import SinceTooLarge, parse_since
 
     assert parse_since({"a": 1, "b": 2}, 2) == {"a": 1, "b": 2}
     with pytest.raises(SinceTooLarge, match="may name 2 more"):

@@ -17,7 +17,7 @@ __all__ = ["main"]
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from twisted_rt.config import check_file
+    from twisted_rt.core.config import check_file
 
     problems = check_file(args.path)
     for p in problems:
@@ -28,9 +28,9 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from twisted_rt.auth import Authenticator
-    from twisted_rt.config import AuthConfig, ConfigError, load
-    from twisted_rt.matcher import PatternError, validate_pattern
+    from twisted_rt.core.auth import Authenticator
+    from twisted_rt.core.config import AuthConfig, ConfigError, load
+    from twisted_rt.core.matcher import PatternError, validate_pattern
 
     try:
         auth = load(args.config).auth if args.config else AuthConfig()
@@ -60,7 +60,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _gen_cert(args: argparse.Namespace) -> int:
-    from twisted_rt.tls import gen_cert
+    from twisted_rt.web.tls import gen_cert
 
     paths = gen_cert(args.host, args.out)
     for p in paths:

@@ -55,7 +55,7 @@ C{twisted-rt tail --forward URL} re-delivers each event's original request
 body and headers (from C{GET /api/raw/<channel>/<offset>}) to a local URL,
 the smee-client use case, retrying while the local server is down.  Headers
 that carry a secret (C{Authorization}, C{Cookie}, C{Proxy-Authorization},
-C{X-Gitlab-Token}: L{twisted_rt.verify.SECRET_HEADERS}) are never forwarded,
+C{X-Gitlab-Token}: L{twisted_rt.routes.verify.SECRET_HEADERS}) are never forwarded,
 even if an older daemon serves them; signatures (C{X-Hub-Signature-256},
 C{webhook-signature}, ...) are, so the provider's own check still passes.
 """
@@ -81,8 +81,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from twisted_rt.matcher import is_wildcard, matches
-from twisted_rt.verify import SECRET_HEADERS
+from twisted_rt.core.matcher import is_wildcard, matches
+from twisted_rt.routes.verify import SECRET_HEADERS
 
 __all__ = [
     "Forwarder",
@@ -643,7 +643,7 @@ def tail_main(args: Any) -> int:
     from twisted.internet import reactor
     from twisted.internet.defer import DeferredLock
 
-    from twisted_rt.matcher import PatternError, validate_pattern
+    from twisted_rt.core.matcher import PatternError, validate_pattern
 
     args.url = ws_url(args.url)
     try:

@@ -26,14 +26,16 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rt.app import App, build_root
-from twisted_rt.auth import Authenticator
-from twisted_rt.broker import Broker, LocalBroker
-from twisted_rt.config import Config
-from twisted_rt.journal import Journal
-from twisted_rt.metrics import Stats
-from twisted_rt.systemd import Notifier, WatchdogService
-from twisted_rt.web import RTSite
+from twisted_rt.app import App
+from twisted_rt.core.auth import Authenticator
+from twisted_rt.core.config import Config
+from twisted_rt.core.metrics import Stats
+from twisted_rt.core.systemd import Notifier, WatchdogService
+from twisted_rt.interfaces import Broker
+from twisted_rt.routes import build_root
+from twisted_rt.store.journal import Journal
+from twisted_rt.store.local import LocalBroker
+from twisted_rt.web.site import RTSite
 
 __all__ = ["GIL_SWITCH_INTERVAL", "RTService", "make_broker"]
 
@@ -45,7 +47,7 @@ GC_THRESHOLD = 10000
 def make_broker(config: Config, reactor: Any, stats: Stats) -> Broker:
     """The broker the config asks for."""
     if config.broker.kind == "redis":
-        from twisted_rt.redis import RedisBroker
+        from twisted_rt.store.redis import RedisBroker
 
         return RedisBroker(config, reactor, stats)
     j = config.journal
@@ -121,7 +123,7 @@ class RTService(MultiService):
         """The server endpoint of one C{[server] listen} entry."""
         from twisted.internet.endpoints import serverFromString
 
-        from twisted_rt import tls
+        from twisted_rt.web import tls
 
         return tls.server_endpoint(self.reactor, desc, self.config) or serverFromString(self.reactor, desc)
 
@@ -145,7 +147,7 @@ class RTService(MultiService):
         # latency in bench/.  0.5 ms roughly halved p99 there.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         if self.config.log_format == "json":
-            from twisted_rt.logs import use_json_logging
+            from twisted_rt.core.logs import use_json_logging
 
             use_json_logging()
         for s in self.config.sources:

@@ -48,9 +48,9 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, suc
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rt.broker import Broker
-from twisted_rt.event import Event
-from twisted_rt.matcher import PatternIndex, is_wildcard, matches
+from twisted_rt.core.event import Event
+from twisted_rt.core.matcher import PatternIndex, is_wildcard, matches
+from twisted_rt.interfaces import Broker
 
 __all__ = ["MAX_BUFFER", "MAX_BUFFER_BYTES", "REPLAY_PAGE", "REPLAY_PAGE_BYTES", "Since", "Subscriber"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from twisted_rt.config import Config, ConfigError, load, validate
+from twisted_rt.core.config import Config, ConfigError, load, validate
 
 __all__ = ["Options", "makeService"]
 

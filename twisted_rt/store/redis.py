@@ -64,12 +64,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rt.broker import Broker, ChannelInfo, Listener
-from twisted_rt.config import Config
-from twisted_rt.event import Accepted, Draft, Event, dumps, new_id, now_iso
-from twisted_rt.journal import PAGE_BYTES, JournalUnavailable, pattern_prefix
-from twisted_rt.matcher import matches
-from twisted_rt.metrics import Stats
+from twisted_rt.core.config import Config
+from twisted_rt.core.event import Accepted, Draft, Event, dumps, new_id, now_iso
+from twisted_rt.core.matcher import matches
+from twisted_rt.core.metrics import Stats
+from twisted_rt.interfaces import PAGE_BYTES, ChannelInfo, JournalUnavailable, Listener
+from twisted_rt.store.journal import pattern_prefix
+from twisted_rt.store.local import IndexedBroker
 
 __all__ = ["RedisBroker", "backoff", "parse_url"]
 
@@ -519,7 +520,7 @@ def _entry_offset(entry_id: Any) -> int:
     return int(_s(entry_id).split("-", 1)[0])
 
 
-class RedisBroker(Broker):
+class RedisBroker(IndexedBroker):
     """
     The L{Broker} of a cluster of nodes sharing one Redis.
 

@@ -5,7 +5,7 @@ subscribers.
 
 L{Broker} is the one interface the transports talk to.  L{LocalBroker} is a
 single node: the SQLite journal plus an in-memory L{PatternIndex}.  The Redis
-broker (L{twisted_rt.redis}) implements the same interface for several nodes.
+broker (L{twisted_rt.store.redis}) implements the same interface for several nodes.
 
 Ordering: the journal fires commits in order and the broker fans out in the
 commit callback, so live events reach subscribers in increasing C{seq} (so
@@ -19,45 +19,34 @@ pages a replay with C{after_seq=page[-1].seq} until a page comes back empty.
 
 from __future__ import annotations
 
-import abc
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from twisted_rt.event import Accepted, Draft, Event
-from twisted_rt.journal import PAGE_BYTES, Journal
-from twisted_rt.matcher import PatternIndex
+from twisted_rt.core.event import Accepted, Draft, Event
+from twisted_rt.core.matcher import PatternIndex
+from twisted_rt.interfaces import PAGE_BYTES, Broker, ChannelInfo, Listener
+from twisted_rt.store.journal import Journal
 
-__all__ = ["PAGE_BYTES", "Broker", "ChannelInfo", "LocalBroker", "Listener"]
-
-
-class Listener(Protocol):
-    """Something that receives live events (a connection's subscriber)."""
-
-    def deliver(self, event: Event) -> None:
-        """Take one live event (must not raise, must not block)."""
+__all__ = ["IndexedBroker", "LocalBroker"]
 
 
-ChannelInfo = dict[str, Any]  # {"name", "subscribers", "last_offset"}
-
-
-class Broker(abc.ABC):
-    """What every broker offers the transports and the API."""
+class IndexedBroker(Broker):
+    """
+    The part every broker shares: this node's live subscriptions in a
+    L{PatternIndex}, and the fan-out of an event to the listeners that match.
+    """
 
     log = Logger()
 
     def __init__(self) -> None:
         self.index: PatternIndex[Listener] = PatternIndex()
 
-    # live subscriptions (local to this node in every broker)
-
     def subscribe(self, pattern: str, listener: Listener) -> None:
-        """Deliver live events of channels matching C{pattern} to C{listener}."""
         self.index.add(pattern, listener)
 
     def unsubscribe(self, pattern: str, listener: Listener) -> None:
-        """Stop delivering C{pattern} to C{listener}."""
         self.index.remove(pattern, listener)
 
     def fanout(self, event: Event) -> None:
@@ -69,83 +58,10 @@ class Broker(abc.ABC):
                 self.log.failure("delivering {event} to {listener}", event=event, listener=listener)
 
     def local_subscribers(self, channel: str) -> int:
-        """How many local listeners would receive an event on C{channel}."""
         return len(set(self.index.match(channel)))
 
-    # the durable part
 
-    @abc.abstractmethod
-    def start(self) -> Deferred[None]:
-        """Open the store (fires even if it is not ready yet)."""
-
-    @abc.abstractmethod
-    def stop(self) -> Deferred[None]:
-        """Flush and close."""
-
-    @property
-    @abc.abstractmethod
-    def ready(self) -> bool:
-        """Whether events can be accepted now."""
-
-    @property
-    @abc.abstractmethod
-    def not_ready_reason(self) -> str:
-        """Why not L{ready} (empty when ready)."""
-
-    @abc.abstractmethod
-    def publish(self, drafts: Sequence[Draft]) -> Deferred[list[Accepted]]:
-        """
-        Make C{drafts} durable in one commit, then deliver the new ones.
-
-        Fires with one L{Accepted} per draft once durable; fails with
-        L{twisted_rt.journal.JournalUnavailable} when nothing was accepted.
-        """
-
-    @abc.abstractmethod
-    def history(
-        self, channel: str, after: int = 0, limit: int = 1000, *, max_bytes: int = PAGE_BYTES
-    ) -> Deferred[list[Event]]:
-        """
-        Events of one channel with offsets above C{after}, oldest first: at
-        most C{limit} events and about C{max_bytes} of event JSON (always at
-        least one event if any exists).
-        """
-
-    @abc.abstractmethod
-    def replay(
-        self,
-        pattern: str | Sequence[str],
-        since: Mapping[str, int],
-        limit: int = 1000,
-        *,
-        after_seq: int = 0,
-        max_bytes: int = PAGE_BYTES,
-    ) -> Deferred[list[Event]]:
-        """
-        Events of every channel matching C{pattern} (or any of several
-        patterns) with C{offset > since.get(channel, 0)} and C{seq >
-        after_seq}, in increasing C{seq} (for one channel: offset order): at
-        most C{limit} events and about C{max_bytes} of event JSON (always at
-        least one event if any exists).  A page may be short because of
-        C{max_bytes}: page with C{after_seq=page[-1].seq} until a page comes
-        back empty.  C{since} may be a mapping whose C{get} gives a floor for
-        channels it does not name; leave it unchanged until this fires.
-        """
-
-    @abc.abstractmethod
-    def position(self) -> Deferred[int]:
-        """The largest C{seq} journaled so far (0 when none)."""
-
-    @abc.abstractmethod
-    def last_offset(self, channel: str) -> Deferred[int]:
-        """A channel's last offset (0 if it has none)."""
-
-    @abc.abstractmethod
-    def channels(self) -> Deferred[list[ChannelInfo]]:
-        """Every known channel with its subscriber count and last offset."""
-
-
-class LocalBroker(Broker):
+class LocalBroker(IndexedBroker):
     """One node: SQLite journal plus in-memory fan-out."""
 
     def __init__(self, journal: Journal) -> None:

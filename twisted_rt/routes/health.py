@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.web.server import Request
 
-from twisted_rt.web import JsonResource, Reply
+from twisted_rt.web.resource import JsonResource, Reply
 
 if TYPE_CHECKING:
     from twisted_rt.app import App

@@ -339,13 +339,13 @@ def validate(cfg: Config) -> None:
     """Check the relations between keys.  @raise ConfigError: on a problem."""
     from twisted.internet import endpoints
 
-    from twisted_rt.matcher import PatternError, validate_pattern
+    from twisted_rt.core.matcher import PatternError, validate_pattern
 
     if not cfg.server.listen:
         raise ConfigError("server.listen", "at least one endpoint is needed")
     for i, desc in enumerate(cfg.server.listen):
         _check_endpoint(endpoints, desc, f"server.listen[{i}]")
-    from twisted_rt.tls import check as check_tls  # ssl: listeners and [tls] files
+    from twisted_rt.web.tls import check as check_tls  # ssl: listeners and [tls] files
 
     check_tls(cfg)
     if cfg.server.max_body_bytes < 1:
@@ -440,7 +440,7 @@ def validate(cfg: Config) -> None:
 
 
 def _check_public_key(path: str) -> None:
-    from twisted_rt.auth import load_public_key
+    from twisted_rt.core.auth import load_public_key
 
     key = "auth.jwt_public_key_file"
     if not os.path.isfile(path):
@@ -481,7 +481,7 @@ def _check_endpoint(endpoints: Any, desc: str, key: str) -> None:
     from twisted.internet.testing import MemoryReactor
 
     if desc.startswith("ssl:"):
-        return  # parsed and its files checked by twisted_rt.tls.check
+        return  # parsed and its files checked by twisted_rt.web.tls.check
     if desc.startswith("systemd:"):
         # The systemd endpoint reads LISTEN_FDS at parse time; only the
         # syntax is checked here.

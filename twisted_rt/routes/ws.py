@@ -57,11 +57,12 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from twisted_rt.auth import AuthError, Principal
-from twisted_rt.event import Draft, Event, dumps, loads
-from twisted_rt.matcher import ChannelError, PatternError, validate_channel, validate_pattern
+from twisted_rt.core.auth import Principal
+from twisted_rt.core.event import Draft, Event, dumps, loads
+from twisted_rt.core.matcher import ChannelError, PatternError, validate_channel, validate_pattern
+from twisted_rt.interfaces import AuthError
 from twisted_rt.subscriber import Since, Subscriber
-from twisted_rt.web import write_now
+from twisted_rt.web.site import write_now
 
 if TYPE_CHECKING:
     from twisted_rt.app import App
@@ -473,7 +474,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             result.addErrback(self._failed, op, ref)
 
     def _failed(self, f: Failure, op: Any, ref: Any) -> None:
-        from twisted_rt.journal import JournalUnavailable
+        from twisted_rt.interfaces import JournalUnavailable
 
         if f.check(JournalUnavailable):
             self._error("journal_unavailable", f"nothing was accepted: {f.getErrorMessage()}", ref, False)
@@ -758,7 +759,7 @@ class _Resource(WebSocketResource):
     def render(self, request: Request) -> Any:
         from twisted.web.server import NOT_DONE_YET
 
-        from twisted_rt.web import write_json
+        from twisted_rt.web.resource import write_json
 
         upgrade = (request.getHeader(b"upgrade") or b"").lower()
         if request.method != b"GET":

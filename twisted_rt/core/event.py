@@ -87,7 +87,7 @@ class Draft:
     @ivar scope: the idempotency scope of C{id}: two drafts are the same
         event when their C{(scope, id)} are equal.  C{None} means the
         C{source} (a webhook source's delivery ids); publishers use
-        L{twisted_rt.auth.Principal.scope}, so one publisher's keys are the
+        L{twisted_rt.core.auth.Principal.scope}, so one publisher's keys are the
         same over HTTP and WebSocket and never meet another publisher's.
     """
 

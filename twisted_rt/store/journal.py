@@ -53,13 +53,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from twisted_rt.event import Accepted, Draft, Event, dumps, new_id, now_iso
-from twisted_rt.matcher import is_wildcard, matches
+from twisted_rt.core.event import Accepted, Draft, Event, dumps, new_id, now_iso
+from twisted_rt.core.matcher import is_wildcard, matches
+from twisted_rt.interfaces import PAGE_BYTES, JournalUnavailable, UnencodableEvent
 
 __all__ = ["PAGE_BYTES", "Journal", "JournalUnavailable", "UnencodableEvent", "pattern_prefix"]
 
-#: the most event JSON one history or replay page holds (about; at least one event)
-PAGE_BYTES = 4 * 1024 * 1024
 
 # events.seq is the rowid (files made before it have the implicit rowid, which
 # every query names instead).  deliveries.source holds the idempotency scope.
@@ -108,14 +107,6 @@ _IN_CHUNK = 500
 
 #: what the writer loads when it opens the database: each channel's last offset, the seq counter
 _State = tuple[dict[str, int], int]
-
-
-class JournalUnavailable(Exception):
-    """The journal cannot take or give events right now."""
-
-
-class UnencodableEvent(ValueError):
-    """An event whose data cannot be written as JSON (refused alone, before its batch)."""
 
 
 def _row_event(row: Sequence[Any]) -> Event:

@@ -5,7 +5,7 @@ C{/hooks/<source>}: signed webhooks in.
 C{POST /hooks/<source>} goes, cheapest check first: unknown source (404),
 the per-IP rate limit (429), the per-IP throttle of signature failures
 (429, see below), X's content-type rule (415), the source's signature over
-the raw body (401, L{twisted_rt.verify}), the source's rate limit (429,
+the raw body (401, L{twisted_rt.routes.verify}), the source's rate limit (429,
 counting verified deliveries only, so junk never locks the genuine sender
 out), the body (415, 400), provider handshakes (answered, never journaled),
 the channel template (400 C{unroutable}), then one C{broker.publish} whose
@@ -20,14 +20,14 @@ an address with none left is answered 429 with C{Retry-After} before its
 signature is even looked at, whatever it sends, so online guessing (of a
 weak GitLab token, say) stops there while other addresses are untouched.
 IPv6 clients are counted per /64.  Both per-IP tables are bounded
-(L{twisted_rt.ratelimit}).
+(L{twisted_rt.routes.ratelimit}).
 
 The request headers kept with the event are the provider's minus
-L{twisted_rt.verify.SECRET_HEADERS} and the source's C{redact_headers}.
+L{twisted_rt.routes.verify.SECRET_HEADERS} and the source's C{redact_headers}.
 
 C{GET /hooks/<source>} answers only the handshakes of Meta
 (C{hub.challenge}) and X (C{crc_token}, refused with 400 for a token that
-could be a delivery body: L{twisted_rt.verify.crc_token_problem}); anything
+could be a delivery body: L{twisted_rt.routes.verify.crc_token_problem}); anything
 else is a 405.
 
 This is the ingest hot path: no logging besides the access log, one copy of
@@ -49,11 +49,11 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from twisted_rt.config import SourceConfig
-from twisted_rt.event import Accepted, Draft, loads
-from twisted_rt.matcher import ChannelError, validate_channel
-from twisted_rt.ratelimit import RateLimiter
-from twisted_rt.verify import (
+from twisted_rt.core.config import SourceConfig
+from twisted_rt.core.event import Accepted, Draft, loads
+from twisted_rt.core.matcher import ChannelError, validate_channel
+from twisted_rt.routes.ratelimit import RateLimiter
+from twisted_rt.routes.verify import (
     SignatureError,
     identify,
     meta_challenge,
@@ -62,7 +62,7 @@ from twisted_rt.verify import (
     verify,
     zoom_validation,
 )
-from twisted_rt.web import JsonError, Reply, error_body, run, write_json
+from twisted_rt.web.resource import JsonError, Reply, error_body, run, write_json
 
 if TYPE_CHECKING:
     from twisted_rt.app import App
@@ -490,7 +490,7 @@ class HooksResource:
     def _failed(self, f: Failure, name: str) -> Failure:
         from twisted.internet.defer import CancelledError
 
-        from twisted_rt.journal import JournalUnavailable
+        from twisted_rt.interfaces import JournalUnavailable
 
         if isinstance(f.value, JournalUnavailable):
             self.stats.webhook(name, "journal_unavailable")

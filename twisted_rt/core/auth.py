@@ -22,20 +22,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import jwt
 
-from twisted_rt.config import AuthConfig
-from twisted_rt.matcher import PatternError, covers, matches, validate_pattern
+from twisted_rt.core.config import AuthConfig
+from twisted_rt.core.matcher import PatternError, covers, matches, validate_pattern
+from twisted_rt.interfaces import AuthError
 
 __all__ = ["AuthError", "Authenticator", "Principal", "load_public_key", "require"]
-
-
-class AuthError(Exception):
-    """Authentication failed: answered 401 (or 403 with C{status=403})."""
-
-    def __init__(self, code: str, message: str, status: int = 401) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
 
 
 @dataclass(frozen=True)

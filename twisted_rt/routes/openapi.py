@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted_rt import __version__
-from twisted_rt.api import (
+from twisted_rt.routes.api import (
     DEFAULT_HISTORY_LIMIT,
     MAX_BATCH,
     MAX_HISTORY_LIMIT,

@@ -55,12 +55,12 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from twisted_rt.auth import AuthError, Principal
-from twisted_rt.broker import PAGE_BYTES
-from twisted_rt.event import Event
-from twisted_rt.matcher import ChannelError, PatternError, validate_channel, validate_pattern
-from twisted_rt.web import MAX_INT, JsonError, JsonResource, Reply, error_body, int_arg, write_json
-from twisted_rt.ws import origin_allowed
+from twisted_rt.core.auth import Principal
+from twisted_rt.core.event import Event
+from twisted_rt.core.matcher import ChannelError, PatternError, validate_channel, validate_pattern
+from twisted_rt.interfaces import PAGE_BYTES, AuthError
+from twisted_rt.routes.ws import origin_allowed
+from twisted_rt.web.resource import MAX_INT, JsonError, JsonResource, Reply, error_body, int_arg, write_json
 
 if TYPE_CHECKING:
     from twisted_rt.app import App

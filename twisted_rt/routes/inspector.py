@@ -14,7 +14,7 @@ The people-facing routes: the live inspector page and the browser client.
   did not arrive as a webhook).  It needs the right to read the channel (an
   API key, or a JWT whose C{subscribe} covers it).  C{twisted-rt tail
   --forward} uses it to re-deliver the original bytes.  Headers that carry
-  a secret (L{twisted_rt.verify.SECRET_HEADERS} and the source's
+  a secret (L{twisted_rt.routes.verify.SECRET_HEADERS} and the source's
   C{redact_headers}) are never served, even from rows journaled before
   ingest stopped storing them.
 """
@@ -28,17 +28,17 @@ from typing import TYPE_CHECKING, Any
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from twisted_rt.config import Config
-from twisted_rt.matcher import ChannelError, validate_channel
-from twisted_rt.verify import secret_headers
-from twisted_rt.web import JsonError, JsonResource, Root, json_page
+from twisted_rt.core.config import Config
+from twisted_rt.core.matcher import ChannelError, validate_channel
+from twisted_rt.routes.verify import secret_headers
+from twisted_rt.web.resource import JsonError, JsonResource, Root, json_page
 
 if TYPE_CHECKING:
     from twisted_rt.app import App
 
 __all__ = ["RAW_PATH", "RawEvent", "StaticFile", "mount"]
 
-STATIC = Path(__file__).resolve().parent / "static"
+STATIC = Path(__file__).resolve().parent.parent / "static"
 
 #: Where L{RawEvent} is mounted (below the root).
 RAW_PATH = (b"api", b"raw")

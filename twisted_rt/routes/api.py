@@ -6,17 +6,17 @@ C{/openapi.json}.
   - C{POST /api/publish}: one event C{{"channel","data","id"?,"type"?}} or a
     batch C{{"events": [...]}} of at most L{MAX_BATCH}, journaled in one
     commit; idempotent by C{id} within the caller's scope
-    (L{twisted_rt.auth.Principal.scope}: one for API keys, one per JWT
+    (L{twisted_rt.core.auth.Principal.scope}: one for API keys, one per JWT
     C{sub}; the same over WebSocket), so another publisher's ids are
     neither met nor revealed.
   - C{GET /api/channels}: channels the caller may read.
   - C{GET /api/channels/<name>/history?since=N&limit=M}: at most C{limit}
-    events and about L{twisted_rt.broker.PAGE_BYTES} of them;
+    events and about L{twisted_rt.store.local.PAGE_BYTES} of them;
     C{"more": true} when more events follow (page on with C{since} = the
     last offset of the page), C{"more": false} otherwise.
-  - C{GET /api/stats}: the counters of L{twisted_rt.metrics.Stats}.
+  - C{GET /api/stats}: the counters of L{twisted_rt.core.metrics.Stats}.
   - C{GET /metrics}: Prometheus text exposition.
-  - C{GET /openapi.json}: L{twisted_rt.openapi.document}.
+  - C{GET /openapi.json}: L{twisted_rt.routes.openapi.document}.
 
 Every route but C{/metrics} and C{/openapi.json} needs a token (an API key,
 or a JWT with the rights); C{history} also answers an anonymous caller for
@@ -31,10 +31,11 @@ from prometheus_client.exposition import choose_encoder
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from twisted_rt.auth import AuthError, Principal, require
-from twisted_rt.event import Draft, dumps, loads
-from twisted_rt.matcher import ChannelError, validate_channel
-from twisted_rt.web import JsonError, JsonResource, Reply, Root, error_body, int_arg
+from twisted_rt.core.auth import Principal, require
+from twisted_rt.core.event import Draft, dumps, loads
+from twisted_rt.core.matcher import ChannelError, validate_channel
+from twisted_rt.interfaces import AuthError
+from twisted_rt.web.resource import JsonError, JsonResource, Reply, Root, error_body, int_arg
 
 if TYPE_CHECKING:
     from twisted_rt.app import App
@@ -248,7 +249,7 @@ class OpenAPI(JsonResource):
 
     def __init__(self, app: App) -> None:
         super().__init__()
-        from twisted_rt.openapi import document
+        from twisted_rt.routes.openapi import document
 
         self._body = dumps(document())
 

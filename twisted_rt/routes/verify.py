@@ -56,7 +56,7 @@ import re
 from functools import lru_cache
 from typing import Any, Callable, Mapping
 
-from twisted_rt.config import SourceConfig
+from twisted_rt.core.config import SourceConfig
 
 __all__ = [
     "SECRET_HEADERS",

@@ -57,7 +57,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
-from twisted_rt.config import Config, ConfigError, TLSConfig
+from twisted_rt.core.config import Config, ConfigError, TLSConfig
 
 __all__ = [
     "ALPN_PROTOCOLS",
@@ -426,7 +426,7 @@ class Reloader:
         notifier: Any = None,
         in_thread: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
-        from twisted_rt.systemd import Notifier
+        from twisted_rt.core.systemd import Notifier
 
         self.reactor = reactor
         self.notifier = notifier if notifier is not None else Notifier()
@@ -545,7 +545,7 @@ class _RedirectPage(Resource):
         self.location = location
 
     def render(self, request: Any) -> bytes:
-        from twisted_rt.web import error_body
+        from twisted_rt.web.resource import error_body
 
         request.setResponseCode(308)
         request.setHeader(b"location", self.location.encode("utf-8"))
