@@ -9,9 +9,10 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
+import pytest_twisted
 from conftest import BIN, ROOT, Daemon, free_port, http, http_json
 
 from twisted_rt.tap import Options
@@ -258,3 +259,196 @@ def test_unit_redact_uri() -> None:
     assert redact_uri(b"/healthz") == "/healthz"
     assert redact_uri(b"/a?tokenizer=1&monkey=2") == "/a?tokenizer=1&monkey=2"
     assert redact_uri(b"/a?\xff=1&token=\xfe") == "/a?\ufffd=1&token=REDACTED"
+
+
+# -- process-wide policy: the entry point's, never the service's -------------
+
+
+def _process_settings() -> tuple[object, ...]:
+    """Everything an RTService must leave alone: GC, switch interval, log observers."""
+    import gc
+
+    from twisted_rt.core import logs
+
+    return (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled(), sys.getswitchinterval(), list(logs._installed))
+
+
+def _inprocess_config(*listen: str) -> Any:
+    from twisted_rt.core.config import Config, JournalConfig, ServerConfig, SourceConfig
+
+    return Config(
+        server=ServerConfig(listen=listen, shutdown_timeout_seconds=1),
+        journal=JournalConfig(path=":memory:"),
+        sources=(SourceConfig(name="open", verify="none", channel="open"),),
+        log_format="json",
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_inprocess_service_changes_no_process_setting() -> None:
+    """Building, starting (listening, READY) and stopping an RTService in-process leaves GC, switch interval and logging as they were."""
+    from twisted.internet import reactor
+
+    from twisted_rt.service import RTService
+
+    before = _process_settings()
+    service = RTService(_inprocess_config("tcp:0:interface=127.0.0.1"), reactor)  # type: ignore[arg-type]
+    ready: list[bool] = []
+    service.on_ready(lambda: ready.append(True))
+    service.startService()
+    assert service._started is not None
+    await service._started
+    assert ready == [True] and len(service.ports) == 1 and service.start_failure is None
+    assert _process_settings() == before
+    await service.stopService()
+    assert _process_settings() == before and reactor.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_inprocess_failed_start_only_reports() -> None:
+    """A listener that cannot bind, in-process: on_fatal hooks get the one line; the reactor keeps running, nothing exits."""
+    from twisted.internet import reactor
+
+    from twisted_rt.service import RTService
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        service = RTService(_inprocess_config(f"tcp:{port}:interface=127.0.0.1"), reactor)  # type: ignore[arg-type]
+        fatal: list[str] = []
+        service.on_fatal(fatal.append)
+        service.startService()
+        assert service._started is not None
+        await service._started
+    assert fatal == [f"cannot listen on tcp:{port}:interface=127.0.0.1: {fatal[0].split(': ', 1)[1]}"]
+    assert "Address already in use" in fatal[0] and service.start_failure == fatal[0] and reactor.running
+    await service.stopService()
+
+
+def test_options_tuning_defaults_are_documented() -> None:
+    """--switch-interval 0.0005, --gc-threshold 10000 and the GC freeze are the defaults, and --help names them."""
+    from twisted_rt.tap import GC_THRESHOLD, GIL_SWITCH_INTERVAL, Tuning
+
+    o = Options()
+    o.parseOptions([])
+    assert Tuning.from_options(o) == Tuning(0.0005, 10000, True) == Tuning()
+    assert (GIL_SWITCH_INTERVAL, GC_THRESHOLD) == (0.0005, 10000)
+    o = Options()
+    o.parseOptions(["--switch-interval", "0", "--gc-threshold", "0", "--no-gc-freeze"])
+    assert Tuning.from_options(o) == Tuning(0.0, 0, False)
+    assert Tuning.from_options({}) == Tuning()  # makeService called without postOptions
+    usage = str(Options())
+    assert "--switch-interval=" in usage and "[default: 0.0005]" in usage
+    assert "--gc-threshold=" in usage and "[default: 10000]" in usage and "--no-gc-freeze" in usage
+
+
+@pytest.mark.parametrize("args", [["--switch-interval", "x"], ["--switch-interval", "2"],
+                                  ["--switch-interval", "nan"], ["--gc-threshold", "-1"], ["--gc-threshold", "1.5"]])
+def test_options_refuse_bad_tuning(args: list[str]) -> None:
+    """A switch interval outside 0..1 s or a negative or non-integer GC threshold is a usage error."""
+    from twisted.python.usage import UsageError
+
+    with pytest.raises(UsageError):
+        Options().parseOptions(args)
+
+
+class _Hooks:
+    """Just the hook registry of an RTService (and its config)."""
+
+    def __init__(self, log_format: str = "text") -> None:
+        from twisted_rt.core.config import Config
+
+        self.config = Config(log_format=log_format)
+        self.starting: list[Callable[[], object]] = []
+        self.ready: list[Callable[[], object]] = []
+
+    def on_starting(self, hook: Callable[[], object]) -> None:
+        self.starting.append(hook)
+
+    def on_ready(self, hook: Callable[[], object]) -> None:
+        self.ready.append(hook)
+
+
+def test_tune_sets_the_process_policy_at_start_and_once_listening(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tap.tune: the switch interval when the service starts; gc.collect, gc.freeze and the threshold once it listens."""
+    import gc
+
+    from twisted_rt import tap
+
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(sys, "setswitchinterval", lambda v: calls.append(("switch", v)))
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(("collect", a)) or 0)
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append(("freeze", ())))
+    monkeypatch.setattr(gc, "set_threshold", lambda *a: calls.append(("threshold", a)))
+    monkeypatch.setattr(gc, "get_threshold", lambda: (700, 10, 10))
+
+    service = _Hooks()
+    tap.tune(service, tap.Tuning())  # type: ignore[arg-type]
+    assert calls == []  # building sets nothing
+    [starting], [ready] = service.starting, service.ready
+    starting()
+    assert calls == [("switch", 0.0005)]
+    ready()
+    assert calls[1:] == [("collect", ()), ("freeze", ()), ("threshold", (10000, 10, 10))]
+
+    calls.clear()
+    service = _Hooks()
+    tap.tune(service, tap.Tuning(switch_interval=0, gc_threshold=0, gc_freeze=False))  # type: ignore[arg-type]
+    for hook in service.starting + service.ready:
+        hook()
+    assert calls == []
+
+
+def test_tune_installs_json_logging_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """JSON logging (which replaces twistd's global log observers) is installed by tap's start hook, for log_format json only."""
+    from twisted_rt import tap
+    from twisted_rt.core import logs
+
+    installed: list[bool] = []
+    monkeypatch.setattr(logs, "use_json_logging", lambda: installed.append(True))
+    monkeypatch.setattr(sys, "setswitchinterval", lambda v: None)
+    for fmt in ("text", "json"):
+        service = _Hooks(fmt)
+        tap.tune(service, tap.Tuning())  # type: ignore[arg-type]
+        service.starting[0]()
+    assert installed == [True]
+
+
+def test_exit_on_fatal_stops_the_reactor_then_exits_1(monkeypatch: pytest.MonkeyPatch,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """tap.exit_on_fatal: the line on the real stderr, the reactor stopped (or stopped once running), os._exit(1) after shutdown."""
+    import os
+
+    from twisted.internet.testing import MemoryReactor
+
+    from twisted_rt.tap import exit_on_fatal
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    reactor = MemoryReactor()
+    exit_on_fatal(reactor)("cannot listen on tcp:1: no")
+    assert "twisted-rt: cannot listen on tcp:1: no\n" in capfd.readouterr().err
+    assert not reactor.hasStopped
+    assert reactor.whenRunningHooks == [(reactor.stop, (), {})]  # not running yet: stops once it runs
+    [(leave, args, kw)] = reactor.triggers["after"]["shutdown"]
+    assert exits == []
+    leave(*args, **kw)
+    assert exits == [1]
+
+    running = MemoryReactor()
+    running.running = True
+    exit_on_fatal(running)("start failed: boom")
+    assert running.hasStopped and running.whenRunningHooks == [] and len(running.triggers["after"]["shutdown"]) == 1
+
+
+def test_make_service_registers_the_process_policy() -> None:
+    """tap.makeService gives the service the tuning, the exit-1-on-fatal and the clean-exit hooks; building it sets nothing."""
+    from twisted_rt.tap import makeService
+
+    o = Options()
+    o.parseOptions(["--journal", ":memory:"])
+    before = _process_settings()
+    service = makeService(o)
+    assert _process_settings() == before
+    assert len(service._starting) == len(service._ready) == len(service._stopped) == len(service._fatal_hooks) == 1

@@ -10,21 +10,26 @@ line and exit status 1.
 Stop (SIGTERM/SIGINT): C{STOPPING=1} -> stop listening -> shutdown hooks
 (WebSocket clients closed with 1001, streams ended) -> wait for in-flight
 requests up to C{shutdown_timeout_seconds} -> flush and close the journal.
+
+Building, starting and stopping an L{RTService} changes no process-wide
+setting (GC, the GIL switch interval, log observers, signal handling, the
+process's exit): a test may run one in-process.  That policy belongs to the
+entry point, L{twisted_rt.tap.makeService}, which registers it with
+L{RTService.on_starting}, L{RTService.on_ready}, L{RTService.on_stopped}
+and L{RTService.on_fatal}.
 """
 
 from __future__ import annotations
 
-import gc
-import os
-import sys
-from typing import Any
+from typing import Any, Callable, cast
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.server import Request
 
 from twisted_rt.app import App
 from twisted_rt.core.auth import Authenticator
@@ -33,18 +38,17 @@ from twisted_rt.core.metrics import Stats
 from twisted_rt.core.systemd import Notifier, WatchdogService
 from twisted_rt.interfaces import Broker
 from twisted_rt.routes import build_root
-from twisted_rt.store.journal import Journal
+from twisted_rt.store.journal import Journal, ThreadedReactor
 from twisted_rt.store.local import LocalBroker
 from twisted_rt.web.site import RTSite
 
-__all__ = ["GIL_SWITCH_INTERVAL", "RTService", "make_broker"]
+__all__ = ["RTService", "make_broker"]
 
-GIL_SWITCH_INTERVAL = 0.0005
-#: the cyclic collector's young-generation threshold (CPython's default: 700)
-GC_THRESHOLD = 10000
+#: what L{RTService.on_starting}, L{RTService.on_ready} and L{RTService.on_stopped} call
+Hook = Callable[[], object]
 
 
-def make_broker(config: Config, reactor: Any, stats: Stats) -> Broker:
+def make_broker(config: Config, reactor: ThreadedReactor, stats: Stats) -> Broker:
     """The broker the config asks for."""
     if config.broker.kind == "redis":
         from twisted_rt.store.redis import RedisBroker
@@ -64,21 +68,28 @@ def make_broker(config: Config, reactor: Any, stats: Stats) -> Broker:
 
 
 class RTService(MultiService):
-    """The whole daemon."""
+    """
+    The whole daemon, with no process-wide side effect (see the module's
+    docstring): what the process does around it is given as hooks.
+
+    @ivar start_failure: why the start failed (the one line L{on_fatal}
+        hooks get), or C{None}.
+    """
 
     log = Logger()
 
     def __init__(
         self,
         config: Config,
-        reactor: Any = None,
+        reactor: ThreadedReactor | None = None,
         notifier: Notifier | None = None,
     ) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
-            reactor = _reactor
+            # The global reactor's declared type leaves out its threads (IReactorFromThreads).
+            reactor = cast(ThreadedReactor, _reactor)
         self.config = config
         self.reactor = reactor
         self.notifier = notifier or Notifier()
@@ -94,13 +105,38 @@ class RTService(MultiService):
         self.root = build_root(self.app)
         self.site = self._make_site()
         self.ports: list[IListeningPort] = []
+        self.start_failure: str | None = None
         self._started: Deferred[None] | None = None
+        self._starting: list[Hook] = []
+        self._ready: list[Hook] = []
+        self._stopped: list[Hook] = []
+        self._fatal_hooks: list[Callable[[str], object]] = []
         WatchdogService(self.notifier, reactor).setServiceParent(self)
+
+    def on_starting(self, hook: Hook) -> None:
+        """Call C{hook} first thing in L{startService}, before anything is logged or opened."""
+        self._starting.append(hook)
+
+    def on_ready(self, hook: Hook) -> None:
+        """Call C{hook} once every endpoint listens, just before C{READY=1}."""
+        self._ready.append(hook)
+
+    def on_stopped(self, hook: Hook) -> None:
+        """Call C{hook} at the end of a clean stop (the journal is closed)."""
+        self._stopped.append(hook)
+
+    def on_fatal(self, hook: Callable[[str], object]) -> None:
+        """
+        Call C{hook} with one line saying why, when the start fails (a
+        listener cannot bind, a start-up step raised).  The service
+        itself only logs it: leaving the process is the entry point's policy.
+        """
+        self._fatal_hooks.append(hook)
 
     def _make_site(self) -> RTSite:
         stats = self.stats
 
-        def too_large(request: Any) -> None:
+        def too_large(request: Request) -> None:
             stats.dropped["body_too_large"] += 1
 
         def refused(reason: str) -> None:
@@ -119,17 +155,20 @@ class RTService(MultiService):
             on_refused=refused,
         )
 
-    def endpoint(self, desc: str) -> Any:
+    def endpoint(self, desc: str) -> IStreamServerEndpoint:
         """The server endpoint of one C{[server] listen} entry."""
         from twisted.internet.endpoints import serverFromString
 
         from twisted_rt.web import tls
 
-        return tls.server_endpoint(self.reactor, desc, self.config) or serverFromString(self.reactor, desc)
+        endpoint: IStreamServerEndpoint = tls.server_endpoint(self.reactor, desc, self.config) or serverFromString(
+            self.reactor, desc
+        )
+        return endpoint
 
-    def _listen(self, desc: str) -> Deferred[Any]:
+    def _listen(self, desc: str) -> Deferred[IListeningPort]:
         try:
-            return self.endpoint(desc).listen(self.site)  # type: ignore[no-any-return]
+            return self.endpoint(desc).listen(self.site)
         except (IndexError, KeyError):
             if not desc.startswith("systemd:"):
                 return defer.fail()
@@ -141,15 +180,8 @@ class RTService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        # The journal's writer thread needs the GIL a few times per commit; with
-        # CPython's default 5 ms switch interval it waits behind a busy reactor
-        # (fan-out) for each, which showed as most of the publish-to-delivery
-        # latency in bench/.  0.5 ms roughly halved p99 there.
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        if self.config.log_format == "json":
-            from twisted_rt.core.logs import use_json_logging
-
-            use_json_logging()
+        for hook in self._starting:
+            hook()
         for s in self.config.sources:
             if s.verify == "none":
                 self.log.warn(
@@ -165,7 +197,8 @@ class RTService(MultiService):
         await self.broker.start()
         for hook in self.app.startup_hooks:
             await _maybe(hook())
-        results = await DeferredList(
+        # each result is (True, port) or (False, Failure)
+        results: list[tuple[bool, Any]] = await DeferredList(
             [self._listen(desc) for desc in self.config.server.listen], consumeErrors=True
         )
         failed = []
@@ -177,13 +210,8 @@ class RTService(MultiService):
                 failed.append(f"cannot listen on {desc}: {value.getErrorMessage()}")
         if failed:
             raise _StartError("; ".join(failed))
-        # Everything built so far lives as long as the daemon: keep it out of
-        # the cyclic collector's scans, and collect the young generation less
-        # often (requests free their objects by reference counting; the
-        # collector at 700 allocations was ~3% of the ingest path).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+        for ready in self._ready:
+            ready()
         self.notifier.ready(f"serving {len(self.ports)} listener(s)")
         self.log.info("twisted_rt ready", log_category="RT-S02")
 
@@ -192,22 +220,9 @@ class RTService(MultiService):
         if not f.check(_StartError):
             self.log.failure("start failed", f)
         self.log.critical("{msg}", msg=msg, log_category="RT-S99")
-        # twistd has redirected sys.stderr into the log; say it on the real one too
-        err = sys.__stderr__
-        if err is not None:
-            err.write(f"twisted-rt: {msg}\n")
-            err.flush()
-
-        def leave() -> None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
-
-        self.reactor.addSystemEventTrigger("after", "shutdown", leave)
-        if self.reactor.running:
-            self.reactor.stop()
-        else:
-            self.reactor.callWhenRunning(self.reactor.stop)
+        self.start_failure = msg
+        for hook in self._fatal_hooks:
+            hook(msg)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -225,10 +240,8 @@ class RTService(MultiService):
         await self._drain(self.config.server.shutdown_timeout_seconds)
         await self.broker.stop()
         self.log.info("stopped", log_category="RT-S11")
-        # twistd re-raises a received SIGTERM/SIGINT after the reactor stops, so
-        # the process would die "by signal"; a clean shutdown exits 0 instead.
-        if getattr(self.reactor, "_exitSignal", None) is not None:
-            self.reactor._exitSignal = None
+        for hook in self._stopped:
+            hook()
 
     async def _drain(self, timeout: float) -> None:
         """Wait until no request is in flight, or C{timeout} passes."""
@@ -237,7 +250,7 @@ class RTService(MultiService):
         waited = 0.0
         step = 0.05
         while self.site.inflight and waited < timeout:
-            await deferLater(self.reactor, step, lambda: None)
+            await deferLater(cast(IReactorTime, self.reactor), step, lambda: None)
             waited += step
         if self.site.inflight:
             self.log.warn(

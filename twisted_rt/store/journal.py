@@ -44,9 +44,10 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, cast
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -55,9 +56,20 @@ from twisted.python.threadpool import ThreadPool
 
 from twisted_rt.core.event import Accepted, Draft, Event, dumps, new_id, now_iso
 from twisted_rt.core.matcher import is_wildcard, matches
-from twisted_rt.interfaces import PAGE_BYTES, JournalUnavailable, UnencodableEvent
+from twisted_rt.interfaces import PAGE_BYTES, JournalUnavailable, Reactor, UnencodableEvent
 
-__all__ = ["PAGE_BYTES", "Journal", "JournalUnavailable", "UnencodableEvent", "pattern_prefix"]
+__all__ = ["PAGE_BYTES", "Journal", "JournalUnavailable", "ThreadedReactor", "UnencodableEvent", "pattern_prefix"]
+
+
+class ThreadedReactor(Reactor, Protocol):
+    """
+    The reactor as the journal uses it: time (the trim loop) and
+    C{callFromThread} (its thread pools hand their answers back), as a real
+    reactor provides them (C{IReactorTime} + C{IReactorFromThreads}).
+    """
+
+    def callFromThread(self, callable: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """Call C{callable} in the reactor thread, from any thread."""
 
 
 # events.seq is the rowid (files made before it have the implicit rowid, which
@@ -144,7 +156,7 @@ class Journal:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ThreadedReactor,
         path: str,
         max_events_per_channel: int = 10000,
         retention_seconds: float = 604800,
@@ -193,7 +205,7 @@ class Journal:
         if self._rpool is not self._wpool:
             self._rpool.start()
         self._trimmer = LoopingCall(self.trim)
-        self._trimmer.clock = self._reactor
+        self._trimmer.clock = cast(IReactorTime, self._reactor)
         self._trimmer.start(self.trim_interval_seconds, now=False).addErrback(
             lambda f: self.log.failure("journal trimmer stopped", f)
         )
@@ -254,12 +266,12 @@ class Journal:
             self.log.warn("journal still unavailable: {error}", error=error)
 
     def _in_writer(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._wpool, f, *args)
+        return deferToThreadPool(cast(IReactorFromThreads, self._reactor), self._wpool, f, *args)
 
     def _in_reader(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         if self._closed:
             return _fail(JournalUnavailable("the journal is closed"))
-        return deferToThreadPool(self._reactor, self._rpool, f, *args)
+        return deferToThreadPool(cast(IReactorFromThreads, self._reactor), self._rpool, f, *args)
 
     # -- appends (reactor thread) ----------------------------------------
 
