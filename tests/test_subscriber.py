@@ -2,84 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 
-from twisted_rt.core.event import Event
-from twisted_rt.core.matcher import PatternIndex, matches
-from twisted_rt.interfaces import Listener
 from twisted_rt.subscriber import Subscriber
+from twisted_rt.testing import MemoryBroker
 
 
-def ev(channel: str, offset: int, seq: int = 0, size: int = 0) -> Event:
-    return Event(f"{channel}-{offset}", channel, offset, "t", "test", "", {"n": offset, "pad": "x" * size},
-                 seq=seq)
-
-
-class FakeBroker:
-    """
-    Just enough of a Broker: a journal list, an index, and replays (with the
-    broker's paging rule: seq order, limit, about max_bytes, at least one
-    event) answered at once or fired by the test by hand.
-    """
-
-    def __init__(self) -> None:
-        self.journal: list[Event] = []
-        self.index: PatternIndex[Listener] = PatternIndex()
-        self.pending: list[tuple[Deferred[list[Event]], str, dict[str, int], int, int, int]] = []
-        self.manual = False
-        self.queries: list[tuple[str, int]] = []  # (pattern, after_seq) of every replay query
-
-    def subscribe(self, pattern: str, listener: Listener) -> None:
-        self.index.add(pattern, listener)
-
-    def unsubscribe(self, pattern: str, listener: Listener) -> None:
-        self.index.remove(pattern, listener)
-
-    def commit(self, channel: str, size: int = 0) -> Event:
-        off = 1 + sum(1 for e in self.journal if e.channel == channel)
-        e = ev(channel, off, len(self.journal) + 1, size)
-        self.journal.append(e)
-        for listener in self.index.match(channel):
-            listener.deliver(e)
-        return e
-
-    def _query(self, pattern: str, since: Mapping[str, int], limit: int, after_seq: int = 0,
-               max_bytes: int = 1 << 22) -> list[Event]:
-        out: list[Event] = []
-        size = 0
-        for e in self.journal:
-            if e.seq > after_seq and matches(pattern, e.channel) and e.offset > since.get(e.channel, 0):
-                if out and (len(out) >= limit or size + len(e.json()) > max_bytes):
-                    break
-                out.append(e)
-                size += len(e.json())
-        return out
-
-    def replay(self, pattern: str, since: Mapping[str, int], limit: int = 1000, *, after_seq: int = 0,
-               max_bytes: int = 1 << 22) -> Deferred[list[Event]]:
-        self.queries.append((pattern, after_seq))
-        if not self.manual:
-            return succeed(self._query(pattern, since, limit, after_seq, max_bytes))
-        d: Deferred[list[Event]] = Deferred()
-        self.pending.append((d, pattern, since, limit, after_seq, max_bytes))
-        return d
-
-    def run_one(self) -> None:
-        d, *args = self.pending.pop(0)
-        d.callback(self._query(*args))  # type: ignore[arg-type]
-
-    def run_pending(self) -> None:
-        while self.pending:
-            self.run_one()
-
-
-def make() -> tuple[FakeBroker, Subscriber, list[tuple[str, int]]]:
-    broker = FakeBroker()
+def make() -> tuple[MemoryBroker, Subscriber, list[tuple[str, int]]]:
+    broker = MemoryBroker()
     got: list[tuple[str, int]] = []
-    sub = Subscriber(broker, lambda e: got.append((e.channel, e.offset)))  # type: ignore[arg-type]
+    sub = Subscriber(broker, lambda e: got.append((e.channel, e.offset)))
     return broker, sub, got
 
 
@@ -105,12 +39,12 @@ def test_replay_then_live() -> None:
 def test_events_during_replay_are_buffered_and_deduplicated() -> None:
     """Events committed while the replay query runs arrive once, after the replay, in order."""
     broker, sub, got = make()
-    broker.manual = True
+    broker.hold_reads = True
     broker.commit("a")
     broker.commit("a")
     d = sub.add("a", 0)
     broker.commit("a")  # before the query reads: in both replay and buffer
-    broker.run_pending()
+    broker.release_all()
     broker.commit("a")
     assert got == [("a", 1), ("a", 2), ("a", 3), ("a", 4)]
     assert d.called
@@ -119,16 +53,16 @@ def test_events_during_replay_are_buffered_and_deduplicated() -> None:
 def test_event_after_query_but_before_replay_returns() -> None:
     """An event the last (empty) page missed but the buffer caught is delivered right after the replay."""
     broker, sub, got = make()
-    broker.manual = True
+    broker.hold_reads = True
     broker.commit("a")
     sub.add("a", 0)
-    broker.run_one()  # the first page: a#1; the next query is in flight
+    broker.release_one()  # the first page: a#1; the next query is in flight
     assert got == [("a", 1)]
-    d, *args = broker.pending.pop(0)
-    snapshot = broker._query(*args)  # type: ignore[arg-type]
+    held = broker.held.pop(0)
+    snapshot = held.answer()
     assert snapshot == []
     broker.commit("a")  # committed after the last query read the journal
-    d.callback(snapshot)
+    held.deferred.callback(snapshot)
     assert got == [("a", 1), ("a", 2)]
 
 
@@ -172,11 +106,11 @@ def test_remove_and_close() -> None:
     broker.commit("a")
     broker.commit("b")
     assert got == [("b", 1)]
-    broker.manual = True
+    broker.hold_reads = True
     broker.commit("c")
     sub.add("c", 0)
     sub.close()
-    broker.run_pending()
+    broker.release_all()
     broker.commit("b")
     assert got == [("b", 1)]
     assert len(broker.index) == 0
@@ -198,11 +132,10 @@ def test_failed_replay_drops_the_new_pattern_and_releases_the_buffer() -> None:
     """When the replay query fails the new pattern is not kept, the failure is reported, and live delivery resumes."""
     broker, sub, got = make()
     sub.add("ok")
-    broker.manual = True
+    broker.hold_reads = True
     d = sub.add("bad", 0)
     broker.commit("ok")  # buffered while the replay runs
-    failing, *_ = broker.pending.pop(0)
-    failing.errback(RuntimeError("journal down"))
+    broker.held.pop(0).fail(RuntimeError("journal down"))
     failures: list[Any] = []
     d.addErrback(failures.append)
     assert failures and failures[0].check(RuntimeError)
@@ -214,7 +147,7 @@ def test_failed_replay_drops_the_new_pattern_and_releases_the_buffer() -> None:
 
 def test_backlog_paces_the_replay() -> None:
     """A replay waits on the backlog hook between events, and the buffer drains after it."""
-    broker = FakeBroker()
+    broker = MemoryBroker()
     got: list[int] = []
     gate: list[Deferred[None]] = []
 
@@ -225,7 +158,7 @@ def test_backlog_paces_the_replay() -> None:
             return d
         return None
 
-    sub = Subscriber(broker, lambda e: got.append(e.offset), backlog=backlog)  # type: ignore[arg-type]
+    sub = Subscriber(broker, lambda e: got.append(e.offset), backlog=backlog)
     for _ in range(4):
         broker.commit("a")
     d = sub.add("a", 0)
@@ -244,10 +177,10 @@ def test_backlog_paces_the_replay() -> None:
 
 def test_buffer_overflow_calls_back() -> None:
     """More than max_buffer live events during a replay calls on_overflow."""
-    broker = FakeBroker()
-    broker.manual = True
+    broker = MemoryBroker()
+    broker.hold_reads = True
     overflowed: list[bool] = []
-    sub = Subscriber(broker, lambda e: None, on_overflow=lambda: overflowed.append(True),  # type: ignore[arg-type]
+    sub = Subscriber(broker, lambda e: None, on_overflow=lambda: overflowed.append(True),
                      max_buffer=3)
     sub.add("a", 0)
     for _ in range(4):
@@ -259,9 +192,9 @@ def test_buffer_overflow_calls_back() -> None:
 # bounds (issue 13: defects 3, 13 and 14)
 
 
-def gated() -> tuple[FakeBroker, Subscriber, list[tuple[str, int]], list[Deferred[None]]]:
+def gated() -> tuple[MemoryBroker, Subscriber, list[tuple[str, int]], list[Deferred[None]]]:
     """A subscriber whose client is always 'full': every event waits for the test to open the gate."""
-    broker = FakeBroker()
+    broker = MemoryBroker()
     got: list[tuple[str, int]] = []
     gate: list[Deferred[None]] = []
 
@@ -270,7 +203,7 @@ def gated() -> tuple[FakeBroker, Subscriber, list[tuple[str, int]], list[Deferre
         gate.append(d)
         return d
 
-    sub = Subscriber(broker, lambda e: got.append((e.channel, e.offset)), backlog=backlog)  # type: ignore[arg-type]
+    sub = Subscriber(broker, lambda e: got.append((e.channel, e.offset)), backlog=backlog)
     return broker, sub, got, gate
 
 
@@ -279,17 +212,17 @@ def test_repeated_subscribe_does_not_replay_again() -> None:
     broker, sub, got = make()
     for _ in range(5):
         broker.commit("a")
-    broker.manual = True
+    broker.hold_reads = True
     first = sub.add("a", 0)
     for since in (0, 1, 3, None):
         assert sub.add("a", since).called  # answered at once, nothing started
-    assert len(broker.pending) == 1
-    broker.run_pending()
+    assert len(broker.held) == 1
+    broker.release_all()
     assert first.called and got == [("a", i) for i in range(1, 6)]
-    queries = len(broker.queries)
+    queries = len(broker.replays)
     for _ in range(50):
         sub.add("a", 0)
-    assert len(broker.queries) == queries and broker.pending == []
+    assert len(broker.replays) == queries and broker.held == []
     broker.commit("a")
     assert got[-1] == ("a", 6) and len(got) == 6
 
@@ -325,26 +258,26 @@ def test_replays_run_one_at_a_time() -> None:
     broker, sub, got = make()
     for ch in ["a", "b", "c", "a"]:
         broker.commit(ch)
-    broker.manual = True
+    broker.hold_reads = True
     ds = [sub.add(p, 0) for p in ("a", "b", "c")]
-    while broker.pending:
-        assert len(broker.pending) == 1
-        broker.run_one()
+    while broker.held:
+        assert len(broker.held) == 1
+        broker.release_one()
     assert all(d.called for d in ds)
     assert got == [("a", 1), ("a", 2), ("b", 1), ("c", 1)]
 
 
 def test_replay_pages_by_seq_until_an_empty_page() -> None:
     """Pages short because of max_bytes are followed with after_seq = the last seq until a page is empty."""
-    broker = FakeBroker()
+    broker = MemoryBroker()
     got: list[int] = []
-    sub = Subscriber(broker, lambda e: got.append(e.offset), page_bytes=1)  # type: ignore[arg-type]
+    sub = Subscriber(broker, lambda e: got.append(e.offset), page_bytes=1)
     for _ in range(5):
-        broker.commit("a", size=100)
+        broker.commit("a", "x" * 100)
     broker.commit("b")
     sub.add("a", 1)
     assert got == [2, 3, 4, 5]
-    assert broker.queries == [("a", 0), ("a", 2), ("a", 3), ("a", 4), ("a", 5)]
+    assert [(r.pattern, r.after_seq) for r in broker.replays] == [("a", 0), ("a", 2), ("a", 3), ("a", 4), ("a", 5)]
 
 
 def test_after_seq_replays_only_later_events() -> None:
@@ -358,16 +291,16 @@ def test_after_seq_replays_only_later_events() -> None:
 
 def test_live_buffer_is_bounded_in_bytes() -> None:
     """Live events held during a replay are bounded by max_buffer_bytes of JSON, not only by count."""
-    broker = FakeBroker()
-    broker.manual = True
+    broker = MemoryBroker()
+    broker.hold_reads = True
     overflowed: list[bool] = []
-    sub = Subscriber(broker, lambda e: None, on_overflow=lambda: overflowed.append(True),  # type: ignore[arg-type]
+    sub = Subscriber(broker, lambda e: None, on_overflow=lambda: overflowed.append(True),
                      max_buffer_bytes=10_000)
     sub.add("a", 0)
     for _ in range(9):
-        broker.commit("a", size=1000)
+        assert len(broker.commit("a", "x" * 965).json()) == 1100
     assert overflowed == []
-    broker.commit("a", size=1000)
+    broker.commit("a", "x" * 965)
     assert overflowed == [True]
 
 
@@ -408,12 +341,12 @@ def test_unsubscribe_during_a_query_discards_its_page() -> None:
     broker, sub, got = make()
     for _ in range(3):
         broker.commit("q")
-    broker.manual = True
+    broker.hold_reads = True
     d = sub.add("q", 0)
     sub.remove("q")
     assert d.called
-    broker.run_pending()
-    assert got == [] and broker.pending == []
+    broker.release_all()
+    assert got == [] and broker.held == []
 
 
 def test_unsubscribe_of_a_queued_replay_never_queries() -> None:
@@ -421,13 +354,13 @@ def test_unsubscribe_of_a_queued_replay_never_queries() -> None:
     broker, sub, got = make()
     broker.commit("first")
     broker.commit("second")
-    broker.manual = True
+    broker.hold_reads = True
     sub.add("first", 0)
     later = sub.add("second", 0)
     sub.remove("second")
     assert later.called
-    broker.run_pending()
-    assert [p for p, _ in broker.queries] == ["first", "first"]
+    broker.release_all()
+    assert [r.pattern for r in broker.replays] == ["first", "first"]
     assert got == [("first", 1)]
 
 
