@@ -2,18 +2,26 @@
 """
 JSON replies and errors, and the resource bridge every route uses.
 
-Handlers are methods C{handle_<METHOD>(request)} that return (or are
-coroutines returning) a L{Reply}, a JSON-able dict, or raise L{JsonError}.
-Modelled on Klein's resource bridge: the coroutine runs as a Deferred, is
-cancelled if the client goes away, nothing is written after that, and every
-failure goes through one mapper (L{map_failure}), so no traceback ever
-reaches a client.
+Handlers are methods C{handle_<METHOD>(request)} of a L{JsonResource} that
+return (or are coroutines returning) a L{Reply}, a JSON-able dict, or raise
+L{JsonError}.  Modelled on Klein's resource bridge: the coroutine runs as a
+Deferred, is cancelled if the client goes away, nothing is written after
+that, and every failure goes through one mapper (L{as_json_error}, which
+knows the exceptions the lower layers raise), so no traceback ever reaches
+a client.  A method with no handler is the one JSON 405 with C{Allow}
+(L{method_not_allowed}).
+
+Beside the bridge, the request rules every route shares, one of each: the
+integer query parameter (L{int_arg}), the media type of a C{Content-Type}
+(L{media_type}, L{is_json_media}) and the browser Origin check
+(L{origin_allowed}, L{check_origin}).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, cast
+from typing import Any, Awaitable, Callable, ClassVar, cast
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -24,6 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from twisted_rt.core.event import dumps
 from twisted_rt.core.logs import redact_uri
+from twisted_rt.interfaces import AuthError, JournalUnavailable, UnencodableEvent
 
 log = Logger()
 
@@ -79,6 +88,65 @@ def int_arg(request: Request, name: str, default: int, low: int = 0, high: int =
     return value
 
 
+def str_args(request: Request, name: str) -> list[str]:
+    """Every value of the query parameter C{name}, as text (undecodable bytes replaced)."""
+    return [v.decode("utf-8", "replace") for v in (request.args or {}).get(name.encode(), [])]
+
+
+def media_type(content_type: str | bytes | None) -> str:
+    """The lower-case media type of a C{Content-Type} value, without parameters (C{""} when absent)."""
+    if not content_type:
+        return ""
+    if isinstance(content_type, bytes):
+        content_type = content_type.decode("latin-1")
+    return content_type.partition(";")[0].strip().lower()
+
+
+def is_json_media(mime: str) -> bool:
+    """
+    Whether a media type (from L{media_type}) says JSON: C{application/json}
+    or a structured syntax suffix C{+json} (RFC 6839, e.g.
+    C{application/vnd.github+json}).
+    """
+    return mime == "application/json" or mime.endswith("+json")
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...], host: str | None = None) -> bool:
+    """
+    Whether a request with C{Origin: origin} may connect: any when
+    C{allowed} is empty or there is no Origin (not a browser), else a listed
+    origin or the daemon's own (the Origin's host is the request's C{Host},
+    e.g. the inspector page served at C{/}).
+    """
+    if not allowed or not origin:
+        return True
+    if origin.rstrip("/") in {a.rstrip("/") for a in allowed} or "*" in allowed:
+        return True
+    if host:
+        return urlsplit(origin).netloc.lower() == host.lower()
+    return False
+
+
+def check_origin(request: Request, allowed: tuple[str, ...]) -> str | None:
+    """
+    The request's C{Origin} (C{None} without one) once L{origin_allowed}
+    lets it in.  @raise JsonError: 403 C{forbidden_origin}.
+    """
+    raw = request.getHeader(b"origin")
+    origin = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    host = request.getHeader(b"host")
+    if not origin_allowed(origin, allowed, host.decode("latin-1") if host else None):
+        raise JsonError(403, "forbidden_origin", f"origin {origin!r} is not allowed")
+    return origin
+
+
+def allow_origin(request: Request, origin: str | None) -> None:
+    """Let a browser at C{origin} (checked by L{check_origin}) read the answer (CORS)."""
+    if origin:
+        request.setHeader(b"access-control-allow-origin", origin.encode("latin-1"))
+        request.setHeader(b"vary", b"Origin")
+
+
 def error_body(code: str, message: str) -> bytes:
     """The JSON bytes of an error."""
     return dumps({"error": code, "message": message})
@@ -97,10 +165,19 @@ def write_json(request: Request, status: int, body: Any, headers: dict[str, str]
     request.finish()
 
 
-def _map_failure(f: Failure, request: Request | None = None) -> JsonError:
-    from twisted_rt.interfaces import AuthError, JournalUnavailable, UnencodableEvent
+def write_error(request: Request, e: JsonError) -> int:
+    """Answer C{request} with the JSON error C{e} (its status and headers); C{NOT_DONE_YET}."""
+    write_json(request, e.status, error_body(e.code, e.message), e.headers)
+    return NOT_DONE_YET
 
-    e = f.value
+
+def as_json_error(e: BaseException | None) -> JsonError | None:
+    """
+    The answer to an exception the layers below raise on purpose, or
+    C{None} for an unexpected one (a 500, logged: L{run}).  The one table
+    from exceptions to errors: HTTP routes answer it as JSON, C{/ws}
+    sends its C{code} and C{message} in an C{error} message.
+    """
     if isinstance(e, JsonError):
         return e
     if isinstance(e, AuthError):
@@ -110,6 +187,14 @@ def _map_failure(f: Failure, request: Request | None = None) -> JsonError:
         return JsonError(400, "invalid_body", str(e))
     if isinstance(e, JournalUnavailable):
         return JsonError(503, "journal_unavailable", f"nothing was accepted: {e}", {"Retry-After": "1"})
+    return None
+
+
+def _map_failure(f: Failure, request: Request | None = None) -> JsonError:
+    """L{as_json_error}, and for an unexpected failure a logged 500."""
+    e = as_json_error(f.value)
+    if e is not None:
+        return e
     log.failure(
         "unexpected error answering {method} {uri}",
         f,
@@ -134,31 +219,69 @@ def _uri(request: Request | None) -> str:
 Handler = Callable[[Request], Reply | dict[str, Any] | Awaitable[Reply | dict[str, Any]]]
 
 
+#: request method -> the name of its handler (C{""}: no handler can exist)
+_HANDLER_NAMES: dict[bytes, str] = {}
+
+
+def _handler_name(method: bytes) -> str:
+    """C{handle_<METHOD>} for a method token, cached (a bounded table: clients choose methods)."""
+    text = method.decode("ascii", "replace")
+    name = f"handle_{text}" if text.isalpha() else ""
+    if len(_HANDLER_NAMES) < 64:
+        _HANDLER_NAMES[method] = name
+    return name
+
+
 class JsonResource(Resource):
     """
-    A leaf resource dispatching to C{handle_<METHOD>}; unknown methods are a
-    JSON 405 with C{Allow}.
+    A leaf resource dispatching to C{handle_<METHOD>}; HEAD is answered by
+    C{handle_GET} (twisted.web drops the body) unless L{head_from_get} is
+    false; other methods are the JSON 405 with C{Allow}
+    (L{not_allowed}).
     """
 
     isLeaf = True
+    #: whether C{HEAD} falls back to C{handle_GET}
+    head_from_get = True
+    #: L{allowed_methods}, computed once per class
+    _allowed: ClassVar[list[str]]
 
     def render(self, request: Request) -> bytes | int:
-        method = request.method.decode("ascii", "replace")
-        handler = getattr(self, f"handle_{method}", None) if method.isalpha() else None
-        if handler is None and method == "HEAD":
+        method = request.method
+        name = _HANDLER_NAMES.get(method)
+        if name is None:
+            name = _handler_name(method)
+        handler = getattr(self, name, None) if name else None
+        if handler is None and method == b"HEAD" and self.head_from_get:
             handler = getattr(self, "handle_GET", None)
         if handler is None:
-            return method_not_allowed(request, sorted(n[7:] for n in dir(self) if n.startswith("handle_")))
+            return self.not_allowed(request)
         return run(request, handler)
 
+    @classmethod
+    def allowed_methods(cls) -> list[str]:
+        """The methods this resource has a handler for, sorted (the C{Allow} of its 405)."""
+        allowed: list[str] | None = cls.__dict__.get("_allowed")
+        if allowed is None:
+            allowed = sorted(n[7:] for n in dir(cls) if n.startswith("handle_"))
+            cls._allowed = allowed
+        return allowed
 
-def method_not_allowed(request: Request, allowed: list[str]) -> int:
-    """Answer a JSON 405 naming the C{allowed} methods (also in C{Allow})."""
+    def not_allowed(self, request: Request) -> int:
+        """Answer a method this resource has no handler for: L{method_not_allowed}."""
+        return method_not_allowed(request, self.allowed_methods())
+
+
+def method_not_allowed(request: Request, allowed: list[str], note: str = "") -> int:
+    """
+    Answer the JSON 405 naming the C{allowed} methods (also in C{Allow});
+    C{note} is added to its message.
+    """
     method = request.method.decode("ascii", "replace")
     write_json(
         request,
         405,
-        error_body("method_not_allowed", f"{method} is not allowed here; use {', '.join(allowed)}"),
+        error_body("method_not_allowed", f"{method} is not allowed here; use {', '.join(allowed)}{note}"),
         {"Allow": ", ".join(allowed)},
     )
     return NOT_DONE_YET
@@ -245,8 +368,7 @@ def _answer_failure(f: Failure, request: Request, finished: list[bool]) -> None:
             request.channel.loseConnection()  # a half-written answer: do not leave the client waiting
         return
     finished[0] = True
-    e = _map_failure(f, request)
-    write_json(request, e.status, error_body(e.code, e.message), e.headers)
+    write_error(request, _map_failure(f, request))
 
 
 def _unanswered(request: Request) -> bool:
