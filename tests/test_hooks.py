@@ -31,8 +31,9 @@ from twisted_rt.core.auth import Authenticator
 from twisted_rt.core.config import AuthConfig, Config, ServerConfig, SourceConfig
 from twisted_rt.core.event import Accepted, Draft, Event, new_id, now_iso
 from twisted_rt.core.metrics import Stats
+from twisted_rt.core.template import ChannelTemplate
 from twisted_rt.interfaces import JournalUnavailable
-from twisted_rt.routes.hooks import ChannelTemplate, parse_body, resource
+from twisted_rt.routes.hooks import parse_body, resource
 from twisted_rt.web.resource import JsonError
 
 SECRET = "gh-secret"
@@ -223,6 +224,61 @@ def test_other_methods_are_405(h: Harness, method: str, path: str, allow: str) -
     assert code == 405
     assert hdrs.getRawHeaders("allow") == [allow]
     assert json.loads(content)["error"] == "method_not_allowed"
+
+
+def test_method_not_allowed_answers_are_exact(h: Harness) -> None:
+    """The 405 of a source is the shared JSON 405: its message names the methods, and HEAD is no GET handshake."""
+    code, hdrs, content = h.request("PUT", "/hooks/github")
+    assert (code, json.loads(content)) == (
+        405, {"error": "method_not_allowed", "message": "PUT is not allowed here; use POST"})
+    code, hdrs, content = h.request("HEAD", "/hooks/meta?hub.mode=subscribe&hub.verify_token=vt-1&hub.challenge=1")
+    assert (code, hdrs.getRawHeaders("allow"), content) == (405, ["GET, POST"], b"")
+    code, hdrs, content = h.request("DELETE", "/hooks/x")
+    assert json.loads(content)["message"] == "DELETE is not allowed here; use GET, POST (GET only for provider handshakes)"
+    assert h.stats.webhooks[("github", "method_not_allowed")] == 1
+    assert h.stats.webhooks[("meta", "method_not_allowed")] == 1
+
+
+def test_sources_are_child_resources(h: Harness) -> None:
+    """/hooks has one JsonResource child per source; only providers with a GET handshake have handle_GET."""
+    from twisted_rt.routes.hooks import MetaSource, SlackSource, SourceResource, XSource, ZoomSource
+    from twisted_rt.web.resource import JsonResource
+
+    hooks = resource(h.app)
+    kinds = {name: type(child) for name, child in hooks.children.items()}
+    assert kinds[b"github"] is SourceResource and kinds[b"open"] is SourceResource
+    assert (kinds[b"meta"], kinds[b"x"], kinds[b"slack"], kinds[b"zoom"]) == (
+        MetaSource, XSource, SlackSource, ZoomSource)
+    assert all(issubclass(k, JsonResource) for k in kinds.values())
+    with_get = sorted(name for name, k in kinds.items() if hasattr(k, "handle_GET"))
+    assert with_get == [b"meta", b"x"]
+
+
+def test_per_ip_limit_comes_before_404_and_405() -> None:
+    """Over the per-IP limit, an unknown source or a wrong method is 429 too; a malformed path is still 404."""
+    h = Harness(per_ip=1)
+    assert h.json("POST", "/hooks/open", b'{"a":[{"b":"x"}]}', {})[0] == 202
+    assert h.json("PUT", "/hooks/github")[0] == 429
+    assert h.json("POST", "/hooks/nope")[0] == 429
+    assert h.json("POST", "/hooks/github/extra") == (404, {"error": "unknown_source", "message": "use /hooks/<source>"})
+    assert h.stats.webhooks[("github", "rate_limited")] == 1
+    assert ("github", "method_not_allowed") not in h.stats.webhooks
+
+
+def test_unexpected_publish_failure_is_500_and_counted(h: Harness) -> None:
+    """A publish that fails unexpectedly is the mapper's JSON 500, counted as internal_error for the source."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    h.broker.publish = lambda drafts: fail(RuntimeError("disk on fire"))  # type: ignore[method-assign]
+    try:
+        code, body = h.json("POST", "/hooks/github", PUSH, gh_headers(PUSH))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert (code, body["error"]) == (500, "internal_error")
+    assert h.stats.webhooks[("github", "internal_error")] == 1
+    assert [e.get("log_category") for e in events if e.get("log_category")] == ["RT-W500"]
 
 
 def test_meta_get_handshake(h: Harness) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 
-from twisted.internet.interfaces import IReactorTime
+from twisted_rt.interfaces import Reactor
 
 __all__ = ["RateLimiter"]
 
@@ -42,7 +42,7 @@ class RateLimiter:
     def __init__(
         self,
         rate: float,
-        clock: IReactorTime,
+        clock: Reactor,
         burst: float | None = None,
         max_keys: int = 10000,
     ) -> None:
