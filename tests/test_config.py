@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,9 +22,17 @@ SAMPLE_ENV = {
 }
 
 
+SAMPLE = ROOT / "conf" / "twisted-rt.toml"
+
+
+def _switched_on(text: str) -> str:
+    """The sample with its switched-off blocks on: the "#" at the very start of "#[[sources]]", "#name = ..." gone."""
+    return re.sub(r"(?m)^#(?=[^\s#])", "", text)
+
+
 def test_sample_config_parses_with_every_key() -> None:
-    """The documented sample conf/twisted-rt.toml is valid and its values arrive typed."""
-    cfg = load(str(ROOT / "conf" / "twisted-rt.toml"), SAMPLE_ENV)
+    """The documented sample conf/twisted-rt.toml, its optional sources switched on, is valid and arrives typed."""
+    cfg = parse(_switched_on(SAMPLE.read_text()), SAMPLE_ENV)
     assert cfg.server.listen == ("tcp:8080",)
     assert cfg.server.max_body_bytes == 1048576
     assert cfg.journal.max_events_per_channel == 10000
@@ -35,6 +44,15 @@ def test_sample_config_parses_with_every_key() -> None:
     assert [s.name for s in cfg.sources] == ["github", "meta", "inhouse"]
     assert cfg.source("meta") is not None and cfg.source("meta").verify_token == "t"  # type: ignore[union-attr]
     assert cfg.source("inhouse").signature_header == "X-Signature"  # type: ignore[union-attr]
+    assert cfg.source("inhouse").signature_encoding == "hex"  # type: ignore[union-attr]
+
+
+def test_sample_config_as_shipped_needs_only_the_github_secret() -> None:
+    """A GitHub-only user runs the sample as it is: Meta and in-house are off, their secrets not needed."""
+    env = {k: SAMPLE_ENV[k] for k in ("RT_API_KEY", "RT_JWT_SECRET", "GITHUB_WEBHOOK_SECRET")}
+    cfg = load(str(SAMPLE), env)
+    assert [s.name for s in cfg.sources] == ["github"]
+    assert check_file(str(SAMPLE), env) == []
 
 
 def test_empty_config_is_the_embedded_defaults() -> None:
