@@ -1,5 +1,4 @@
 # -*- test-case-name: tests.test_client,tests.test_cli_client -*-
-# mypy: disable-error-code="no-untyped-call"
 """
 Clients of a twisted_rt daemon: a Twisted WebSocket subscriber that survives
 restarts, and the C{twisted-rt publish} / C{twisted-rt tail} commands.
@@ -70,11 +69,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -82,6 +82,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from twisted_rt.core.matcher import is_wildcard, matches
+from twisted_rt.interfaces import Reactor
 from twisted_rt.routes.verify import SECRET_HEADERS
 
 __all__ = [
@@ -204,7 +205,7 @@ class Subscription:
         since: int | dict[str, int] | None = None,
         url: str = "ws://127.0.0.1:8080/ws",
         token: str | None = None,
-        reactor: Any = None,
+        reactor: Reactor | None = None,
         min_delay: float = 0.5,
         max_delay: float = 30.0,
         ping_interval: float = 20.0,
@@ -236,7 +237,7 @@ class Subscription:
         self.last_close: tuple[int | None, str | None] | None = None
         self._attempt = 0
         self._proto: _Protocol | None = None
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
         self._connecting: Deferred[Any] | None = None
         self._stopped: Deferred[None] | None = None
         self._ref = 0
@@ -416,7 +417,7 @@ def subscribe(
     since: int | dict[str, int] | None = None,
     url: str = "ws://127.0.0.1:8080/ws",
     token: str | None = None,
-    reactor: Any = None,
+    reactor: Reactor | None = None,
     **options: Any,
 ) -> Subscription:
     """
@@ -497,7 +498,7 @@ class Forwarder:
         target: str,
         daemon_url: str,
         token: str | None,
-        reactor: Any,
+        reactor: Reactor,
         attempts: int = 6,
         min_delay: float = 0.25,
         report: Callable[[str], None] | None = None,
@@ -568,7 +569,7 @@ class Forwarder:
             if attempt + 1 < self.attempts:
                 delay = self.min_delay * (2**attempt)
                 self.report(f"forward: {where} -> {self.target} failed ({problem}); retrying in {delay:.2g} s")
-                yield deferLater(self.reactor, delay, lambda: None)
+                yield deferLater(cast(IReactorTime, self.reactor), delay, lambda: None)
         self.failed += 1
         self.report(f"forward: {where} -> {self.target} failed {self.attempts} times; giving up")
         return None

@@ -14,11 +14,14 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Mapping
+from typing import Mapping, cast
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from twisted_rt.interfaces import Reactor
 
 __all__ = ["Notifier", "WatchdogService"]
 
@@ -80,7 +83,7 @@ class Notifier:
 class WatchdogService(Service):
     """Pings the systemd watchdog at half its interval while running."""
 
-    def __init__(self, notifier: Notifier, reactor: Any) -> None:
+    def __init__(self, notifier: Notifier, reactor: Reactor) -> None:
         self.notifier = notifier
         self._reactor = reactor
         self._loop: LoopingCall | None = None
@@ -89,7 +92,7 @@ class WatchdogService(Service):
         super().startService()
         if self.notifier.watchdog_seconds:
             self._loop = LoopingCall(self.notifier.watchdog)
-            self._loop.clock = self._reactor
+            self._loop.clock = cast(IReactorTime, self._reactor)
             self._loop.start(self.notifier.watchdog_seconds / 2, now=True)
 
     def stopService(self) -> None:

@@ -51,7 +51,7 @@ import random
 import re
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
@@ -59,7 +59,7 @@ from twisted.application.internet import ClientService
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -68,7 +68,7 @@ from twisted_rt.core.config import Config
 from twisted_rt.core.event import Accepted, Draft, Event, dumps, new_id, now_iso
 from twisted_rt.core.matcher import matches
 from twisted_rt.core.metrics import Stats
-from twisted_rt.interfaces import PAGE_BYTES, ChannelInfo, JournalUnavailable, Listener
+from twisted_rt.interfaces import PAGE_BYTES, ChannelInfo, JournalUnavailable, Listener, Reactor
 from twisted_rt.store.journal import pattern_prefix
 from twisted_rt.store.local import IndexedBroker
 
@@ -304,7 +304,7 @@ class RedisURL:
         self.username = username
         self.password = password
 
-    def endpoint(self, reactor: Any, timeout: float = 5.0) -> IStreamClientEndpoint:
+    def endpoint(self, reactor: Reactor, timeout: float = 5.0) -> IStreamClientEndpoint:
         """A client endpoint for this URL."""
         if self.path:
             return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
@@ -401,7 +401,7 @@ class _Link:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, url: RedisURL, name: str, protocol_class: type,
+    def __init__(self, reactor: Reactor, url: RedisURL, name: str, protocol_class: type,
                  on_up: Callable[[Any], None], on_down: Callable[[str], None],
                  on_message: Callable[[str], None] | None = None) -> None:
         self.reactor = reactor
@@ -417,7 +417,7 @@ class _Link:
             url.endpoint(reactor),
             _Factory(self),
             retryPolicy=backoff,
-            clock=reactor,
+            clock=cast(IReactorTime, reactor),
             prepareConnection=self._prepare,
         )
 
@@ -530,7 +530,7 @@ class RedisBroker(IndexedBroker):
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, stats: Stats, node_id: str | None = None) -> None:
+    def __init__(self, config: Config, reactor: Reactor, stats: Stats, node_id: str | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -559,7 +559,7 @@ class RedisBroker(IndexedBroker):
         self.sub = _Link(reactor, self.url, "pubsub", _SubProtocol, self._sub_up, self._sub_down,
                          on_message=self._on_message)
         self._counts_loop = LoopingCall(self._tick)
-        self._counts_loop.clock = reactor
+        self._counts_loop.clock = cast(IReactorTime, reactor)
 
     # -- keys --------------------------------------------------------------
 
