@@ -3,6 +3,11 @@ The HTTP layer's hot path (L{twisted_rt.web.site.RTChannel}, L{RTRequest}) must
 behave exactly as twisted.web's own channel: every request below, however it
 is cut into reads, gets the same bytes back from both (but for C{Date}).
 
+This is the differential test that L{twisted_rt._twisted_internals.TESTED}
+names: CI runs this file on the oldest and on the newest Twisted that range
+allows (C{tests/run}).  The differential checks also run against the site's
+fallback (plain twisted.web's channel, used when the fast paths are off).
+
 These are fast unit tests over C{StringTransport}; the end-to-end behaviour
 of the routes is tested against the real daemon elsewhere.
 """
@@ -23,6 +28,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from twisted_rt.web.site import RTChannel, RTRequest, RTSite, http_date
+
+#: the two ways RTSite serves: with the fast paths, and plain twisted.web's channel
+CHANNELS = pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 HOST = IPv4Address("TCP", "127.0.0.1", 8080)
@@ -91,8 +99,10 @@ def _serve(site: Site, chunks: list[bytes]) -> tuple[bytes, CountingTransport]:
     return transport.value(), transport
 
 
-def _ours(resource: Resource) -> RTSite:
-    return RTSite(resource, log_requests=False)
+def _ours(resource: Resource, fast: bool = True) -> RTSite:
+    site = RTSite(resource, log_requests=False, fast_paths=fast)
+    assert site.fast_paths is fast, "the fast paths are off for this Twisted"
+    return site
 
 
 def _theirs(resource: Resource) -> Site:
@@ -104,8 +114,8 @@ def _theirs(resource: Resource) -> Site:
 _DATE = re.compile(rb"\r\nDate: [^\r]*")
 
 
-def _same_answer(chunks: list[bytes]) -> bytes:
-    ours, _ = _serve(_ours(Echo()), chunks)
+def _same_answer(chunks: list[bytes], fast: bool = True) -> bytes:
+    ours, _ = _serve(_ours(Echo(), fast), chunks)
     theirs, _ = _serve(_theirs(Echo()), chunks)
     assert _DATE.sub(b"", ours) == _DATE.sub(b"", theirs)
     return ours
@@ -158,13 +168,30 @@ def _request(draw: Any) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + payload
 
 
+def _any_requests_any_reads(requests: list[bytes], cuts: list[int], fast: bool) -> None:
+    stream = b"".join(requests)
+    answer = _same_answer(_cut(stream, cuts), fast)
+    assert answer.count(b"HTTP/1.1 200 OK") == len(requests)
+
+
+# (two tests, not one parametrized: pytest-twisted wraps a hypothesis test's
+# inner function once per parametrized case, and the second wrap fails)
+_REQUESTS = st.lists(_request(), min_size=1, max_size=3)
+_CUTS = st.lists(st.integers(min_value=0), max_size=4)
+
+
 @settings(max_examples=150, deadline=None)
-@given(st.lists(_request(), min_size=1, max_size=3), st.lists(st.integers(min_value=0), max_size=4))
+@given(_REQUESTS, _CUTS)
 def test_any_requests_any_reads_same_as_twisted(requests: list[bytes], cuts: list[int]) -> None:
     """Pipelined, valid requests cut into arbitrary reads are answered byte for byte as twisted.web does."""
-    stream = b"".join(requests)
-    answer = _same_answer(_cut(stream, cuts))
-    assert answer.count(b"HTTP/1.1 200 OK") == len(requests)
+    _any_requests_any_reads(requests, cuts, fast=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_REQUESTS, _CUTS)
+def test_any_requests_any_reads_same_as_twisted_plain(requests: list[bytes], cuts: list[int]) -> None:
+    """The same, with the fast paths off: the fallback answers byte for byte as twisted.web does."""
+    _any_requests_any_reads(requests, cuts, fast=False)
 
 
 @pytest.mark.parametrize(
@@ -208,16 +235,18 @@ def test_any_requests_any_reads_same_as_twisted(requests: list[bytes], cuts: lis
     ],
 )
 @pytest.mark.parametrize("split", [False, True])
-def test_odd_and_bad_heads_same_as_twisted(raw: bytes, split: bool) -> None:
+@CHANNELS
+def test_odd_and_bad_heads_same_as_twisted(raw: bytes, split: bool, fast: bool) -> None:
     """Malformed, folded, oversized and pipelined heads get twisted.web's own answer (400, close, 200)."""
     chunks = [raw[i : i + 7] for i in range(0, len(raw), 7)] if split else [raw]
-    _same_answer(chunks)
+    _same_answer(chunks, fast)
 
 
-def test_too_many_headers_fall_back_to_twisted_limit() -> None:
+@CHANNELS
+def test_too_many_headers_fall_back_to_twisted_limit(fast: bool) -> None:
     """A head with more header lines than maxHeaders is refused 400 as twisted.web refuses it."""
     raw = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(501)) + b"\r\n"
-    assert _same_answer([raw]).startswith(b"HTTP/1.1 400 Bad Request")
+    assert _same_answer([raw], fast).startswith(b"HTTP/1.1 400 Bad Request")
 
 
 def test_response_head_and_body_are_one_write() -> None:
@@ -285,13 +314,14 @@ def test_sized_response_head_waits_for_body_then_finish() -> None:
     assert transport.value().startswith(b"HTTP/1.1 200 OK") and transport.value().endswith(b"\r\n\r\n")
 
 
-def test_lost_connection_untracks_and_cancels() -> None:
+@CHANNELS
+def test_lost_connection_untracks_and_cancels(fast: bool) -> None:
     """A request whose client goes away leaves the in-flight set and runs its on_gone hook once."""
     from twisted.internet.error import ConnectionLost
     from twisted.python.failure import Failure
 
     res = Later(length=True)
-    site = _ours(res)
+    site = _ours(res, fast)
     transport = CountingTransport()
     proto = site.buildProtocol(PEER)
     assert proto is not None
@@ -306,9 +336,10 @@ def test_lost_connection_untracks_and_cancels() -> None:
     assert gone == [1]
 
 
-def test_finished_request_leaves_inflight() -> None:
+@CHANNELS
+def test_finished_request_leaves_inflight(fast: bool) -> None:
     """A finished request is no longer counted in flight."""
-    site = _ours(Echo())
+    site = _ours(Echo(), fast)
     _serve(site, [b"GET / HTTP/1.1\r\n\r\n"])
     assert not site.inflight
 
@@ -317,6 +348,19 @@ def test_channel_is_rtchannel_behind_alpn_switch() -> None:
     """The site's protocol is an RTChannel wrapped in twisted.web's HTTP/2 (ALPN) switch."""
     proto: Any = _ours(Echo()).buildProtocol(PEER)
     assert isinstance(proto._channel, RTChannel)
+
+
+def test_fallback_is_plain_twisted_channel_behind_its_switch() -> None:
+    """Without the fast paths, a connection is twisted.web's own protocol (its HTTPChannel), counted by the site."""
+    from twisted.protocols.policies import ProtocolWrapper
+    from twisted.web.http import HTTPChannel
+
+    site = _ours(Echo(), fast=False)
+    proto: Any = site.buildProtocol(PEER)
+    assert isinstance(proto, ProtocolWrapper)
+    channel = proto.wrappedProtocol._channel
+    assert type(channel) is HTTPChannel
+    assert site.connections == 1 and site.per_ip == {"127.0.0.1": 1}
 
 
 def test_http_date_is_formatted_once_per_second(monkeypatch: pytest.MonkeyPatch) -> None:

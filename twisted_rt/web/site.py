@@ -1,41 +1,45 @@
 # -*- test-case-name: tests.test_web -*-
 """
-The HTTP layer every route shares: JSON replies and errors, a resource base
-that runs C{async} handlers, the body-size limit enforced while reading, and
-a lean L{Site} whose L{RTChannel} trims twisted.web's per-request cost (a
-whole request head parsed in one pass, a sized response sent in one
-C{send()}, no per-request Deferreds), byte for byte the same on the wire as
-twisted.web's own channel (C{tests/test_web.py}).
+The daemon's L{Site}: L{RTRequest} (the body limit enforced while reading,
+JSON 405/413/500, a cached C{Date}, no per-request Deferreds), L{RTSite}
+(caps on open connections, the access log, requests in flight) and
+L{RTChannel}, its HTTP/1.1 channel with request deadlines.
 
-Handlers are methods C{handle_<METHOD>(request)} that return (or are
-coroutines returning) a L{Reply}, a JSON-able dict, or raise L{JsonError}.
-Modelled on Klein's resource bridge: the coroutine runs as a Deferred, is
-cancelled if the client goes away, nothing is written after that, and every
-failure goes through one mapper, so no traceback ever reaches a client.
+L{RTChannel} is built on L{twisted_rt._twisted_internals.FastHTTPChannel},
+which trims twisted.web's per-request cost (a whole request head parsed in
+one pass, a sized response sent in one C{send()}) by reading Twisted's
+private state, byte for byte the same on the wire as twisted.web's own
+channel (C{tests/test_web.py}).  When this Twisted is outside the tested
+range, L{RTSite} serves with plain twisted.web's channel instead (logged
+once, C{RT-W10}).  This module itself uses public API only.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from io import BytesIO
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
-from twisted.protocols import basic
-from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin
+from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from twisted.web.server import version as _server_version
 
+from twisted_rt._twisted_internals import (
+    ChannelSwitch,
+    FastHTTPChannel,
+    fast_paths_enabled,
+    request_gone,
+    write_now,
+)
 from twisted_rt.core.logs import redact_uri
 from twisted_rt.web.resource import (
     _method,
@@ -46,41 +50,7 @@ from twisted_rt.web.resource import (
     write_json,
 )
 
-
-def write_now(transport: Any, data: bytes) -> None:
-    """
-    Write C{data}, sending it at once when the transport has nothing queued.
-
-    C{transport.write} on a Twisted TCP transport only buffers, then asks
-    epoll for writability (an C{epoll_ctl}), sends on the next turn and stops
-    asking (another C{epoll_ctl}): three system calls per connection per
-    flush.  When nothing is queued in the transport, one C{send()} usually
-    takes it all; anything not sent goes through C{write} as usual, so
-    ordering and the producer (back-pressure) signals are unchanged.  TLS and
-    other transports always use C{write}.
-
-    This reads the TCP transport's buffer fields (C{_tempDataLen},
-    C{offset}, C{dataBuffer}); C{tests/test_ws.py} pins the behaviour.
-    """
-    if (
-        type(transport) is not _TCPServer
-        or transport._tempDataLen
-        or transport.offset != len(transport.dataBuffer)
-        or not transport.connected
-        or transport.disconnecting
-    ):
-        transport.write(data)
-        return
-    try:
-        sent = transport.socket.send(data)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:
-        transport.write(data)  # let the transport see and report the error
-        return
-    if sent < len(data):
-        transport.write(data[sent:] if sent else data)
-
+__all__ = ["BODY_PROGRESS_BYTES", "RTChannel", "RTRequest", "RTSite", "http_date", "write_now"]
 
 _date_cache: list[Any] = [0, b""]
 
@@ -202,7 +172,7 @@ class RTRequest(Request):
             uri=_uri(self),
             log_category="RT-W500",
         )
-        if self.finished or self._disconnected:
+        if self.finished or request_gone(self):
             return reason
         if self.startedWriting:
             self.finish()  # a partial answer: end it (the client sees it cut)
@@ -234,55 +204,17 @@ class RTRequest(Request):
             tracked.discard(self)
 
 
-_CANONICAL: dict[bytes, bytes] = {}
-_LENGTH_HEADERS = (b"Content-Length", b"Transfer-Encoding")
-# One header line as twisted.web accepts it, found only at a line start: a
-# token (RFC 9110 5.6.2), a colon, and a value without NUL/CR/LF (its spaces
-# and tabs are stripped).  When every line of a head is one such match, the
-# head is read in one C call; otherwise it goes line by line.
-_HEADER_LINE = re.compile(rb"(?<=\r\n)([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]*)\r\n")
-
-
-def _canonical_name(name: bytes) -> bytes:
+class RTChannel(FastHTTPChannel):
     """
-    A request header name in C{twisted.web}'s canonical case
-    (C{x-github-event} -> C{X-Github-Event}), cached.
+    The site's HTTP/1.1 channel: L{FastHTTPChannel}'s shortcuts (one pass
+    per whole request head, one C{send()} per sized response), plus the
+    request deadlines, the connection's slot under L{RTSite}'s caps, and
+    its addresses asked of the transport once.
 
-    @raise InvalidHeaderName: C{name} is not an HTTP token.
-    """
-    canon = _CANONICAL.get(name)
-    if canon is None:
-        probe = Headers()
-        probe.addRawHeader(name, b"")
-        canon = next(iter(probe.getAllRawHeaders()))[0]
-        if len(_CANONICAL) < 4096:
-            _CANONICAL[name] = canon
-    return canon
-
-
-# HTTPChannel's own state, read by the fast path below (checked at import:
-# without it, every request takes twisted.web's line-by-line path).
-_FIRST_LINE = "_HTTPChannel__first_line"
-_FAST_HEAD = hasattr(HTTPChannel, _FIRST_LINE) and hasattr(basic.LineReceiver, "_busyReceiving")
-
-
-class RTChannel(HTTPChannel):
-    """
-    C{twisted.web}'s HTTP/1.1 channel with two shortcuts on the hot path.
-
-      - A request head that arrives whole (the usual case) is found with one
-        C{find}, and its header lines are read with one regex scan straight
-        into the request's headers, instead of one C{lineReceived} call per
-        line, each re-splitting the buffer.  Request line, length headers,
-        end of headers, bodies, pipelining and every error still go through
-        L{HTTPChannel}'s own methods; a head split across reads, or with any
-        line the regex does not take whole, goes line by line.
-      - A response with a C{Content-Length} sends its head and first body
-        bytes in one C{send()} (L{write_now}) instead of two buffered writes
-        and a turn of the reactor.
+    Used only when the fast paths are on (L{fast_paths_enabled}); otherwise
+    the site serves with plain twisted.web (L{RTSite}).
     """
 
-    _held_head: list[bytes] | None = None
     _host: Any = None
     _peer: Any = None
     #: the per-address key this connection is counted under by L{RTSite}
@@ -310,9 +242,10 @@ class RTChannel(HTTPChannel):
         super().connectionMade()
 
     def resetTimeout(self) -> None:
-        """Reads do not extend the deadline (only body progress does: L{dataReceived})."""
+        """Reads do not extend the deadline (only body progress does: L{body_received})."""
 
-    def _body_progress(self, size: int) -> None:
+    def body_received(self, size: int) -> None:
+        """More of a request body: each L{BODY_PROGRESS_BYTES} extend the deadline."""
         n = self._body_read + size
         if n >= BODY_PROGRESS_BYTES:
             n = 0
@@ -325,12 +258,12 @@ class RTChannel(HTTPChannel):
         (JSON, C{Connection: close}); an idle connection is just closed.
         """
         transport = self.transport
-        if transport is not None and not self._handlingRequest and (self._buffer or self.requests):
+        if transport is not None and self.partial_request():
             seconds = self.timeOut
             body = error_body(
                 "request_timeout", f"the request did not arrive whole within {seconds:g} s"
             )
-            self._flush_head()
+            self.flush_head()
             transport.write(
                 b"HTTP/1.1 408 Request Timeout\r\n"
                 b"Content-Type: application/json\r\n"
@@ -397,136 +330,44 @@ class RTChannel(HTTPChannel):
             peer = self._peer = super().getPeer()
         return peer
 
-    # -- reading ---------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self.line_mode and not self._handlingRequest:
-            self._body_progress(len(data))  # more of a request body
-        if not _FAST_HEAD or self._busyReceiving:
-            super().dataReceived(data)
-            return
-        buf = self._buffer + data if self._buffer else data
-        self._buffer = b""
-        while buf:
-            if self.line_mode and not self.paused and self.persistent and getattr(self, _FIRST_LINE):
-                end = buf.find(b"\r\n\r\n")
-                if 0 < end <= self.totalHeadersSize and not buf.startswith(b"\r\n"):
-                    head, buf = buf[:end], buf[end + 4 :]
-                    if b"\r\n " not in head and b"\r\n\t" not in head:
-                        self._busyReceiving = True
-                        try:
-                            self._head_received(head)
-                        finally:
-                            self._busyReceiving = False
-                        if self._closing():
-                            return
-                        if self._buffer:  # arrived while we were busy (a request finished at once)
-                            buf, self._buffer = buf + self._buffer, b""
-                        continue
-                    buf = head + b"\r\n\r\n" + buf
-            basic.LineReceiver.dataReceived(self, buf)
-            return
-
-    def _closing(self) -> bool:
-        transport = self.transport
-        return transport is None or bool(getattr(transport, "disconnecting", False))
-
-    def _head_received(self, head: bytes) -> None:
-        end = head.find(b"\r\n")
-        self.lineReceived(head if end < 0 else head[:end])
-        if getattr(self, _FIRST_LINE) or self._closing():
-            return  # a bad request line was answered 400
-        if end >= 0:
-            block = head + b"\r\n"
-            raw: dict[bytes, list[bytes]] | None = getattr(self.requests[-1].requestHeaders, "_rawHeaders", None)
-            pairs = _HEADER_LINE.findall(block, end) if raw is not None else None
-            if pairs is None or len(pairs) != block.count(b"\r\n") - 1 or len(pairs) > self.maxHeaders:
-                # anything unusual (a bad name or value, obsolete folding, too
-                # many headers): line by line, as twisted.web does it
-                for line in head[end + 2 :].split(b"\r\n"):
-                    if not self.headerReceived(line):
-                        return
-            else:
-                assert raw is not None
-                canonical = _CANONICAL
-                added = 0
-                for name, value in pairs:
-                    canon = canonical.get(name) or _canonical_name(name)  # a token: the regex checked it
-                    if canon in _LENGTH_HEADERS:  # they choose the body's decoder: twisted.web's own code
-                        if not self.headerReceived(name + b":" + value):
-                            return
-                        continue
-                    value = value.rstrip(b" \t")
-                    values = raw.get(canon)
-                    if values is None:
-                        raw[canon] = [value]
-                    else:
-                        values.append(value)
-                    added += 1
-                self._receivedHeaderCount += added
-        self.lineReceived(b"")
-
-    # -- writing ---------------------------------------------------------
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        if not isinstance(headers, Headers) or not headers.hasHeader(b"Content-Length"):
-            self._flush_head()
-            super().writeHeaders(version, code, reason, headers)
-            return
-        seq = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                seq += (name, b": ", value, b"\r\n")
-        seq.append(b"\r\n")
-        self._flush_head()
-        self._held_head = seq
-
-    def write(self, data: bytes) -> None:
-        seq = self._held_head
-        if seq is not None:
-            self._held_head = None
-            seq.append(data)
-            data = b"".join(seq)
-        write_now(self.transport, data)
-
-    def writeSequence(self, iovec: Sequence[bytes]) -> None:
-        self._flush_head()
-        super().writeSequence(iovec)
-
-    def _flush_head(self) -> None:
-        seq = self._held_head
-        if seq is not None:
-            self._held_head = None
-            write_now(self.transport, b"".join(seq))
-
-    def requestDone(self, request: Request) -> None:
-        self._flush_head()
-        super().requestDone(request)
-
-    def loseConnection(self) -> None:
-        self._flush_head()
-        super().loseConnection()
-
 
 #: body bytes that extend a request body's deadline by another head timeout
 BODY_PROGRESS_BYTES = 16384
 
-
-class _RTChannelProtocol(_GenericHTTPChannelProtocol):
-    """twisted.web's HTTP/1.1-or-HTTP/2 switch, which also frees the connection's slot."""
-
-    def __init__(self, channel: RTChannel) -> None:
-        super().__init__(channel)
-        self._rt_channel = channel
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        self._rt_channel.release()  # also when HTTP/2 replaced the channel
+# plain twisted.web's protocol for a site: its own HTTPChannel behind its own
+# HTTP/1.1-or-HTTP/2 (ALPN) switch (HTTPFactory's public C{protocol})
+_plain_protocol: Callable[[Site], Any] = Site.protocol
 
 
 def _rt_channel_protocol(site: Site) -> Any:
-    """The protocol of L{RTSite}: an L{RTChannel} behind the HTTP/2 (ALPN) switch."""
-    return _RTChannelProtocol(RTChannel())
+    """
+    The protocol of L{RTSite}: an L{RTChannel} behind the HTTP/2 (ALPN)
+    switch, or plain twisted.web's when the fast paths are off.
+    """
+    if getattr(site, "fast_paths", False):
+        channel = RTChannel()
+        return ChannelSwitch(channel, channel.release)
+    return _plain_protocol(site)
+
+
+class _Counted(ProtocolWrapper):
+    """
+    A connection of plain twisted.web's (the fast paths are off), counted
+    against L{RTSite}'s caps until it closes.  A WebSocket upgrade replaces
+    its wrapped protocol (as it does TLS's), so the slot is held until the
+    WebSocket connection closes too.
+    """
+
+    def __init__(self, factory: WrappingFactory[Any], wrapped: Any, site: RTSite, slot: str) -> None:
+        super().__init__(factory, wrapped)
+        self._site = site
+        self._slot: str | None = slot
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self._site.release(slot)
 
 
 class _Refused(Protocol):
@@ -606,8 +447,14 @@ _MAX_REFUSING = 1024
 class RTSite(Site):
     """
     The daemon's site: JSON errors, no tracebacks to clients, one access-log
-    line per request through C{twisted.logger} (or none), and a count of
-    requests in flight for graceful shutdown.
+    line per request through C{twisted.logger} (or none), a count of
+    requests in flight for graceful shutdown, and caps on open connections.
+
+    Its connections get L{RTChannel} when the private-API fast paths are
+    on (L{fast_paths_enabled}, asked once at the first site); otherwise
+    they get plain twisted.web's channel, whose idle timeout
+    (C{head_timeout}, reset by every read) stands in for the request
+    deadlines and which answers a timed-out request by closing it, not 408.
     """
 
     displayTracebacks = False
@@ -625,7 +472,11 @@ class RTSite(Site):
         max_connections: int = 20000,
         max_connections_per_ip: int = 256,
         on_refused: Callable[[str], None] | None = None,
+        fast_paths: bool = True,
     ) -> None:
+        #: whether connections get L{RTChannel} (the private-API fast paths,
+        #: when this Twisted allows them) or plain twisted.web's channel
+        self.fast_paths = fast_paths and fast_paths_enabled()
         # Routes read their bodies themselves; parsing every POST's Content-Type
         # and form fields (twisted.web's default) cost ~27% of the ingest path.
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
@@ -642,6 +493,7 @@ class RTSite(Site):
         self.per_ip: dict[str, int] = {}
         #: connections being answered 503 right now
         self.refusing = 0
+        self._counted: WrappingFactory[Any] = WrappingFactory(self)
 
     def buildProtocol(self, addr: Any) -> Any:
         """
@@ -657,11 +509,20 @@ class RTSite(Site):
         if (cap and self.connections >= cap) or (cap_ip and n >= cap_ip):
             return self._refuse(ip, bool(cap_ip and n >= cap_ip))
         proto = super().buildProtocol(addr)
-        channel = getattr(proto, "_rt_channel", None)
-        if channel is not None:
-            channel._slot = ip
-            per_ip[ip] = n + 1
-            self.connections += 1
+        if proto is None:
+            return None
+        if isinstance(proto, ChannelSwitch):
+            channel = proto.rt_channel
+            if isinstance(channel, RTChannel):
+                channel._slot = ip
+        else:
+            # plain twisted.web: its own idle timeout, and a wrapper that
+            # frees the slot when the connection closes
+            if self.head_timeout:
+                proto.timeOut = self.head_timeout
+            proto = _Counted(self._counted, proto, self, ip)
+        per_ip[ip] = n + 1
+        self.connections += 1
         return proto
 
     def _refuse(self, ip: str, per_ip: bool) -> Any:
