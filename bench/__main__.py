@@ -3,7 +3,7 @@ C{python -m bench}: measure twisted_rt against two baselines in one run --
 a plain Autobahn broadcast server on Twisted and nginx + nchan (C) -- and
 print one table (see C{bench/README.md}).
 
-  python -m bench            # the full run (~10 minutes)
+  python -m bench            # the full run (~8 minutes)
   python -m bench --quick    # tiny sizes, to check the instrument works
   python -m bench --only fanout --rounds 3 --json out.json
 
@@ -102,22 +102,22 @@ class Sizes:
 QUICK = Sizes(
     fanout_subs=(20,),
     sub_procs=1,
-    warm=0.15,
-    window=0.3,
+    warm=0.1,
+    window=0.25,
     drain=1.0,
     single_start=1000.0,
     single_factors=(1, 4),
     single_conns=4,
     single_min_events=10,
-    single_max_window=0.3,
+    single_max_window=0.25,
     start_deliveries=1000.0,
     max_deliveries=4000.0,
     max_steps=1,
-    latency_window=0.3,
+    latency_window=0.25,
     ingest_concurrency=5,
     ingest_procs=1,
-    ingest_warm=0.15,
-    ingest_seconds=0.3,
+    ingest_warm=0.1,
+    ingest_seconds=0.25,
     idle_conns=200,
     idle_procs=1,
     resume_events=500,
@@ -802,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
             nchan_note = f"the nginx + nchan lines are missing: {why}"
             print(f"bench: {nchan_note}", file=sys.stderr, flush=True)
             bench.notes.append(nchan_note)
-    bench.servers = [SERVER_NAMES[x] for x in wanted]
+    bench.servers = [SERVER_NAMES[x] for x in wanted if only & SERVER_NAMES[x].scenarios]  # no empty columns
     bench.wait_idle = args.wait_idle
     started = time.time()
     bench.run()
@@ -827,18 +827,21 @@ def main(argv: list[str] | None = None) -> int:
         *[f"  {s}" for s in servers],
     ]
     table = bench.table(targets=not args.quick)
-    legend = [
-        f"1 event/req: one event per POST /api/publish over {sizes.single_conns} keep-alive connections (at most "
-        "1 request in flight on each), rates rising step by step (per-step lines below); batched: up to 100 "
-        "events per request.",
-        "ingest webhook: GitHub-signed ~1 KB push, 202 after the journal commit; ingest /api/publish: one event "
-        "per request, 202 after the commit. In both, the Autobahn base column is the bare twisted.web POST "
-        "resource (reads the body, answers 202 {}, keeps nothing).",
-        "nginx+nchan takes part in the 1 event/req fan-out and idle rows only ('-' elsewhere).",
-        "'server/gen CPU, waited': % of one core in the window for the server and the load generator, and the "
-        "time the server's threads were runnable without a CPU (much above 0 for a one-thread server: other "
-        "load, that run is noise).",
-    ]
+    legend: list[str] = []
+    if only & {"fanout", "batched"}:
+        legend.append(f"1 event/req: one event per POST /api/publish over {sizes.single_conns} keep-alive connections "
+                      "(at most 1 request in flight on each), rates rising step by step (per-step lines below); "
+                      "batched: up to 100 events per request.")
+    if "ingest" in only:
+        legend.append("ingest webhook: GitHub-signed ~1 KB push, 202 after the journal commit; ingest /api/publish: "
+                      "one event per request, 202 after the commit. In both, the Autobahn base column is the bare "
+                      "twisted.web POST resource (reads the body, answers 202 {}, keeps nothing).")
+    if Nchan in bench.servers:
+        legend.append("nginx+nchan takes part in the 1 event/req fan-out and idle rows only ('-' elsewhere).")
+    if only & {"fanout", "batched", "ingest"}:
+        legend.append("'server/gen CPU, waited': % of one core in the window for the server and the load generator, "
+                      "and the time the server's threads were runnable without a CPU (much above 0 for a one-thread "
+                      "server: other load, that run is noise).")
     notes = list(bench.notes) + [n for m in bench.metrics.values() for n in m.notes]
     gen_cores = len(bench.gen_cpus) if bench.gen_cpus else (os.cpu_count() or 1)
     for s in bench.steps:
@@ -847,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"generator was at {s.gen_cpu:.0%} of its CPU; from there on that run is a lower bound")
             break
     legend = [textwrap.fill(x, 110, subsequent_indent="  ") for x in legend]
-    text = "\n".join(head) + "\n\n" + table + "\n\n" + "\n".join(legend) + "\n\n" + bench.step_tables()
+    text = "\n".join(head) + "\n\n" + table + "\n\n" + "".join(x + "\n" for x in legend) + "\n" + bench.step_tables()
     if notes or bench.errors:
         text += "\n" + "\n".join(f"note: {n}" for n in notes + bench.errors) + "\n"
     print(text, flush=True)
