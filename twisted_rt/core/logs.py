@@ -14,6 +14,8 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.logger import globalLogPublisher, jsonFileLogObserver
 
+from twisted_rt._twisted_internals import log_observers
+
 __all__ = ["redact_uri", "use_json_logging"]
 
 _installed: list[object] = []
@@ -23,14 +25,17 @@ def use_json_logging(out: IO[str] | None = None) -> None:
     """
     Replace the observers twistd installed with a JSON-lines observer on
     stdout.  twistd builds its observer before it calls our service, and
-    offers no public way to swap it, so the swap happens at service start.
+    offers no public way to swap it, so the swap happens at service start
+    (the observers are listed by L{log_observers}, the one reach into
+    twisted.logger's private state; where it cannot list them, they stay
+    and the JSON observer is added beside them).
     """
     if _installed:
         return
     # twistd has redirected sys.stdout into the log itself; write to the real one
     stream = out or sys.__stdout__ or sys.stdout
     observer = jsonFileLogObserver(stream, recordSeparator="")
-    observers = list(getattr(globalLogPublisher, "_observers", []))
+    observers = log_observers(globalLogPublisher)
     globalLogPublisher.addObserver(observer)
     _installed.append(observer)
     for o in observers:

@@ -57,6 +57,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
+from twisted_rt._twisted_internals import set_curves
 from twisted_rt.core.config import Config, ConfigError, TLSConfig
 
 __all__ = [
@@ -272,8 +273,8 @@ def load_options(files: CertFiles) -> Loaded:
 
         _read(files.dh, "DH parameters", k)
         dh = DiffieHellmanParameters.fromFile(FilePath(files.dh))
-    opts = context_options(key, certs[0], chain, dh)
     try:
+        opts = context_options(key, certs[0], chain, dh)
         ctx = opts.getContext()
     except SSL.Error as e:
         raise ConfigError(k, f"OpenSSL refused {files.cert}/{files.key}: {e}") from None
@@ -284,11 +285,10 @@ def load_options(files: CertFiles) -> Loaded:
 
 def _set_curves(ctx: SSL.Context, curves: tuple[str, ...]) -> None:
     """Limit the key-exchange groups (C{[tls] curves}, e.g. X25519, P-256)."""
-    # pyOpenSSL has no public call for a list of groups; its binding has one.
-    from OpenSSL._util import lib
-
-    ok = lib.SSL_CTX_set1_curves_list(ctx._context, ":".join(curves).encode("ascii"))
-    if ok != 1:
+    done = set_curves(ctx, curves)
+    if done is None:
+        raise ConfigError("tls.curves", "this pyOpenSSL offers no way to set the key-exchange groups")
+    if not done:
         raise ConfigError("tls.curves", f"OpenSSL does not know one of {', '.join(curves)}")
 
 
@@ -310,7 +310,9 @@ def context_options(key: Any, cert: x509.Certificate, chain: list[x509.Certifica
         enableSessionTickets=False,
         acceptableProtocols=list(ALPN_PROTOCOLS),
     )
-    opts._options |= getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+    # getContext() builds and caches the context every connection is made
+    # from (its documented contract), so an option set on it holds for all
+    opts.getContext().set_options(getattr(SSL, "OP_NO_RENEGOTIATION", 0))
     return opts
 
 
