@@ -7,21 +7,12 @@ from pathlib import Path
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from twisted_rt.core.event import Draft, Event
+from twisted_rt.core.event import Draft
 from twisted_rt.interfaces import PAGE_BYTES
-from twisted_rt.interfaces import PAGE_BYTES as JOURNAL_PAGE_BYTES
+from twisted_rt.store.journal import PAGE_BYTES as JOURNAL_PAGE_BYTES
 from twisted_rt.store.journal import Journal
 from twisted_rt.store.local import LocalBroker
-
-
-class Recorder:
-    """A listener that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def deliver(self, event: Event) -> None:
-        self.events.append(event)
+from twisted_rt.testing import Recorder
 
 
 async def _broker(tmp_path: Path) -> LocalBroker:

@@ -29,24 +29,12 @@ from twisted_rt.core.metrics import Stats
 from twisted_rt.interfaces import JournalUnavailable
 from twisted_rt.store import redis as rt_redis
 from twisted_rt.store.redis import RedisBroker, backoff, parse_url
+from twisted_rt.testing import Recorder
 
 pytestmark = pytest.mark.redis
 
 
 # -- helpers -----------------------------------------------------------------
-
-
-class Recorder:
-    """A listener that keeps what it receives."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def deliver(self, event: Event) -> None:
-        self.events.append(event)
-
-    def offsets(self, channel: str | None = None) -> list[int]:
-        return [e.offset for e in self.events if channel is None or e.channel == channel]
 
 
 async def until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

@@ -14,17 +14,7 @@ from twisted.python.failure import Failure
 from twisted_rt.core.event import Accepted, Draft, Event
 from twisted_rt.interfaces import Broker, JournalUnavailable, UnencodableEvent
 from twisted_rt.store.local import IndexedBroker
-from twisted_rt.testing import MemoryBroker
-
-
-class Recorder:
-    """A listener that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def deliver(self, event: Event) -> None:
-        self.events.append(event)
+from twisted_rt.testing import MemoryBroker, Recorder
 
 
 def result(d: Deferred[Any]) -> Any:

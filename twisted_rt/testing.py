@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_testing -*-
 """
-Test helpers: L{MemoryBroker}, the one in-memory broker every unit test uses.
+Test helpers: L{MemoryBroker}, the one in-memory broker every unit test
+uses, and L{Recorder}, a listener that keeps what it is given.
 
 It implements L{twisted_rt.interfaces.Broker} with the journal's rules, in
 memory and synchronously:
@@ -41,9 +42,23 @@ from twisted_rt.core.matcher import matches
 from twisted_rt.interfaces import PAGE_BYTES, ChannelInfo, JournalUnavailable, Reactor, UnencodableEvent
 from twisted_rt.store.local import IndexedBroker
 
-__all__ = ["Held", "MemoryBroker", "Replay"]
+__all__ = ["Held", "MemoryBroker", "Recorder", "Replay"]
 
 _T = TypeVar("_T")
+
+
+class Recorder:
+    """A L{twisted_rt.interfaces.Listener} that keeps every event it is given, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def deliver(self, event: Event) -> None:
+        self.events.append(event)
+
+    def offsets(self, channel: str | None = None) -> list[int]:
+        """The offsets received (of one channel, or of all)."""
+        return [e.offset for e in self.events if channel is None or e.channel == channel]
 
 
 @dataclass
