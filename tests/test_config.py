@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, get_args
 
 import pytest
 from conftest import BIN, ROOT, free_port
 
-from twisted_rt.core.config import Config, ConfigError, check_file, load, parse
+from twisted_rt import checks
+from twisted_rt.core import config
+from twisted_rt.core.config import (
+    SECTION_CHECKS,
+    AuthConfig,
+    Config,
+    ConfigError,
+    ServerConfig,
+    SourceConfig,
+    TLSConfig,
+    Verifier,
+    check_file,
+    parse,
+    section_check,
+    validate,
+)
 
 SAMPLE_ENV = {
     "RT_API_KEY": "k",
@@ -30,9 +49,11 @@ def _switched_on(text: str) -> str:
     return re.sub(r"(?m)^#(?=[^\s#])", "", text)
 
 
-def test_sample_config_parses_with_every_key() -> None:
+def test_sample_config_parses_with_every_key(tmp_path: Path) -> None:
     """The documented sample conf/twisted-rt.toml, its optional sources switched on, is valid and arrives typed."""
-    cfg = parse(_switched_on(SAMPLE.read_text()), SAMPLE_ENV)
+    on = tmp_path / "on.toml"
+    on.write_text(_switched_on(SAMPLE.read_text()))
+    cfg = checks.load(str(on), SAMPLE_ENV)
     assert cfg.server.listen == ("tcp:8080",)
     assert cfg.server.max_body_bytes == 1048576
     assert cfg.journal.max_events_per_channel == 10000
@@ -50,9 +71,9 @@ def test_sample_config_parses_with_every_key() -> None:
 def test_sample_config_as_shipped_needs_only_the_github_secret() -> None:
     """A GitHub-only user runs the sample as it is: Meta and in-house are off, their secrets not needed."""
     env = {k: SAMPLE_ENV[k] for k in ("RT_API_KEY", "RT_JWT_SECRET", "GITHUB_WEBHOOK_SECRET")}
-    cfg = load(str(SAMPLE), env)
+    cfg = checks.load(str(SAMPLE), env)
     assert [s.name for s in cfg.sources] == ["github"]
-    assert check_file(str(SAMPLE), env) == []
+    assert checks.check_file(str(SAMPLE), env) == []
 
 
 def test_empty_config_is_the_embedded_defaults() -> None:
@@ -100,14 +121,21 @@ BAD = [
     ("not toml", "[server\n", "(file)", "not valid TOML"),
     ("missing key file", '[auth]\njwt_public_key_file = "/nonexistent.pem"\n', "auth.jwt_public_key_file",
      "no such file"),
+    ("bad encoding", '[[sources]]\nname="a"\nverify="none"\nsignature_encoding="hexx"\n',
+     "sources[0].signature_encoding", "expected hex or base64"),
+    ("bad log format", 'log_format = "xml"\n', "log_format", "expected text or json"),
+    ("empty body limit", "[server]\nmax_body_bytes = 0\n", "server.max_body_bytes", "must be at least 1"),
+    ("no head timeout", "[server]\nrequest_head_timeout_seconds = 0\n", "server.request_head_timeout_seconds",
+     "must be more than 0"),
+    ("tls cert without key", '[tls]\ncert = "c.pem"\n', "tls.key", "tls.cert and tls.key go together"),
 ]
 
 
 @pytest.mark.parametrize("text,key,problem", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_config_is_one_line_naming_key(text: str, key: str, problem: str) -> None:
-    """Each kind of bad file raises ConfigError naming the key and the problem on one line."""
+    """Each kind of bad file raises ConfigError naming the key and the problem on one line (the whole check)."""
     with pytest.raises(ConfigError) as e:
-        parse(text, {})
+        checks.parse(text, {})
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith(key + ": "), msg
@@ -163,8 +191,8 @@ def test_jwt_public_key_of_wrong_kind_is_refused(tmp_path: Path) -> None:
     (tmp_path / "junk.pem").write_text("not a key")
     for name in ("k.pem", "junk.pem"):
         with pytest.raises(ConfigError) as e:
-            parse(f'[auth]\njwt_public_key_file = "{tmp_path / name}"\n', {})
-        assert str(e.value).startswith("auth.jwt_public_key_file: ")
+            checks.parse(f'[auth]\njwt_public_key_file = "{tmp_path / name}"\n', {})
+        assert str(e.value).startswith(f"auth.jwt_public_key_file: {tmp_path / name}: ")
 
 
 # -- issue 13 #18: key material that is empty once expanded ------------------------------------
@@ -225,3 +253,95 @@ def test_x_secret_shared_with_another_source_is_refused() -> None:
     with pytest.raises(ConfigError) as e:
         parse(text, {})
     assert e.value.key == "sources[0].secrets" and "'gh'" in str(e.value)
+
+
+# -- issue 14: the typed schema, the section registry, the owners' checks ----------------------
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def test_every_key_written_out_at_its_default_parses_to_the_defaults() -> None:
+    """Every field of every section has a checker for its type, and its default passes the checks."""
+    lines = []
+    for f in dataclasses.fields(Config):
+        default = getattr(Config(), f.name)
+        if f.name == "sources":
+            continue
+        if not dataclasses.is_dataclass(default):
+            lines.insert(0, f"{f.name} = {_toml(default)}")
+            continue
+        lines.append(f"[{f.name}]")
+        lines += [f"{g.name} = {_toml(getattr(default, g.name))}" for g in dataclasses.fields(default)]
+    source = SourceConfig(name="s", verify="github", secrets=("x",))
+    lines.append("[[sources]]")
+    lines += [f"{g.name} = {_toml(getattr(source, g.name))}" for g in dataclasses.fields(source)]
+    assert parse("\n".join(lines), {}) == Config(sources=(source,))
+
+
+def test_verifier_names_are_the_verifiers_of_the_routes() -> None:
+    """The Literal of [[sources]] verify names exactly the verifiers routes/verify.py implements."""
+    from twisted_rt.routes.verify import VERIFIERS
+
+    assert get_args(Verifier) == config.VERIFIERS
+    assert set(config.VERIFIERS) == set(VERIFIERS)
+
+
+def test_validate_checks_a_config_built_in_code() -> None:
+    """validate() runs the same checks on a Config built or changed in code (e.g. by command-line overrides)."""
+    validate(Config())
+    with pytest.raises(ConfigError, match=r"^log_format: expected text or json$"):
+        validate(replace(Config(), log_format="xml"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^server.listen\[1\]: bad endpoint 'tcpp:1'"):
+        validate(Config().with_overrides(listen=["tcp:1", "tcpp:1"]))
+    bad = SourceConfig(name="s", verify="gitbub")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^sources\[1\].verify: unknown verifier 'gitbub' \(expected one of github,"):
+        validate(Config(sources=(SourceConfig(name="ok", verify="none"), bad)))
+
+
+def test_section_checks_are_registered_per_section_and_named_by_key() -> None:
+    """A check registered for a section runs on every instance of it, with the key it has in the file."""
+    seen: list[tuple[str, str]] = []
+
+    @section_check(SourceConfig)
+    def spy(source: SourceConfig, key: str) -> None:
+        seen.append((source.name, key))
+
+    try:
+        parse('[[sources]]\nname = "a"\nverify = "none"\n[[sources]]\nname = "b"\nverify = "none"\n', {})
+    finally:
+        SECTION_CHECKS[SourceConfig].remove(spy)
+    assert seen == [("a", "sources[0]"), ("b", "sources[1]")]
+    assert set(SECTION_CHECKS) >= {ServerConfig, AuthConfig, SourceConfig, Config}
+
+
+def test_pure_checks_read_no_files_and_the_whole_check_does(tmp_path: Path) -> None:
+    """config.parse/check_file do the pure checks only; twisted_rt.checks adds the owners' (TLS, JWT key files)."""
+    text = '[auth]\njwt_public_key_file = "/nonexistent.pem"\n[tls]\ncert = "/nonexistent.crt"\n'
+    cfg = parse(text, {})
+    assert cfg.tls.cert == "/nonexistent.crt"
+    path = tmp_path / "rt.toml"
+    path.write_text(text)
+    assert check_file(str(path), {}) == []
+    assert checks.check_file(str(path), {}) == ["tls.key: tls.cert and tls.key go together"]
+    with pytest.raises(ConfigError, match=r"^auth.jwt_public_key_file: no such file: /nonexistent.pem$"):
+        checks.check(replace(cfg, tls=TLSConfig()))
+    assert checks.check_file("/nonexistent/rt.toml") == [
+        "(file): cannot read /nonexistent/rt.toml: No such file or directory"
+    ]
+
+
+def test_core_config_imports_no_higher_layer() -> None:
+    """Loading twisted_rt.core.config pulls in neither web/ (TLS) nor any layer above the core."""
+    code = (
+        "import sys, twisted_rt.core.config as c; c.parse('[server]\\nlisten=[\"tcp:1\"]\\n', {}); "
+        "print(sorted(m for m in sys.modules if m.startswith('twisted_rt.') "
+        "and not m.startswith(('twisted_rt.core', 'twisted_rt.interfaces'))))"
+    )
+    r = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout

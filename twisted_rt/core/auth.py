@@ -288,9 +288,11 @@ class Authenticator:
 def load_public_key(pem: bytes) -> tuple[Any, str]:
     """
     A JWT verification key and its one algorithm from a PEM public key:
-    RSA gives RS256, EC P-256 gives ES256.
+    RSA gives RS256, EC P-256 gives ES256.  The owner's check of C{[auth]
+    jwt_public_key_file} (run by L{twisted_rt.checks} before the start).
 
-    @raise ValueError: any other kind of key.
+    @raise ValueError: not a PEM public key, or any other kind of key; the
+        message names the problem, not the key (the caller does).
     """
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -298,13 +300,13 @@ def load_public_key(pem: bytes) -> tuple[Any, str]:
     key = load_pem_public_key(pem)
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < 2048:
-            raise ValueError("jwt_public_key_file: an RSA key needs at least 2048 bits")
+            raise ValueError("an RSA key needs at least 2048 bits")
         return key, "RS256"
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ec.SECP256R1):
-            raise ValueError("jwt_public_key_file: an EC key must be on P-256 for ES256")
+            raise ValueError("an EC key must be on P-256 for ES256")
         return key, "ES256"
-    raise ValueError("jwt_public_key_file must hold an RSA or EC P-256 public key")
+    raise ValueError(f"must be an RSA or EC P-256 public key, not {type(key).__name__}")
 
 
 def require(principal: Principal) -> Principal:

@@ -2,54 +2,62 @@
 """
 The daemon's configuration: a TOML file checked whole before anything starts.
 
-Every key of the contract's sample lives in a frozen dataclass below.  A bad
-file raises L{ConfigError} whose C{str()} is one line naming the key and the
-problem, e.g. C{sources[1].verify: unknown verifier 'gitbub' (expected one of
-github, stripe, ...)}.  C{${VAR}} in any string is replaced from the
-environment; a variable that is not set is an error naming the key.
+The frozen dataclasses below are the schema: every key of the contract's
+sample is a field, and its type says how the TOML value is checked
+(C{str}, C{int}, C{float}, C{bool}, C{tuple[str, ...]}, a C{Literal} of the
+allowed words; C{Annotated} adds a lower bound or the noun an unknown word
+is called by).  The relations between the keys of one section are checked
+by the functions registered for it in L{SECTION_CHECKS}.  Checks that need
+a file or a library of a higher layer (PEM certificates and keys) belong to
+their owners and are run by L{twisted_rt.checks}; L{parse}, L{load} and
+L{check_file} here do the pure checks only.
+
+A bad file raises L{ConfigError} whose C{str()} is one line naming the key
+and the problem, e.g. C{sources[1].verify: unknown verifier 'gitbub'
+(expected one of github, stripe, ...)}.  C{${VAR}} in any string is
+replaced from the environment; a variable that is not set is an error
+naming the key.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Mapping, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar, get_args, get_origin, get_type_hints
+
+from twisted_rt.core.matcher import PatternError, validate_pattern
+from twisted_rt.core.template import ChannelTemplate, TemplateError
 
 __all__ = [
+    "SECTION_CHECKS",
+    "AtLeast",
     "AuthConfig",
     "BrokerConfig",
+    "BrokerKind",
+    "Called",
     "Config",
     "ConfigError",
     "JournalConfig",
+    "LogFormat",
     "ServerConfig",
+    "SignatureEncoding",
     "SourceConfig",
     "SSEConfig",
     "TLSConfig",
     "VERIFIERS",
+    "Verifier",
     "WebSocketConfig",
     "check_file",
     "load",
     "parse",
+    "section_check",
+    "validate",
 ]
-
-VERIFIERS = (
-    "github",
-    "stripe",
-    "slack",
-    "standard",
-    "shopify",
-    "gitlab",
-    "meta",
-    "twitter",
-    "zoom",
-    "hmac-sha256",
-    "none",
-)
-
-_SOURCE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class ConfigError(Exception):
@@ -63,19 +71,68 @@ class ConfigError(Exception):
         self.problem = problem
 
 
+# -- what a field's annotation may carry besides its type ----------------------
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """C{Annotated[int, AtLeast(1)]}: the smallest value allowed (or, C{exclusive}, a bound above it)."""
+
+    bound: float
+    exclusive: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """The message for C{value}, or C{None} when it is allowed."""
+        if self.exclusive and value <= self.bound:
+            return f"must be more than {self.bound:g}"
+        if value < self.bound:
+            return f"must be at least {self.bound:g}"
+        return None
+
+
+@dataclass(frozen=True)
+class Called:
+    """C{Annotated[Literal[...], Called("broker")]}: an unknown word is named as an unknown C{broker}."""
+
+    noun: str
+
+
+BrokerKind = Literal["local", "redis"]
+LogFormat = Literal["text", "json"]
+SignatureEncoding = Literal["hex", "base64"]
+# The names of twisted_rt.routes.verify.VERIFIERS (tests/test_config.py checks they agree).
+Verifier = Literal[
+    "github",
+    "stripe",
+    "slack",
+    "standard",
+    "shopify",
+    "gitlab",
+    "meta",
+    "twitter",
+    "zoom",
+    "hmac-sha256",
+    "none",
+]
+VERIFIERS: tuple[str, ...] = get_args(Verifier)
+
+
+# -- the schema ------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """C{[server]}: listeners and HTTP-wide limits."""
 
     listen: tuple[str, ...] = ("tcp:8080",)
-    max_body_bytes: int = 1048576
+    max_body_bytes: Annotated[int, AtLeast(1)] = 1048576
     allowed_origins: tuple[str, ...] = ()
     shutdown_timeout_seconds: float = 10.0
     rate_limit_per_ip_per_second: float = 0.0
     access_log: bool = True
     redirect_http_to_https: bool = False
     hsts_seconds: int = 0
-    request_head_timeout_seconds: float = 10.0
+    request_head_timeout_seconds: Annotated[float, AtLeast(0, exclusive=True)] = 10.0
     max_connections_per_ip: int = 256
     max_connections: int = 20000
     signature_failures_per_ip_per_minute: int = 60
@@ -86,10 +143,10 @@ class JournalConfig:
     """C{[journal]}: the durable store of every accepted event."""
 
     path: str = "var/journal.sqlite3"
-    max_events_per_channel: int = 10000
+    max_events_per_channel: Annotated[int, AtLeast(1)] = 10000
     retention_seconds: int = 604800
     trim_interval_seconds: float = 60.0
-    max_batch: int = 1000
+    max_batch: Annotated[int, AtLeast(1)] = 1000
 
 
 @dataclass(frozen=True)
@@ -119,7 +176,7 @@ class SSEConfig:
 class BrokerConfig:
     """C{[broker]}: C{local} (one node) or C{redis} (several)."""
 
-    kind: str = "local"
+    kind: Annotated[BrokerKind, Called("broker")] = "local"
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "rt"
 
@@ -137,7 +194,7 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class TLSConfig:
-    """C{[tls]}: certificate material for C{ssl:} listeners."""
+    """C{[tls]}: certificate material for C{ssl:} listeners (checked by L{twisted_rt.web.tls.check})."""
 
     cert: str = ""
     key: str = ""
@@ -151,20 +208,20 @@ class SourceConfig:
     """One C{[[sources]]} table: a webhook sender and how to check it."""
 
     name: str
-    verify: str
+    verify: Annotated[Verifier, Called("verifier")]
     secrets: tuple[str, ...] = ()
     channel: str = "{source}"
     tolerance_seconds: int = 300
     rate_limit_per_second: float = 0.0
     verify_token: str = ""
     signature_header: str = "X-Signature"
-    signature_encoding: str = "hex"
+    signature_encoding: SignatureEncoding = "hex"
     redact_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Config:
-    """The whole configuration."""
+    """The whole configuration: one field per section (C{sources} an array of tables), and C{log_format}."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
@@ -174,7 +231,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     sources: tuple[SourceConfig, ...] = ()
-    log_format: str = "text"
+    log_format: LogFormat = "text"
 
     def source(self, name: str) -> SourceConfig | None:
         """The source called C{name}, or C{None}."""
@@ -197,7 +254,33 @@ class Config:
         return cfg
 
 
+# -- the typed checker: TOML value -> field value --------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _T = TypeVar("_T")
+
+
+_HINTS: dict[Any, dict[str, Any]] = {}
+
+
+def _hints(cls: Any) -> dict[str, Any]:
+    """A schema class's field annotations, resolved (with their C{Annotated} extras)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = get_type_hints(cls, include_extras=True)
+    return hints
+
+
+def _unwrap(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    """C{(type, extras)} of an annotation: C{Annotated[int, AtLeast(1)]} gives C{(int, (AtLeast(1),))}."""
+    if get_origin(hint) is Annotated:
+        base, *extras = get_args(hint)
+        return base, tuple(extras)
+    return hint, ()
+
+
+def _is_schema(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
 
 
 def _expand(value: str, key: str, env: Mapping[str, str]) -> str:
@@ -210,33 +293,30 @@ def _expand(value: str, key: str, env: Mapping[str, str]) -> str:
     return _VAR.sub(sub, value)
 
 
-def _coerce(value: Any, annotation: str, key: str, env: Mapping[str, str]) -> Any:
-    """Check and convert one TOML value against a field's annotation."""
-    if annotation == "tuple[str, ...]":
+def _coerce(value: Any, hint: Any, key: str, env: Mapping[str, str]) -> Any:
+    """Check one TOML value against a field's type and convert it (strings expanded)."""
+    base, _ = _unwrap(hint)
+    if get_origin(base) is tuple and get_args(base) == (str, ...):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(key, "expected a list of strings")
         return tuple(_expand(v, f"{key}[{i}]", env) for i, v in enumerate(value))
-    if annotation == "str":
+    if base is str or get_origin(base) is Literal:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {_toml_type(value)}")
         return _expand(value, key, env)
-    if annotation == "bool":
+    if base is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {_toml_type(value)}")
         return value
-    if annotation == "int":
+    if base is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, f"expected an integer, got {_toml_type(value)}")
-        if value < 0:
-            raise ConfigError(key, "must not be negative")
         return value
-    if annotation == "float":
+    if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {_toml_type(value)}")
-        if value < 0:
-            raise ConfigError(key, "must not be negative")
         return float(value)
-    raise AssertionError(annotation)  # pragma: no cover
+    raise AssertionError(f"{key}: no checker for {hint!r}")  # pragma: no cover - a schema mistake
 
 
 def _check_expanded(raw: Any, value: Any, key: str) -> None:
@@ -266,218 +346,115 @@ def _toml_type(value: Any) -> str:
 
 
 def _table(cls: Callable[..., _T], raw: Any, prefix: str, env: Mapping[str, str]) -> _T:
+    """One TOML table as the schema class C{cls}; C{prefix} is its key in messages."""
     if not isinstance(raw, dict):
         raise ConfigError(prefix, f"expected a table, got {_toml_type(raw)}")
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for k, v in raw.items():
-        key = f"{prefix}.{k}"
-        if k not in known:
-            raise ConfigError(key, f"unknown key (known: {', '.join(sorted(known))})")
-        kwargs[k] = _coerce(v, str(known[k].type), key, env)
-        _check_expanded(v, kwargs[k], key)
-    try:
-        return cls(**kwargs)
-    except TypeError:
-        missing = [
-            n
-            for n, f in known.items()
-            if n not in kwargs
-            and f.default is f.default_factory  # both MISSING
-        ]
-        raise ConfigError(f"{prefix}.{missing[0]}", "is required") from None
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in hints:
+            what = "unknown section" if not prefix else "unknown key"
+            raise ConfigError(key, f"{what} (known: {', '.join(sorted(hints))})")
+        kwargs[k] = _value(hints[k], v, key, env)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}.{f.name}", "is required")
+    return cls(**kwargs)
 
 
-_SECTIONS: dict[str, Callable[..., Any]] = {
-    "server": ServerConfig,
-    "journal": JournalConfig,
-    "websocket": WebSocketConfig,
-    "sse": SSEConfig,
-    "broker": BrokerConfig,
-    "auth": AuthConfig,
-    "tls": TLSConfig,
-}
+def _value(hint: Any, raw: Any, key: str, env: Mapping[str, str]) -> Any:
+    """A field's value from TOML: a section, an array of sections or a plain value."""
+    base, _ = _unwrap(hint)
+    if _is_schema(base):
+        return _table(base, raw, key, env)
+    if get_origin(base) is tuple and _is_schema(get_args(base)[0]):
+        if not isinstance(raw, list):
+            raise ConfigError(key, f"expected an array of tables [[{key}]]")
+        return tuple(_table(get_args(base)[0], item, f"{key}[{i}]", env) for i, item in enumerate(raw))
+    value = _coerce(raw, hint, key, env)
+    _check_expanded(raw, value, key)
+    return value
 
 
-def parse(text: str, env: Mapping[str, str] | None = None) -> Config:
-    """
-    Parse and check TOML text.
+# -- the checks of one value and of one section ----------------------------------
 
-    @raise ConfigError: on the first problem found.
-    """
-    if env is None:
-        env = os.environ
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError("(file)", f"not valid TOML: {e}") from None
-    kwargs: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name == "sources":
-            if not isinstance(value, list):
-                raise ConfigError("sources", "expected an array of tables [[sources]]")
-            kwargs["sources"] = tuple(
-                _table(SourceConfig, s, f"sources[{i}]", env) for i, s in enumerate(value)
-            )
-        elif name == "log_format":
-            kwargs["log_format"] = _coerce(value, "str", name, env)
-        elif name in _SECTIONS:
-            kwargs[name] = _table(_SECTIONS[name], value, name, env)
+
+def _choices(words: tuple[str, ...]) -> str:
+    return " or ".join(words) if len(words) == 2 else "one of " + ", ".join(words)
+
+
+def _check_value(value: Any, hint: Any, key: str) -> None:
+    """The checks a field's type carries: no negative numbers, its bounds, the words of a C{Literal}."""
+    base, extras = _unwrap(hint)
+    if base in (int, float):
+        if value < 0:
+            raise ConfigError(key, "must not be negative")
+        for extra in extras:
+            if isinstance(extra, AtLeast) and (problem := extra.problem(value)):
+                raise ConfigError(key, problem)
+    elif get_origin(base) is Literal and value not in get_args(base):
+        expected = _choices(get_args(base))
+        called = [e.noun for e in extras if isinstance(e, Called)]
+        raise ConfigError(key, f"unknown {called[0]} {value!r} (expected {expected})" if called else f"expected {expected}")
+
+
+_S = TypeVar("_S")
+SectionCheck = Callable[[Any, str], None]
+#: The relational checks of each schema class, in order: C{check(section, key)}
+#: raises L{ConfigError}; C{key} is the section's key (C{"server"},
+#: C{"sources[2]"}, C{""} for the whole L{Config}).
+SECTION_CHECKS: dict[type, list[SectionCheck]] = {}
+
+
+def section_check(cls: type[_S]) -> Callable[[Callable[[_S, str], None]], Callable[[_S, str], None]]:
+    """Register the decorated function as a check of every C{cls} section (see L{SECTION_CHECKS})."""
+
+    def register(check: Callable[[_S, str], None]) -> Callable[[_S, str], None]:
+        SECTION_CHECKS.setdefault(cls, []).append(check)
+        return check
+
+    return register
+
+
+def _check_section(section: Any, prefix: str) -> None:
+    """Every field of C{section} (sections within first), then its registered checks."""
+    for name, hint in _hints(type(section)).items():
+        value = getattr(section, name)
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(value):
+            _check_section(value, key)
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _check_section(item, f"{key}[{i}]")
         else:
-            raise ConfigError(
-                name,
-                "unknown section (known: "
-                + ", ".join(sorted([*_SECTIONS, "sources", "log_format"]))
-                + ")",
-            )
-    cfg = Config(**kwargs)
-    validate(cfg)
-    return cfg
+            _check_value(value, hint, key)
+    for check in SECTION_CHECKS.get(type(section), ()):
+        check(section, prefix)
 
 
 def validate(cfg: Config) -> None:
-    """Check the relations between keys.  @raise ConfigError: on a problem."""
-    from twisted.internet import endpoints
+    """
+    The pure checks of a whole config (also one built in code or changed by
+    command-line overrides).  @raise ConfigError: the first problem.
+    """
+    _check_section(cfg, "")
 
-    from twisted_rt.core.matcher import PatternError, validate_pattern
 
-    if not cfg.server.listen:
-        raise ConfigError("server.listen", "at least one endpoint is needed")
-    for i, desc in enumerate(cfg.server.listen):
-        _check_endpoint(endpoints, desc, f"server.listen[{i}]")
-    from twisted_rt.web.tls import check as check_tls  # ssl: listeners and [tls] files
-
-    check_tls(cfg)
-    if cfg.server.max_body_bytes < 1:
-        raise ConfigError("server.max_body_bytes", "must be at least 1")
-    if cfg.journal.max_events_per_channel < 1:
-        raise ConfigError("journal.max_events_per_channel", "must be at least 1")
-    if cfg.journal.max_batch < 1:
-        raise ConfigError("journal.max_batch", "must be at least 1")
-    if cfg.broker.kind not in ("local", "redis"):
-        raise ConfigError("broker.kind", f"unknown broker {cfg.broker.kind!r} (expected local or redis)")
-    if cfg.broker.kind == "redis" and not cfg.broker.url.startswith(("redis://", "unix://")):
-        raise ConfigError("broker.url", "expected a redis:// or unix:// URL")
-    if cfg.log_format not in ("text", "json"):
-        raise ConfigError("log_format", "expected text or json")
-    if cfg.auth.jwt_secret and cfg.auth.jwt_public_key_file:
-        raise ConfigError("auth.jwt_public_key_file", "give jwt_secret or jwt_public_key_file, not both")
-    if cfg.auth.jwt_audience and not (cfg.auth.jwt_secret or cfg.auth.jwt_public_key_file):
-        raise ConfigError("auth.jwt_audience", "needs jwt_secret or jwt_public_key_file (JWTs are off)")
-    if cfg.server.request_head_timeout_seconds <= 0:
-        raise ConfigError("server.request_head_timeout_seconds", "must be more than 0")
-    if cfg.auth.jwt_public_key_file:
-        _check_public_key(cfg.auth.jwt_public_key_file)
-    for i, key in enumerate(cfg.auth.api_keys):
-        if not key:
-            raise ConfigError(f"auth.api_keys[{i}]", "must not be empty")
-    for i, pat in enumerate(cfg.auth.anonymous_subscribe):
-        try:
-            validate_pattern(pat)
-        except PatternError as e:
-            raise ConfigError(f"auth.anonymous_subscribe[{i}]", str(e)) from None
-    for i, origin in enumerate(cfg.server.allowed_origins):
+@section_check(ServerConfig)
+def _server(server: ServerConfig, key: str) -> None:
+    if not server.listen:
+        raise ConfigError(f"{key}.listen", "at least one endpoint is needed")
+    for i, desc in enumerate(server.listen):
+        _check_endpoint(desc, f"{key}.listen[{i}]")
+    for i, origin in enumerate(server.allowed_origins):
         if not re.match(r"^(https?://[^/\s]+|\*)$", origin):
-            raise ConfigError(f"server.allowed_origins[{i}]", f"not an origin like https://app.example.com: {origin!r}")
-    if (cfg.tls.cert == "") != (cfg.tls.key == ""):
-        raise ConfigError("tls.key" if cfg.tls.cert else "tls.cert", "tls.cert and tls.key go together")
-    seen: set[str] = set()
-    for i, s in enumerate(cfg.sources):
-        key = f"sources[{i}]"
-        if not _SOURCE_NAME.match(s.name):
-            raise ConfigError(f"{key}.name", f"{s.name!r} is not 1-64 characters of A-Z a-z 0-9 _ -")
-        if s.name in seen:
-            raise ConfigError(f"{key}.name", f"duplicate source name {s.name!r}")
-        seen.add(s.name)
-        if s.verify not in VERIFIERS:
-            raise ConfigError(
-                f"{key}.verify",
-                f"unknown verifier {s.verify!r} (expected one of {', '.join(VERIFIERS)})",
-            )
-        if s.verify not in ("none",) and not s.secrets:
-            raise ConfigError(f"{key}.secrets", f"verifier {s.verify!r} needs at least one secret")
-        for j, secret in enumerate(s.secrets):
-            if not secret:
-                raise ConfigError(f"{key}.secrets[{j}]", "must not be empty")
-            if secret.strip() == "whsec_":
-                raise ConfigError(f"{key}.secrets[{j}]", "whsec_ secret has no key material after the prefix")
-            if secret.startswith("whsec_") and s.verify in ("standard", "gitlab"):
-                # Standard Webhooks (and GitLab's signing tokens): base64 key bytes after the
-                # prefix; Stripe's whsec_ secrets are used whole, as they are.
-                import base64
-                import binascii
-
-                try:
-                    material = base64.b64decode(secret[6:], validate=True)
-                except (binascii.Error, ValueError):
-                    raise ConfigError(f"{key}.secrets[{j}]", "whsec_ secret is not valid base64") from None
-                if not material:
-                    raise ConfigError(f"{key}.secrets[{j}]", "whsec_ secret has no key material after the prefix")
-            elif not secret.strip():
-                raise ConfigError(f"{key}.secrets[{j}]", "must not be blank")
-        for j, name in enumerate(s.redact_headers):
-            if not re.match(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]{1,128}$", name):
-                raise ConfigError(f"{key}.redact_headers[{j}]", f"not an HTTP header name: {name!r}")
-        if s.signature_encoding not in ("hex", "base64"):
-            raise ConfigError(f"{key}.signature_encoding", "expected hex or base64")
-        if s.verify == "meta" and not s.verify_token:
-            raise ConfigError(f"{key}.verify_token", "the meta verifier needs verify_token for the GET handshake")
-        problem = template_problem(s.channel)
-        if problem:
-            raise ConfigError(f"{key}.channel", problem)
-    # X's crc handshake answers HMAC(secret, token) for any token: with a secret shared
-    # with another source it would sign that source's bodies.
-    for i, s in enumerate(cfg.sources):
-        if s.verify != "twitter":
-            continue
-        for k, other in enumerate(cfg.sources):
-            if k != i and set(s.secrets) & set(other.secrets):
-                raise ConfigError(
-                    f"sources[{i}].secrets",
-                    f"an X (twitter) secret must not be shared with another source ({other.name!r}): "
-                    "its crc handshake would sign that source's bodies",
-                )
+            raise ConfigError(f"{key}.allowed_origins[{i}]", f"not an origin like https://app.example.com: {origin!r}")
 
 
-def _check_public_key(path: str) -> None:
-    from twisted_rt.core.auth import load_public_key
-
-    key = "auth.jwt_public_key_file"
-    if not os.path.isfile(path):
-        raise ConfigError(key, f"no such file: {path}")
-    try:
-        with open(path, "rb") as f:
-            load_public_key(f.read())
-    except OSError as e:
-        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise ConfigError(key, f"{path}: {str(e).removeprefix('jwt_public_key_file: ')}") from None
-
-
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-
-
-def template_problem(template: str) -> str | None:
-    """What is wrong with a channel template, or C{None}."""
-    if not template:
-        return "must not be empty"
-    for m in _PLACEHOLDER.finditer(template):
-        inner = m.group(1)
-        if inner == "source":
-            continue
-        kind, _, arg = inner.partition(":")
-        if kind not in ("header", "json") or not arg:
-            return f"unknown placeholder {{{inner}}} (expected {{source}}, {{header:Name}} or {{json:path}})"
-    rest = _PLACEHOLDER.sub("x", template)
-    if "{" in rest or "}" in rest:
-        return "unbalanced braces"
-    if not re.match(r"^[A-Za-z0-9_\-.:@]+$", rest):
-        return "contains characters not allowed in a channel name"
-    return None
-
-
-def _check_endpoint(endpoints: Any, desc: str, key: str) -> None:
+def _check_endpoint(desc: str, key: str) -> None:
     """Parse an endpoint description without listening on it."""
+    from twisted.internet import endpoints
     from twisted.internet.testing import MemoryReactor
 
     if desc.startswith("ssl:"):
@@ -492,20 +469,129 @@ def _check_endpoint(endpoints: Any, desc: str, key: str) -> None:
         raise ConfigError(key, f"bad endpoint {desc!r}: {e}") from None
 
 
-def load(path: str, env: Mapping[str, str] | None = None) -> Config:
-    """Read and check a config file.  @raise ConfigError: on any problem."""
+@section_check(BrokerConfig)
+def _broker(broker: BrokerConfig, key: str) -> None:
+    if broker.kind == "redis" and not broker.url.startswith(("redis://", "unix://")):
+        raise ConfigError(f"{key}.url", "expected a redis:// or unix:// URL")
+
+
+@section_check(AuthConfig)
+def _auth(auth: AuthConfig, key: str) -> None:
+    # jwt_public_key_file's contents: twisted_rt.checks, with core.auth.load_public_key.
+    if auth.jwt_secret and auth.jwt_public_key_file:
+        raise ConfigError(f"{key}.jwt_public_key_file", "give jwt_secret or jwt_public_key_file, not both")
+    if auth.jwt_audience and not (auth.jwt_secret or auth.jwt_public_key_file):
+        raise ConfigError(f"{key}.jwt_audience", "needs jwt_secret or jwt_public_key_file (JWTs are off)")
+    for i, api_key in enumerate(auth.api_keys):
+        if not api_key:
+            raise ConfigError(f"{key}.api_keys[{i}]", "must not be empty")
+    for i, pat in enumerate(auth.anonymous_subscribe):
+        try:
+            validate_pattern(pat)
+        except PatternError as e:
+            raise ConfigError(f"{key}.anonymous_subscribe[{i}]", str(e)) from None
+
+
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]{1,128}$")
+
+
+@section_check(SourceConfig)
+def _source(s: SourceConfig, key: str) -> None:
+    if not _SOURCE_NAME.match(s.name):
+        raise ConfigError(f"{key}.name", f"{s.name!r} is not 1-64 characters of A-Z a-z 0-9 _ -")
+    if s.verify != "none" and not s.secrets:
+        raise ConfigError(f"{key}.secrets", f"verifier {s.verify!r} needs at least one secret")
+    for j, secret in enumerate(s.secrets):
+        _check_secret(secret, s.verify, f"{key}.secrets[{j}]")
+    for j, name in enumerate(s.redact_headers):
+        if not _HEADER_NAME.match(name):
+            raise ConfigError(f"{key}.redact_headers[{j}]", f"not an HTTP header name: {name!r}")
+    if s.verify == "meta" and not s.verify_token:
+        raise ConfigError(f"{key}.verify_token", "the meta verifier needs verify_token for the GET handshake")
+    try:
+        ChannelTemplate(s.channel, s.name)
+    except TemplateError as e:
+        raise ConfigError(f"{key}.channel", str(e)) from None
+
+
+def _check_secret(secret: str, verifier: str, key: str) -> None:
+    if not secret:
+        raise ConfigError(key, "must not be empty")
+    if secret.strip() == "whsec_":
+        raise ConfigError(key, "whsec_ secret has no key material after the prefix")
+    if secret.startswith("whsec_") and verifier in ("standard", "gitlab"):
+        # Standard Webhooks (and GitLab's signing tokens): base64 key bytes after the
+        # prefix; Stripe's whsec_ secrets are used whole, as they are.
+        try:
+            material = base64.b64decode(secret[6:], validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(key, "whsec_ secret is not valid base64") from None
+        if not material:
+            raise ConfigError(key, "whsec_ secret has no key material after the prefix")
+    elif not secret.strip():
+        raise ConfigError(key, "must not be blank")
+
+
+@section_check(Config)
+def _sources_together(cfg: Config, key: str) -> None:
+    seen: set[str] = set()
+    for i, s in enumerate(cfg.sources):
+        if s.name in seen:
+            raise ConfigError(f"sources[{i}].name", f"duplicate source name {s.name!r}")
+        seen.add(s.name)
+    # X's crc handshake answers HMAC(secret, token) for any token: with a secret shared
+    # with another source it would sign that source's bodies.
+    for i, s in enumerate(cfg.sources):
+        if s.verify != "twitter":
+            continue
+        for k, other in enumerate(cfg.sources):
+            if k != i and set(s.secrets) & set(other.secrets):
+                raise ConfigError(
+                    f"sources[{i}].secrets",
+                    f"an X (twitter) secret must not be shared with another source ({other.name!r}): "
+                    "its crc handshake would sign that source's bodies",
+                )
+
+
+# -- entry points ----------------------------------------------------------------
+
+
+def parse(text: str, env: Mapping[str, str] | None = None) -> Config:
+    """
+    Parse TOML text and run the pure checks (L{validate}).
+
+    @raise ConfigError: on the first problem found.
+    """
+    if env is None:
+        env = os.environ
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("(file)", f"not valid TOML: {e}") from None
+    cfg = _table(Config, raw, "", env)
+    validate(cfg)
+    return cfg
+
+
+def read(path: str) -> str:
+    """The text of a config file.  @raise ConfigError: unreadable or not UTF-8."""
     try:
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
+            return f.read().decode("utf-8")
     except OSError as e:
         raise ConfigError("(file)", f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError("(file)", f"{path} is not UTF-8 text") from None
-    return parse(text, env)
+
+
+def load(path: str, env: Mapping[str, str] | None = None) -> Config:
+    """Read a config file and run the pure checks.  @raise ConfigError: on any problem."""
+    return parse(read(path), env)
 
 
 def check_file(path: str, env: Mapping[str, str] | None = None) -> list[str]:
-    """The problems of a config file, one line each (empty when it is good)."""
+    """The problems the pure checks find in a config file, one line each (empty when it is good)."""
     try:
         load(path, env)
     except ConfigError as e:
