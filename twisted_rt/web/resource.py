@@ -20,7 +20,7 @@ integer query parameter (L{int_arg}), the media type of a C{Content-Type}
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, ClassVar, cast
+from typing import Any, Awaitable, Callable, ClassVar, cast, overload
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -68,24 +68,43 @@ class Reply:
 MAX_INT = 2**63 - 1
 
 
+def ascii_int(raw: bytes | str) -> int | None:
+    """
+    The value of 1 to 19 ASCII digits, at most L{MAX_INT}; C{None} for
+    anything else (a sign, a Unicode digit such as C{²}, a fraction, 5,000
+    digits, ...).  The one digit rule of query parameters and cursors.
+    """
+    if 0 < len(raw) <= 19 and raw.isascii() and raw.isdigit():
+        value = int(raw)
+        if value <= MAX_INT:
+            return value
+    return None
+
+
 def int_arg(request: Request, name: str, default: int, low: int = 0, high: int = MAX_INT) -> int:
     """
     The integer query parameter C{name} (C{default} when absent): only ASCII
-    digits, at most 19 of them, from C{low} to C{high}.
+    digits (L{ascii_int}), from C{low} to C{high}.
 
-    @raise JsonError: 400 C{invalid_parameter} for anything else (a sign, a
-        Unicode digit such as C{²}, a fraction, 5,000 digits, ...).
+    @raise JsonError: 400 C{invalid_parameter} for anything else.
     """
     values = (request.args or {}).get(name.encode("ascii"))
     if not values:
         return default
-    raw = values[0]
-    if not (0 < len(raw) <= 19 and raw.isdigit()):  # bytes.isdigit() is ASCII only
-        raise JsonError(400, "invalid_parameter", f"{name} must be an integer from {low} to {high}")
-    value = int(raw)
-    if not low <= value <= high:
+    value = ascii_int(values[0])
+    if value is None or not low <= value <= high:
         raise JsonError(400, "invalid_parameter", f"{name} must be an integer from {low} to {high}")
     return value
+
+
+def no_subpath(request: Request) -> None:
+    """
+    A leaf route answers its own path (and a trailing slash) only.
+
+    @raise JsonError: 404 C{not_found} for a longer path.
+    """
+    if request.postpath and request.postpath != [b""]:
+        raise JsonError(404, "not_found", f"no route for {request.path.decode('utf-8', 'replace')}")
 
 
 def str_args(request: Request, name: str) -> list[str]:
@@ -169,6 +188,14 @@ def write_error(request: Request, e: JsonError) -> int:
     """Answer C{request} with the JSON error C{e} (its status and headers); C{NOT_DONE_YET}."""
     write_json(request, e.status, error_body(e.code, e.message), e.headers)
     return NOT_DONE_YET
+
+
+@overload
+def as_json_error(e: JsonError | AuthError | UnencodableEvent | JournalUnavailable) -> JsonError: ...
+
+
+@overload
+def as_json_error(e: BaseException | None) -> JsonError | None: ...
 
 
 def as_json_error(e: BaseException | None) -> JsonError | None:
