@@ -522,3 +522,28 @@ def test_parse_publish_rejects_lone_surrogates() -> None:
     with pytest.raises(JsonError) as e:
         api.parse_publish(b'{"channel":"a","data":"\\ud800"}')
     assert (e.value.status, e.value.code) == (400, "invalid_json")
+
+
+@pytest.mark.parametrize(("ctype", "is_json"), [
+    ("application/json", True),
+    ("Application/JSON; charset=utf-8", True),
+    (b" application/vnd.rt+json ; q=1", True),
+    ("application/problem+json", True),
+    ("application/jsonx", False),
+    ("text/plain", False),
+    ("application/x-www-form-urlencoded", False),
+    ("", False),
+    (None, False),
+])
+def test_one_media_type_rule(ctype: str | bytes | None, is_json: bool) -> None:
+    """The publish API and the webhook ingest read a Content-Type as JSON by one rule (web.resource)."""
+    from twisted_rt.routes.hooks import parse_body
+    from twisted_rt.web.resource import JsonError, is_json_media, media_type
+
+    assert is_json_media(media_type(ctype)) is is_json
+    text = ctype.decode() if isinstance(ctype, bytes) else ctype
+    try:
+        data = parse_body(text, b'{"a":1}')
+    except JsonError:
+        data = None
+    assert (data == {"a": 1}) is (is_json or not text)  # webhooks: no type means JSON too

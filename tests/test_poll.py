@@ -131,7 +131,7 @@ def test_unit_waiter_collects_one_turn_and_times_out() -> None:
     from twisted.internet.task import Clock
 
     from twisted_rt.core.event import Event
-    from twisted_rt.routes.sse import _Waiter
+    from twisted_rt.routes.poll import _Waiter
 
     def ev(off: int) -> Event:
         return Event(str(off), "c", off, "t", "s", "", off)
@@ -211,7 +211,7 @@ def test_unit_waiter_keeps_no_more_than_it_sends() -> None:
     from twisted.internet.task import Clock
 
     from twisted_rt.core.event import Event
-    from twisted_rt.routes.sse import _Waiter
+    from twisted_rt.routes.poll import _Waiter
 
     def ev(off: int, size: int = 1) -> Event:
         return Event(str(off), "c", off, "t", "s", "", "x" * size)
@@ -230,3 +230,20 @@ def test_unit_waiter_keeps_no_more_than_it_sends() -> None:
     w2.deliver(ev(1, 5000))  # over the byte bound alone: still sent
     w2.deliver(ev(2, 10))
     assert [e.offset for e in w2.events] == [1] and w2.more
+
+
+def test_unit_poll_is_its_own_route() -> None:
+    """build_root mounts /poll from routes.poll (not from the SSE module)."""
+    from twisted.internet.task import Clock
+
+    from twisted_rt.app import App
+    from twisted_rt.core.auth import Authenticator
+    from twisted_rt.core.config import AuthConfig, Config
+    from twisted_rt.core.metrics import Stats
+    from twisted_rt.routes import build_root
+    from twisted_rt.routes.poll import PollResource
+    from twisted_rt.testing import MemoryBroker
+
+    app = App(Config(), Clock(), MemoryBroker(), Authenticator(AuthConfig()), Stats())
+    root = build_root(app)
+    assert type(root.children[b"poll"]) is PollResource  # type: ignore[attr-defined]

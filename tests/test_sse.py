@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import API_KEY, DEFAULT_CONFIG, Daemon, http_json
+from conftest import http as http_call
 
 
 class Stream:
@@ -161,9 +162,12 @@ def test_errors_are_json(make_daemon: Callable[..., Daemon]) -> None:
         (q("public.a"), {"Origin": "https://evil.example"}, 403, "forbidden_origin"),
     ]
     for query, headers, status, code in cases:
-        got, body = http_json("GET", d.url + "/sse?" + query, headers=headers)
+        got, hdrs, raw = http_call("GET", d.url + "/sse?" + query, headers=headers)
+        body = json.loads(raw)
         assert (got, body["error"]) == (status, code), query
         assert body["message"]
+        # the one error mapper: a 401 says how to authenticate, as on every other route
+        assert ("www-authenticate" in hdrs) is (status == 401), query
     s = Stream(d, q("public.a"), {"Origin": "https://ok.example"})
     assert s.resp.status == 200
     assert s.resp.getheader("access-control-allow-origin") == "https://ok.example"

@@ -600,7 +600,8 @@ def test_unit_token_expiry_closes_4001_on_the_clock() -> None:
 
 def test_unit_parse_since_and_origin() -> None:
     """since is absent, an offset >= 0, or {channel: offset}; an empty allowed_origins allows any Origin."""
-    from twisted_rt.routes.ws import origin_allowed, parse_since
+    from twisted_rt.routes.ws import parse_since
+    from twisted_rt.web.resource import origin_allowed
 
     assert parse_since(None) is None and parse_since(3) == 3
     assert parse_since({"a.b": 2}) == {"a.b": 2}
@@ -613,6 +614,32 @@ def test_unit_parse_since_and_origin() -> None:
     assert not origin_allowed("https://b", ("https://a",))
     assert origin_allowed("http://127.0.0.1:8080", ("https://a",), "127.0.0.1:8080")  # the daemon's own page
     assert not origin_allowed("http://evil:8080", ("https://a",), "127.0.0.1:8080")
+
+
+def test_unit_failed_ops_use_the_one_error_mapper() -> None:
+    """A failed op is answered with the shared mapper's code and message (journal_unavailable); others internal_error, logged."""
+    from twisted.logger import globalLogPublisher
+    from twisted.python.failure import Failure
+
+    from twisted_rt.interfaces import JournalUnavailable
+    from twisted_rt.routes.ws import RTWebSocketProtocol
+
+    proto = RTWebSocketProtocol()
+    proto.peer = "tcp:192.0.2.1:1234"
+    sent: list[tuple[Any, ...]] = []
+    proto._error = lambda *a: sent.append(a)  # type: ignore[method-assign]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        proto._failed(Failure(JournalUnavailable("disk full")), "publish", 7)
+        proto._failed(Failure(RuntimeError("bug")), "publish", 8)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert sent == [
+        ("journal_unavailable", "nothing was accepted: disk full", 7, False),
+        ("internal_error", "the server failed to handle this message; it was logged", 8, False),
+    ]
+    assert [e.get("log_failure") is not None for e in events if "handling" in e.get("log_format", "")] == [True]
 
 
 def test_counters_follow_connections(daemon: Daemon) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.web.resource import IResource
 
 from twisted_rt.app import App
-from twisted_rt.routes import api, health, hooks, inspector, sse, ws
+from twisted_rt.routes import api, health, hooks, inspector, openapi, poll, sse, ws
 from twisted_rt.web.resource import Root
 
 __all__ = ["build_root"]
@@ -23,7 +23,8 @@ def build_root(app: App) -> IResource:
     root.putChild(b"hooks", hooks.resource(app))
     root.putChild(b"ws", ws.resource(app))
     root.putChild(b"sse", sse.resource(app))
-    root.putChild(b"poll", sse.poll_resource(app))
+    root.putChild(b"poll", poll.resource(app))
     api.mount(root, app)
+    root.putChild(b"openapi.json", openapi.resource(app))
     inspector.mount(root, app)
     return root

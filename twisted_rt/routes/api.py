@@ -1,7 +1,6 @@
 # -*- test-case-name: tests.test_api -*-
 """
-The JSON API a backend drives the daemon with, plus C{/metrics} and
-C{/openapi.json}.
+The JSON API a backend drives the daemon with, plus C{/metrics}.
 
   - C{POST /api/publish}: one event C{{"channel","data","id"?,"type"?}} or a
     batch C{{"events": [...]}} of at most L{MAX_BATCH}, journaled in one
@@ -16,29 +15,37 @@ C{/openapi.json}.
     last offset of the page), C{"more": false} otherwise.
   - C{GET /api/stats}: the counters of L{twisted_rt.core.metrics.Stats}.
   - C{GET /metrics}: Prometheus text exposition.
-  - C{GET /openapi.json}: L{twisted_rt.routes.openapi.document}.
+  - (C{GET /openapi.json} describes them all: L{twisted_rt.routes.openapi}.)
 
-Every route but C{/metrics} and C{/openapi.json} needs a token (an API key,
+Every route but C{/metrics} needs a token (an API key,
 or a JWT with the rights); C{history} also answers an anonymous caller for
 the C{anonymous_subscribe} channels.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client.exposition import choose_encoder
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from twisted_rt.app import App
 from twisted_rt.core.auth import Principal, require
 from twisted_rt.core.event import Draft, dumps, loads
 from twisted_rt.core.matcher import ChannelError, validate_channel
 from twisted_rt.interfaces import AuthError
-from twisted_rt.web.resource import JsonError, JsonResource, Reply, Root, error_body, int_arg
-
-if TYPE_CHECKING:
-    from twisted_rt.app import App
+from twisted_rt.web.resource import (
+    JsonError,
+    JsonResource,
+    Reply,
+    Root,
+    error_body,
+    int_arg,
+    is_json_media,
+    media_type,
+    no_subpath,
+)
 
 __all__ = [
     "DEFAULT_HISTORY_LIMIT",
@@ -68,14 +75,6 @@ _EVENT_KEYS = frozenset({"channel", "data", "id", "type"})
 
 def _bad(code: str, message: str) -> JsonError:
     return JsonError(400, code, message)
-
-
-def _json_content_type(request: Request) -> bool:
-    ctype = request.getHeader(b"content-type")
-    if not ctype:
-        return False
-    media = ctype.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
 def _event_draft(obj: Any, where: str) -> Draft:
@@ -144,9 +143,9 @@ class Publish(JsonResource):
         self.app = app
 
     async def handle_POST(self, request: Request) -> Reply:
-        _no_subpath(request)
+        no_subpath(request)
         principal = _caller(self.app, request)
-        if not _json_content_type(request):
+        if not is_json_media(media_type(request.getHeader(b"content-type"))):
             raise JsonError(415, "unsupported_media_type", "send the body as Content-Type: application/json")
         assert request.content is not None
         drafts, batch = parse_publish(request.content.read())
@@ -162,11 +161,6 @@ class Publish(JsonResource):
         if batch:
             return Reply(202, {"events": [a.receipt() for a in accepted]})
         return Reply(202, accepted[0].receipt())
-
-
-def _no_subpath(request: Request) -> None:
-    if request.postpath and request.postpath != [b""]:
-        raise JsonError(404, "not_found", f"no route for {request.path.decode('utf-8', 'replace')}")
 
 
 class Channels(JsonResource):
@@ -222,7 +216,7 @@ class StatsPage(JsonResource):
         self.app = app
 
     async def handle_GET(self, request: Request) -> dict[str, Any]:
-        _no_subpath(request)
+        no_subpath(request)
         _caller(self.app, request)
         return self.app.stats.snapshot()
 
@@ -238,24 +232,10 @@ class Metrics(JsonResource):
         self.app = app
 
     async def handle_GET(self, request: Request) -> Reply:
-        _no_subpath(request)
+        no_subpath(request)
         accept = request.getHeader(b"accept") or b""
         encode, content_type = choose_encoder(accept.decode("latin-1"))
         return Reply(200, encode(self.app.stats.registry), content_type=content_type.encode("ascii"))
-
-
-class OpenAPI(JsonResource):
-    """C{GET /openapi.json}: the document, encoded once."""
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        from twisted_rt.routes.openapi import document
-
-        self._body = dumps(document())
-
-    async def handle_GET(self, request: Request) -> Reply:
-        _no_subpath(request)
-        return Reply(200, self._body, headers={"Cache-Control": "no-cache"})
 
 
 class ApiRoot(Root):
@@ -268,14 +248,13 @@ class ApiRoot(Root):
 
 
 def mount(root: Resource, app: App) -> None:
-    """Put C{/api/*}, C{/metrics} and C{/openapi.json} under C{root}."""
+    """Put C{/api/*} and C{/metrics} under C{root}."""
     api = ApiRoot()
     api.putChild(b"publish", Publish(app))
     api.putChild(b"channels", Channels(app))
     api.putChild(b"stats", StatsPage(app))
     root.putChild(b"api", api)
     root.putChild(b"metrics", Metrics(app))
-    root.putChild(b"openapi.json", OpenAPI(app))
     broker = app.broker
     app.stats.ready = lambda: bool(broker.ready)
 

@@ -6,14 +6,12 @@ journal or broker up, not shutting down).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.web.server import Request
 
+from twisted_rt.app import App
 from twisted_rt.web.resource import JsonResource, Reply
-
-if TYPE_CHECKING:
-    from twisted_rt.app import App
 
 __all__ = ["Healthz", "Readyz"]
 

@@ -50,7 +50,7 @@ while some address has failed in the last minute.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import Any, Union, cast
 from urllib.parse import parse_qsl
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -59,8 +59,10 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from twisted_rt.app import App
 from twisted_rt.core.config import SourceConfig
 from twisted_rt.core.event import Accepted, Draft, loads
+from twisted_rt.core.metrics import Stats
 from twisted_rt.core.template import ChannelTemplate, Unroutable
 from twisted_rt.interfaces import Broker, Reactor
 from twisted_rt.routes.ratelimit import RateLimiter
@@ -85,10 +87,6 @@ from twisted_rt.web.resource import (
     write_error,
     write_json,
 )
-
-if TYPE_CHECKING:
-    from twisted_rt.app import App
-    from twisted_rt.core.metrics import Stats
 
 __all__ = ["HooksResource", "MetaSource", "SlackSource", "SourceResource", "XSource", "ZoomSource", "parse_body",
            "resource"]

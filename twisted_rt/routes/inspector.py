@@ -1,5 +1,4 @@
 # -*- test-case-name: tests.test_inspector -*-
-# mypy: disable-error-code="no-untyped-call"
 """
 The people-facing routes: the live inspector page and the browser client.
 
@@ -23,18 +22,16 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from twisted_rt.app import App
 from twisted_rt.core.config import Config
 from twisted_rt.core.matcher import ChannelError, validate_channel
 from twisted_rt.routes.verify import secret_headers
 from twisted_rt.web.resource import JsonError, JsonResource, Root, json_page
-
-if TYPE_CHECKING:
-    from twisted_rt.app import App
 
 __all__ = ["RAW_PATH", "RawEvent", "StaticFile", "mount"]
 

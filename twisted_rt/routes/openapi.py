@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.web.resource import IResource
+from twisted.web.server import Request
+
 from twisted_rt import __version__
+from twisted_rt.app import App
+from twisted_rt.core.event import dumps
 from twisted_rt.routes.api import (
     DEFAULT_HISTORY_LIMIT,
     MAX_BATCH,
@@ -21,8 +26,9 @@ from twisted_rt.routes.api import (
     MAX_OFFSET,
     MAX_TYPE_LENGTH,
 )
+from twisted_rt.web.resource import JsonResource, Reply, no_subpath
 
-__all__ = ["document"]
+__all__ = ["OpenAPI", "document", "resource"]
 
 _SEG = "[A-Za-z0-9_:@-]+"
 CHANNEL_PATTERN = f"^{_SEG}(\\.{_SEG})*$"
@@ -718,3 +724,20 @@ def document() -> dict[str, Any]:
         },
         "security": _BEARER,
     }
+
+
+class OpenAPI(JsonResource):
+    """C{GET /openapi.json}: the document, encoded once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._body = dumps(document())
+
+    async def handle_GET(self, request: Request) -> Reply:
+        no_subpath(request)
+        return Reply(200, self._body, headers={"Cache-Control": "no-cache"})
+
+
+def resource(app: App) -> IResource:
+    """The C{/openapi.json} resource."""
+    return OpenAPI()

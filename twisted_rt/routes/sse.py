@@ -1,6 +1,6 @@
-# -*- test-case-name: tests.test_sse,tests.test_poll -*-
+# -*- test-case-name: tests.test_sse -*-
 """
-C{/sse} (Server-Sent Events) and C{/poll} (long-poll).
+C{/sse}: Server-Sent Events (long-poll is L{twisted_rt.routes.poll}).
 
 SSE cursor: every event's C{id:} is C{v1:<seq>}, the event's place in the
 journal's global order (L{Event.seq}): a few bytes whatever the number of
@@ -26,14 +26,6 @@ for, so its events carry no C{id:} (the browser keeps the id it resumed
 with) and an C{id:} block with the position follows the replay; live
 events then carry C{v1:} ids as usual.
 
-Long-poll: C{GET /poll?channel=a&since=N&timeout=30} registers a live
-listener I{before} reading the journal after C{N}, so an event committed
-while the query runs is not missed; it answers with what the journal had,
-or the first live events (all those delivered in the same reactor turn), or
-C{{"events": []}} at the timeout.  No thread is held.  An answer holds at
-most C{limit} events and about L{PAGE_BYTES} of event JSON (C{"more":
-true} when the channel has more); the live listener keeps no more than that.
-
 Memory per connection is bounded whatever the client sends: at most
 L{MAX_SSE_PATTERNS} patterns, one replay page (L{REPLAY_PAGE_EVENTS},
 L{REPLAY_PAGE_BYTES}), at most L{MAX_BUFFER_EVENTS} / L{MAX_BUFFER_BYTES}
@@ -44,7 +36,7 @@ the stream ends and the client resumes from its last id.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -55,15 +47,21 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from twisted_rt.app import App
 from twisted_rt.core.auth import Principal
 from twisted_rt.core.event import Event
 from twisted_rt.core.matcher import ChannelError, PatternError, validate_channel, validate_pattern
-from twisted_rt.interfaces import PAGE_BYTES, AuthError
-from twisted_rt.routes.ws import origin_allowed
-from twisted_rt.web.resource import MAX_INT, JsonError, JsonResource, Reply, error_body, int_arg, write_json
-
-if TYPE_CHECKING:
-    from twisted_rt.app import App
+from twisted_rt.interfaces import AuthError, Reactor
+from twisted_rt.web.resource import (
+    JsonError,
+    allow_origin,
+    as_json_error,
+    ascii_int,
+    check_origin,
+    int_arg,
+    str_args,
+    write_error,
+)
 
 __all__ = [
     "CURSOR_PREFIX",
@@ -71,7 +69,6 @@ __all__ = [
     "Resume",
     "encode_cursor",
     "parse_last_event_id",
-    "poll_resource",
     "resource",
 ]
 
@@ -87,10 +84,10 @@ REPLAY_PAGE_BYTES = 1024 * 1024
 #: live events held while a stream catches up; past either, the stream ends
 MAX_BUFFER_EVENTS = 10000
 MAX_BUFFER_BYTES = 4 * 1024 * 1024
-#: most events one long-poll answer carries
-MAX_POLL_EVENTS = 1000
 #: the longest Last-Event-ID read (the whole request head is at most 16 KiB)
 MAX_LAST_EVENT_ID = 16384
+
+_SHUTTING_DOWN = JsonError(503, "shutting_down", "the server is shutting down")
 
 
 def encode_cursor(seq: int) -> str:
@@ -130,13 +127,6 @@ class Resume:
         return f"Resume(after_seq={self.after_seq!r}, since={self.since!r})"
 
 
-def _digits(text: str) -> int | None:
-    if 0 < len(text) <= 19 and text.isascii() and text.isdigit():
-        value = int(text)
-        return value if value <= MAX_INT else None
-    return None
-
-
 def parse_last_event_id(text: str) -> Resume:
     """
     Read a C{Last-Event-ID}: C{v1:<seq>} (this version's cursor), a bare
@@ -150,17 +140,17 @@ def parse_last_event_id(text: str) -> Resume:
     if len(text) > MAX_LAST_EVENT_ID:
         raise ValueError("it is too long")
     if text.startswith(CURSOR_PREFIX):
-        seq = _digits(text[len(CURSOR_PREFIX) :])
+        seq = ascii_int(text[len(CURSOR_PREFIX) :])
         if seq is None:
             raise ValueError(f"a {CURSOR_PREFIX} cursor is followed by an integer of at most 19 digits")
         return Resume(after_seq=seq)
-    offset = _digits(text)
+    offset = ascii_int(text)
     if offset is not None:
         return _since(_Floor({}, offset))
     since: dict[str, int] = {}
     for part in text.split(","):
         chan, eq, off = part.partition("=")
-        value = _digits(off)
+        value = ascii_int(off)
         if not eq or value is None:
             raise ValueError(f"expected {CURSOR_PREFIX}<seq> (the id of an earlier event), not {part[:40]!r}")
         try:
@@ -192,25 +182,6 @@ def _frame(event: Event) -> bytes:
             % (CURSOR_PREFIX.encode(), event.seq, event.channel.encode(), event.json()),
         )
     return frame
-
-
-def _arg(request: Request, name: str) -> list[str]:
-    return [v.decode("utf-8", "replace") for v in (request.args or {}).get(name.encode(), [])]
-
-
-def _check_origin(app: App, request: Request) -> str | None:
-    origin = request.getHeader(b"origin")
-    o = origin.decode("latin-1") if isinstance(origin, bytes) else origin
-    host = request.getHeader(b"host")
-    if not origin_allowed(o, app.config.server.allowed_origins, host.decode("latin-1") if host else None):
-        raise JsonError(403, "forbidden_origin", f"origin {o!r} is not allowed")
-    return o
-
-
-def _cors(request: Request, origin: str | None) -> None:
-    if origin:
-        request.setHeader(b"access-control-allow-origin", origin.encode("latin-1"))
-        request.setHeader(b"vary", b"Origin")
 
 
 @implementer(IPushProducer)
@@ -383,30 +354,25 @@ class SSEResource(Resource):
     def render_GET(self, request: Request) -> int:
         app = self.app
         try:
-            origin = _check_origin(app, request)
+            origin = check_origin(request, app.config.server.allowed_origins)
             principal = app.principal(request)
             patterns = self._patterns(request, principal)
             resume = self._resume(request)
-        except JsonError as e:
-            write_json(request, e.status, error_body(e.code, e.message), e.headers)
-            return NOT_DONE_YET
-        except AuthError as e:
-            write_json(request, e.status, error_body(e.code, e.message))
-            return NOT_DONE_YET
+        except (JsonError, AuthError) as e:
+            return write_error(request, as_json_error(e))
         if app.stopping:
-            write_json(request, 503, error_body("shutting_down", "the server is shutting down"))
-            return NOT_DONE_YET
+            return write_error(request, _SHUTTING_DOWN)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
-        _cors(request, origin)
+        allow_origin(request, origin)
         stream = _Stream(self, request, principal, patterns)
         app.stats.connections["sse"] += 1
         self.streams.add(stream)
         if not self.heartbeat.running:
             self.heartbeat.start(app.config.sse.heartbeat_seconds, now=False)
         if principal.exp is not None:
-            reactor = app.reactor
+            reactor: Reactor = app.reactor
             stream.expiry = reactor.callLater(max(0.0, principal.exp - reactor.seconds()), stream.expired)
         request.registerProducer(stream, True)
         request.notifyFinish().addBoth(lambda _: stream.closed())
@@ -416,7 +382,7 @@ class SSEResource(Resource):
         return NOT_DONE_YET
 
     def _patterns(self, request: Request, principal: Principal) -> list[str]:
-        names = _arg(request, "channel") + _arg(request, "pattern")
+        names = str_args(request, "channel") + str_args(request, "pattern")
         if not names:
             raise JsonError(
                 400, "bad_request", "name at least one channel or pattern: /sse?channel=a&pattern=b.*"
@@ -527,123 +493,6 @@ class SSEResource(Resource):
             s.finish()
 
 
-class _Waiter:
-    """
-    A long-poll's live listener: collects the events after C{since} of one
-    reactor turn, at most C{limit} of them and about C{max_bytes} of JSON
-    (the first one always); C{more} says some were left out.
-    """
-
-    def __init__(self, reactor: Any, since: int, limit: int = MAX_POLL_EVENTS, max_bytes: int = PAGE_BYTES) -> None:
-        self.reactor = reactor
-        self.since = since
-        self.limit = limit
-        self.max_bytes = max_bytes
-        self.events: list[Event] = []
-        self.size = 0
-        self.more = False
-        self.d: Deferred[list[Event]] = Deferred(self._cancel)
-        self._fire_call: IDelayedCall | None = None
-        self._timer: IDelayedCall | None = None
-
-    def deliver(self, event: Event) -> None:
-        if self.d.called or event.offset <= self.since:
-            return
-        if len(self.events) >= self.limit or (self.events and self.size >= self.max_bytes):
-            self.more = True
-            return
-        self.events.append(event)
-        self.size += len(event.json())
-        if self._fire_call is None:
-            self._fire_call = self.reactor.callLater(0, self.fire)
-
-    def wait(self, timeout: float) -> Deferred[list[Event]]:
-        if not self.d.called and self._fire_call is None:
-            self._timer = self.reactor.callLater(timeout, self.fire)
-        return self.d
-
-    def fire(self) -> None:
-        self._stop_timers()
-        if not self.d.called:
-            self.d.callback(self.events)
-
-    def _stop_timers(self) -> None:
-        for c in (self._fire_call, self._timer):
-            if c is not None and c.active():
-                c.cancel()
-        self._fire_call = self._timer = None
-
-    def _cancel(self, d: Deferred[list[Event]]) -> None:
-        self._stop_timers()
-
-
-class PollResource(JsonResource):
-    """C{GET /poll?channel=a&since=N&limit=M&timeout=S}."""
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
-        self.waiters: set[_Waiter] = set()
-        app.on_shutdown(self.shutdown)
-
-    async def handle_GET(self, request: Request) -> Reply:
-        app = self.app
-        origin = _check_origin(app, request)
-        principal = app.principal(request)
-        names = _arg(request, "channel")
-        if len(names) != 1:
-            raise JsonError(400, "bad_request", "name exactly one channel: /poll?channel=a&since=N")
-        try:
-            channel = validate_channel(names[0])
-        except ChannelError as e:
-            raise JsonError(400, "invalid_channel", f"{e}; /poll takes one exact channel") from None
-        if not principal.can_read(channel):
-            raise JsonError(403, "forbidden", f"this token may not read {channel!r}")
-        since = int_arg(request, "since", 0)
-        limit = min(int_arg(request, "limit", MAX_POLL_EVENTS), MAX_POLL_EVENTS) or MAX_POLL_EVENTS
-        timeout = min(float(int_arg(request, "timeout", 30)), app.config.sse.max_poll_timeout_seconds)
-        _cors(request, origin)
-        broker = app.broker
-        waiter = _Waiter(app.reactor, since, limit)
-        broker.subscribe(channel, waiter)
-        self.waiters.add(waiter)
-        stats = app.stats
-        stats.connections["poll"] += 1
-        stats.subscriptions["poll"] += 1
-        more = False
-        try:
-            events = await broker.history(channel, since, limit, max_bytes=PAGE_BYTES)
-            if events:
-                more = events[-1].offset < await broker.last_offset(channel)
-            elif timeout > 0 and not app.stopping:
-                events = await waiter.wait(timeout)
-                more = waiter.more
-        finally:
-            stats.connections["poll"] -= 1
-            stats.subscriptions["poll"] -= 1
-            waiter._stop_timers()
-            self.waiters.discard(waiter)
-            broker.unsubscribe(channel, waiter)
-        stats.events_out["poll"] += len(events)
-        # the events' cached JSON, not a second encoding of each
-        body = b'{"events":[%s],"last_offset":%d%s}' % (
-            b",".join(e.json() for e in events),
-            events[-1].offset if events else since,
-            b',"more":true' if more else b"",
-        )
-        return Reply(200, body)
-
-    def shutdown(self) -> None:
-        """Answer every waiting poll now (with what it has: usually nothing)."""
-        for w in list(self.waiters):
-            w.fire()
-
-
 def resource(app: App) -> IResource:
     """The C{/sse} resource."""
     return SSEResource(app)
-
-
-def poll_resource(app: App) -> IResource:
-    """The C{/poll} resource."""
-    return PollResource(app)

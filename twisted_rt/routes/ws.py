@@ -1,5 +1,4 @@
 # -*- test-case-name: tests.test_ws -*-
-# mypy: disable-error-code="no-untyped-call"
 """
 C{/ws}: WebSocket subscribers and publishers (Autobahn, mounted in the
 C{twisted.web} tree with L{WebSocketResource}).
@@ -44,30 +43,32 @@ hooks because a C{Site} never does it.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
 from twisted.web.resource import IResource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from twisted_rt.app import App
 from twisted_rt.core.auth import Principal
 from twisted_rt.core.event import Draft, Event, dumps, loads
 from twisted_rt.core.matcher import ChannelError, PatternError, validate_channel, validate_pattern
-from twisted_rt.interfaces import AuthError
+from twisted_rt.interfaces import AuthError, Reactor
 from twisted_rt.subscriber import Since, Subscriber
+from twisted_rt.web.resource import as_json_error, origin_allowed, write_json
 from twisted_rt.web.site import write_now
 
-if TYPE_CHECKING:
-    from twisted_rt.app import App
-
-__all__ = ["RTWebSocketFactory", "RTWebSocketProtocol", "SinceTooLarge", "resource", "origin_allowed", "parse_since"]
+__all__ = ["RTWebSocketFactory", "RTWebSocketProtocol", "SinceTooLarge", "parse_since", "resource"]
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED = 1003
@@ -103,24 +104,6 @@ def _short(value: Any) -> str:
     """C{repr(value)}, cut to 80 characters (error messages echo client input)."""
     r = repr(value)
     return r if len(r) <= 80 else r[:77] + "..."
-
-
-def origin_allowed(origin: str | None, allowed: tuple[str, ...], host: str | None = None) -> bool:
-    """
-    Whether a request with C{Origin: origin} may connect: any when
-    C{allowed} is empty or there is no Origin (not a browser), else a listed
-    origin or the daemon's own (the Origin's host is the request's C{Host},
-    e.g. the inspector page served at C{/}).
-    """
-    if not allowed or not origin:
-        return True
-    if origin.rstrip("/") in {a.rstrip("/") for a in allowed} or "*" in allowed:
-        return True
-    if host:
-        from urllib.parse import urlsplit
-
-        return urlsplit(origin).netloc.lower() == host.lower()
-    return False
 
 
 class SinceTooLarge(ValueError):
@@ -218,8 +201,6 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
 
     def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
         """A refused upgrade, answered like every other error: a JSON body."""
-        from twisted.web.http import RESPONSES
-
         error = self._deny_code or _DENY_CODES.get(code, "bad_request")
         body = dumps({"error": error, "message": reason})
         phrase = RESPONSES.get(code, b"Error").decode("latin-1")
@@ -434,7 +415,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._expiry = None
         exp = self.principal.exp if self.principal is not None else None
         if exp is not None:
-            reactor = self.factory.app.reactor
+            reactor: Reactor = self.factory.app.reactor
             self._expiry = reactor.callLater(max(0.0, exp - reactor.seconds()), self._expired)
 
     def _expired(self) -> None:
@@ -467,20 +448,23 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         try:
             result = handler(self, msg, ref)
         except Exception:  # noqa: BLE001 - answered, logged
-            _log.failure("handling {op} from {peer}", op=op, peer=self.peer)
-            self._error("internal_error", "the server failed to handle this message; it was logged", ref, False)
+            self._failed(Failure(), op, ref)
             return
         if isinstance(result, Deferred):
             result.addErrback(self._failed, op, ref)
 
     def _failed(self, f: Failure, op: Any, ref: Any) -> None:
-        from twisted_rt.interfaces import JournalUnavailable
-
-        if f.check(JournalUnavailable):
-            self._error("journal_unavailable", f"nothing was accepted: {f.getErrorMessage()}", ref, False)
+        """
+        An op failed: answered with the error of the one mapper
+        (L{twisted_rt.web.resource.as_json_error}, e.g. C{journal_unavailable}),
+        or logged and answered C{internal_error}.
+        """
+        e = as_json_error(f.value)
+        if e is None:
+            _log.failure("handling {op} from {peer}", f, op=op, peer=self.peer)
+            self._error("internal_error", "the server failed to handle this message; it was logged", ref, False)
             return
-        _log.failure("handling {op} from {peer}", f, op=op, peer=self.peer)
-        self._error("internal_error", "the server failed to handle this message; it was logged", ref, False)
+        self._error(e.code, e.message, ref, False)
 
     def op_ping(self, msg: dict[str, Any], ref: Any) -> None:
         """C{{"op":"ping"}} -> C{{"op":"pong"}}."""
@@ -724,8 +708,6 @@ class RTWebSocketFactory(WebSocketServerFactory):
         return ensureDeferred(self._shutdown())
 
     async def _shutdown(self) -> None:
-        from twisted.internet.task import deferLater
-
         for p in list(self.clients):
             p.close_with(CLOSE_GOING_AWAY, "server shutting down")
         waited = 0.0
@@ -738,8 +720,6 @@ class RTWebSocketFactory(WebSocketServerFactory):
 
 
 def _accept_deflate(offers: list[Any]) -> Any:
-    from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
-
     for offer in offers:
         if isinstance(offer, PerMessageDeflateOffer):
             return PerMessageDeflateOfferAccept(offer)
@@ -757,10 +737,6 @@ class _Resource(WebSocketResource):
         self.rt_factory = factory
 
     def render(self, request: Request) -> Any:
-        from twisted.web.server import NOT_DONE_YET
-
-        from twisted_rt.web.resource import write_json
-
         upgrade = (request.getHeader(b"upgrade") or b"").lower()
         if request.method != b"GET":
             write_json(request, 405, {"error": "method_not_allowed", "message": "use GET with Upgrade: websocket"},
