@@ -419,6 +419,21 @@ def test_curves_are_checked(pki: dict[str, Path]) -> None:
         tls.load_options(tls.CertFiles(str(pki["cert"]), str(pki["key"]), curves=("nope",)))
 
 
+def test_curves_need_a_pyopenssl_that_can_set_them(pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where pyOpenSSL's binding cannot be reached, [tls] curves is a config error that says so."""
+    monkeypatch.setattr(tls, "set_curves", lambda ctx, curves: None)
+    with pytest.raises(ConfigError, match=r"tls\.curves: this pyOpenSSL offers no way to set the key-exchange groups"):
+        tls.load_options(tls.CertFiles(str(pki["cert"]), str(pki["key"]), curves=("X25519",)))
+
+
+def test_no_renegotiation_is_set_on_the_context_connections_use(pki: dict[str, Path]) -> None:
+    """context_options itself forbids renegotiation, on the one cached context every connection is made from."""
+    loaded = tls.load_options(tls.CertFiles(str(pki["cert"]), str(pki["key"])))
+    opts = loaded.options
+    assert opts.getContext() is opts.getContext()
+    assert opts.getContext().set_options(0) & getattr(SSL, "OP_NO_RENEGOTIATION", 0) == getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+
+
 class HostRequest:
     """Just what HTTPSPolicy.location reads from a request."""
 
