@@ -30,6 +30,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from twisted_rt._twisted_internals import request_gone
 from twisted_rt.core.event import dumps
 from twisted_rt.core.logs import redact_uri
 from twisted_rt.interfaces import AuthError, JournalUnavailable, UnencodableEvent
@@ -391,7 +392,7 @@ def _answer_failure(f: Failure, request: Request, finished: list[bool]) -> None:
                 uri=_uri(request),
                 log_category="RT-W501",
             )
-        if not (request.finished or getattr(request, "_disconnected", True)):
+        if not (request.finished or request_gone(request)):
             request.channel.loseConnection()  # a half-written answer: do not leave the client waiting
         return
     finished[0] = True
@@ -403,7 +404,7 @@ def _unanswered(request: Request) -> bool:
     return not (
         getattr(request, "startedWriting", True)
         or getattr(request, "finished", True)
-        or getattr(request, "_disconnected", True)
+        or request_gone(request)
     )
 
 
