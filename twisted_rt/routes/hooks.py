@@ -50,7 +50,7 @@ while some address has failed in the last minute.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Union, cast
+from typing import Any, Union
 from urllib.parse import parse_qsl
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -203,7 +203,7 @@ def _peer(request: IRequest) -> str:
     IPv6 one as its /64 (one host commonly holds a whole /64, so counting
     single IPv6 addresses would let one client take the whole table).
     """
-    address = cast(Any, request).getClientAddress()
+    address = request.getClientAddress()
     host = str(getattr(address, "host", ""))
     if ":" in host:
         return _ipv6_key(host)

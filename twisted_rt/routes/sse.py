@@ -36,10 +36,10 @@ the stream ends and the client resumes from its last id.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -348,7 +348,10 @@ class SSEResource(Resource):
         self.app = app
         self.streams: set[_Stream] = set()
         self.heartbeat = LoopingCall(self._beat)
-        self.heartbeat.clock = app.reactor
+        reactor: Reactor = app.reactor
+        # every reactor (and Clock) provides IReactorTime; Reactor is the
+        # structural view of it this package types with (twisted_rt.interfaces)
+        self.heartbeat.clock = cast(IReactorTime, reactor)
         app.on_shutdown(self.shutdown)
 
     def render_GET(self, request: Request) -> int:
