@@ -169,6 +169,12 @@ class RoutesTests(SynchronousTestCase):
         self.assertEqual(self.get("/api/raw/bad%20channel/1", API_KEY)[0], 400)
         self.assertEqual(self.get("/api/raw/hooks.plain", API_KEY)[0], 404)
 
+    def test_raw_offset_is_ascii_digits(self) -> None:
+        """The offset follows the one digit rule: Unicode digits and 20-digit numbers are 400, never a 500 or another event."""
+        for offset in ("%C2%B2", "%D9%A3", "1" * 20, "+1", "01x"):
+            code, _, body = self.get(f"/api/raw/hooks.plain/{offset}", API_KEY)
+            self.assertEqual((code, json.loads(body)["error"]), (400, "invalid_offset"), offset)
+
 
 def test_raw_route_on_real_daemon(make_daemon: Callable[..., Daemon]) -> None:
     """On the daemon, /api/raw sits beside the API routes and returns a webhook's exact bytes."""

@@ -31,7 +31,7 @@ from twisted_rt.app import App
 from twisted_rt.core.config import Config
 from twisted_rt.core.matcher import ChannelError, validate_channel
 from twisted_rt.routes.verify import secret_headers
-from twisted_rt.web.resource import JsonError, JsonResource, Root, json_page
+from twisted_rt.web.resource import JsonError, JsonResource, Root, ascii_int, error_body, json_page
 
 __all__ = ["RAW_PATH", "RawEvent", "StaticFile", "mount"]
 
@@ -46,6 +46,8 @@ _TYPES = {
     ".css": b"text/css; charset=utf-8",
     ".svg": b"image/svg+xml",
 }
+
+_NO_SUCH_FILE = error_body("not_found", "no such file")
 
 # The page loads nothing from elsewhere; say so to the browser.
 _CSP = (
@@ -70,7 +72,7 @@ class StaticFile(Resource):
         if request.postpath and request.postpath != [b""]:
             request.setResponseCode(404)
             request.setHeader(b"content-type", b"application/json")
-            return b'{"error":"not_found","message":"no such file"}'
+            return _NO_SUCH_FILE
         request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-content-type-options", b"nosniff")
@@ -126,9 +128,9 @@ class RawEvent(JsonResource):
             validate_channel(channel)
         except ChannelError as e:
             raise JsonError(400, "invalid_channel", str(e)) from None
-        if not offset_text.isdigit() or int(offset_text) < 1:
+        offset = ascii_int(offset_text)
+        if offset is None or offset < 1:
             raise JsonError(400, "invalid_offset", "the offset must be a positive integer")
-        offset = int(offset_text)
         principal = self.app.principal(request)
         if not principal.can_read(channel):
             if principal.anonymous:
