@@ -19,7 +19,7 @@ from twisted.web.server import Request
 from twisted_rt.core.auth import Authenticator, Principal
 from twisted_rt.core.config import Config
 from twisted_rt.core.metrics import Stats
-from twisted_rt.interfaces import Broker
+from twisted_rt.interfaces import Broker, Reactor
 
 __all__ = ["App"]
 
@@ -31,7 +31,7 @@ class App:
     """Everything a route needs: config, reactor, broker, auth and counters."""
 
     config: Config
-    reactor: Any
+    reactor: Reactor
     broker: Broker
     auth: Authenticator
     stats: Stats
