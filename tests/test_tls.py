@@ -32,7 +32,8 @@ from OpenSSL import SSL
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.testing import EventLoggingObserver, MemoryReactor
 
-from twisted_rt.core.config import Config, ConfigError, ServerConfig, TLSConfig, parse
+from twisted_rt.checks import parse
+from twisted_rt.core.config import Config, ConfigError, ServerConfig, TLSConfig
 from twisted_rt.web import tls
 
 # -- a test CA ---------------------------------------------------------------
@@ -212,7 +213,7 @@ def test_check_refuses_bad_files_with_one_line(pki: dict[str, Path], which: str,
 
 
 def test_config_file_with_bad_tls_section_is_refused(pki: dict[str, Path]) -> None:
-    """check-config's parse() refuses a [tls] cert that does not load, naming tls.cert."""
+    """check-config's parse() (twisted_rt.checks, which runs web.tls.check) refuses a [tls] cert that does not load, naming tls.cert."""
     text = f"""
     [server]
     listen = ["ssl:8443"]
