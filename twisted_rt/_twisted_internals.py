@@ -61,13 +61,17 @@ TESTED: tuple[tuple[int, int], tuple[int, int]] = ((25, 5), (26, 10))
 
 # -- the version gate ---------------------------------------------------------
 
-# Every private name the fast paths read, as (where, name).  Instance
-# attributes are looked up on a fresh instance (made without a reactor).
 _FIRST_LINE = "_HTTPChannel__first_line"
 
 
 def _required() -> list[tuple[str, object, str]]:
+    """
+    Every private name the fast paths read, as (where, on what, name).
+    Instance attributes are looked for on a fresh instance (a
+    C{FileDescriptor} made without a reactor).
+    """
     channel = HTTPChannel()
+    descriptor = FileDescriptor(reactor=_NO_REACTOR)
     return [
         ("twisted.web.http.HTTPChannel", HTTPChannel, _FIRST_LINE),
         ("twisted.web.http.HTTPChannel()", channel, "_handlingRequest"),
@@ -76,9 +80,9 @@ def _required() -> list[tuple[str, object, str]]:
         ("twisted.protocols.basic.LineReceiver", basic.LineReceiver, "_busyReceiving"),
         ("twisted.web.http_headers.Headers()", Headers(), "_rawHeaders"),
         ("twisted.web.http", http, "_GenericHTTPChannelProtocol"),
-        ("twisted.internet.abstract.FileDescriptor()", FileDescriptor(reactor=_NO_REACTOR), "_tempDataLen"),
-        ("twisted.internet.abstract.FileDescriptor()", FileDescriptor(reactor=_NO_REACTOR), "offset"),
-        ("twisted.internet.abstract.FileDescriptor()", FileDescriptor(reactor=_NO_REACTOR), "dataBuffer"),
+        ("twisted.internet.abstract.FileDescriptor()", descriptor, "_tempDataLen"),
+        ("twisted.internet.abstract.FileDescriptor()", descriptor, "offset"),
+        ("twisted.internet.abstract.FileDescriptor()", descriptor, "dataBuffer"),
     ]
 
 
