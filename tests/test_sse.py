@@ -438,24 +438,6 @@ def test_stream_ends_when_token_expires(daemon: Daemon) -> None:
     assert (status, body["error"]) == (401, "token_expired")
 
 
-class _FakeBroker:
-    """Just what a fresh SSE stream asks of a broker."""
-
-    def __init__(self) -> None:
-        self.listeners: list[tuple[str, Any]] = []
-
-    def subscribe(self, pattern: str, listener: Any) -> None:
-        self.listeners.append((pattern, listener))
-
-    def unsubscribe(self, pattern: str, listener: Any) -> None:
-        self.listeners.remove((pattern, listener))
-
-    def position(self) -> Any:
-        from twisted.internet.defer import succeed
-
-        return succeed(7)
-
-
 def test_unit_expiry_uses_the_app_reactor() -> None:
     """The expiry timer runs on the app's reactor: with a Clock, the stream ends exactly when exp passes."""
     from twisted.internet.address import IPv4Address
@@ -467,14 +449,17 @@ def test_unit_expiry_uses_the_app_reactor() -> None:
     from twisted_rt.core.config import AuthConfig, Config
     from twisted_rt.core.metrics import Stats
     from twisted_rt.routes import build_root
+    from twisted_rt.testing import MemoryBroker
     from twisted_rt.web.site import RTSite
 
     clock = Clock()
     clock.advance(1000)
     config = Config(auth=AuthConfig(jwt_secret="k" * 32))
     auth = Authenticator(config.auth, clock=clock.seconds)
-    broker = _FakeBroker()
-    app = App(config=config, reactor=clock, broker=broker, auth=auth, stats=Stats())  # type: ignore[arg-type]
+    broker = MemoryBroker(clock)
+    for _ in range(7):
+        broker.commit("other")  # the stream starts at position 7
+    app = App(config=config, reactor=clock, broker=broker, auth=auth, stats=Stats())
     site = RTSite(build_root(app), log_requests=False, reactor=clock)
     token = auth.mint("bob", subscribe=["u.>"], ttl=60)
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
@@ -482,9 +467,9 @@ def test_unit_expiry_uses_the_app_reactor() -> None:
     assert proto is not None
     proto.makeConnection(transport)
     proto.dataReceived(f"GET /sse?channel=u.a&token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    assert b"id: v1:7" in transport.value() and len(broker.listeners) == 1
+    assert b"id: v1:7" in transport.value() and len(broker.index) == 1
     clock.advance(59.9)
     assert not transport.value().endswith(b"0\r\n\r\n")
     clock.advance(0.2)
     assert b": token expired" in transport.value() and transport.value().endswith(b"0\r\n\r\n")
-    assert broker.listeners == [] and app.stats.connections["sse"] == 0
+    assert len(broker.index) == 0 and app.stats.connections["sse"] == 0
