@@ -1,6 +1,6 @@
 """
 The JSON API against the real daemon: every route's success and every error
-code of the contract, plus in-memory tests (StubTreq, fake broker) for the
+code of the contract, plus in-memory tests (StubTreq, MemoryBroker) for the
 failures a live daemon cannot be made to show on demand.
 """
 
@@ -16,17 +16,17 @@ import jwt
 import pytest
 from conftest import API_KEY, DEFAULT_CONFIG, JWT_SECRET, Daemon, http, http_json
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
 from twisted_rt.app import App
 from twisted_rt.core.auth import Authenticator
 from twisted_rt.core.config import AuthConfig, Config
-from twisted_rt.core.event import Accepted, Draft, Event
+from twisted_rt.core.event import Accepted, Draft
 from twisted_rt.core.metrics import Stats
-from twisted_rt.interfaces import JournalUnavailable
 from twisted_rt.routes import api
+from twisted_rt.testing import MemoryBroker
 from twisted_rt.web.resource import Root
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -425,32 +425,13 @@ def test_head_is_served(shared: Daemon) -> None:
 # -- failures a live daemon will not show: in memory ------------------------
 
 
-class FakeBroker:
-    """A broker whose publish fails as told."""
-
-    ready = True
-
-    def __init__(self, error: Exception | None = None) -> None:
-        self.error = error
-        self.published: list[Draft] = []
-
-    def publish(self, drafts: Sequence[Draft]) -> Deferred[list[Accepted]]:
-        if self.error is not None:
-            return fail(self.error)
-        self.published.extend(drafts)
-        return succeed([Accepted(Event(d.id or "x", d.channel, 1, "t", d.source, d.type, d.data)) for d in drafts])
-
-    def channels(self) -> Deferred[list[dict[str, Any]]]:
-        return fail(RuntimeError("boom: secret internals"))
-
-
-def _stub(broker: FakeBroker) -> Any:
+def _stub(broker: MemoryBroker) -> Any:
     from treq.testing import StubTreq
 
     app = App(
         config=Config(),
         reactor=MemoryReactorClock(),
-        broker=broker,  # type: ignore[arg-type]
+        broker=broker,
         auth=Authenticator(AuthConfig(api_keys=("k",))),
         stats=Stats(),
     )
@@ -475,7 +456,9 @@ def test_unexpected_error_is_logged_500_without_traceback() -> None:
     observer = EventLoggingObserver()
     globalLogPublisher.addObserver(observer)
     try:
-        status, body = _call(_stub(FakeBroker()), "GET", "/api/channels")
+        broker = MemoryBroker()
+        broker.channels = lambda: fail(RuntimeError("boom: secret internals"))  # type: ignore[method-assign]
+        status, body = _call(_stub(broker), "GET", "/api/channels")
     finally:
         globalLogPublisher.removeObserver(observer)
     assert_error(status, body, 500, "internal_error")
@@ -488,15 +471,16 @@ def test_unexpected_error_is_logged_500_without_traceback() -> None:
 
 def test_journal_unavailable_is_503_in_memory() -> None:
     """A publish failing with JournalUnavailable is 503 journal_unavailable."""
-    status, body = _call(
-        _stub(FakeBroker(JournalUnavailable("disk full"))), "POST", "/api/publish", b'{"channel":"a","data":1}'
-    )
+    broker = MemoryBroker()
+    broker.unavailable = "disk full"
+    status, body = _call(_stub(broker), "POST", "/api/publish", b'{"channel":"a","data":1}')
     assert_error(status, body, 503, "journal_unavailable")
+    assert broker.events == []
 
 
 def test_publish_passes_drafts_in_one_call() -> None:
     """A batch reaches the broker as one publish call of drafts with source api."""
-    broker = FakeBroker()
+    broker = MemoryBroker()
     calls: list[int] = []
     original = broker.publish
 
@@ -509,7 +493,7 @@ def test_publish_passes_drafts_in_one_call() -> None:
     status, got = _call(_stub(broker), "POST", "/api/publish", body.encode())
     assert status == 202 and len(got["events"]) == 2
     assert calls == [2]
-    assert [(d.channel, d.source, d.id, d.type, d.scope) for d in broker.published] == [
+    assert [(d.channel, d.source, d.id, d.type, d.scope) for d in broker.drafts] == [
         ("a", "api", "x", "", "pub:key"),
         ("b", "api", None, "t", "pub:key"),
     ]
