@@ -1,6 +1,6 @@
 """
-C{/hooks/<source>}: in memory through treq's StubTreq with a fake broker and
-clock, then end to end against the real daemon (real SQLite journal).
+C{/hooks/<source>}: in memory through treq's StubTreq with
+L{twisted_rt.testing.MemoryBroker} and a clock, then end to end against the real daemon (real SQLite journal).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 from urllib.parse import urlencode
 
 import pytest
 from conftest import API_KEY, DEFAULT_CONFIG, SHARED_DATA, Daemon, http
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -29,11 +29,11 @@ from twisted.web.resource import Resource
 from twisted_rt.app import App
 from twisted_rt.core.auth import Authenticator
 from twisted_rt.core.config import AuthConfig, Config, ServerConfig, SourceConfig
-from twisted_rt.core.event import Accepted, Draft, Event, new_id, now_iso
+from twisted_rt.core.event import new_id
 from twisted_rt.core.metrics import Stats
 from twisted_rt.core.template import ChannelTemplate
-from twisted_rt.interfaces import JournalUnavailable
 from twisted_rt.routes.hooks import parse_body, resource
+from twisted_rt.testing import MemoryBroker
 from twisted_rt.web.resource import JsonError
 
 SECRET = "gh-secret"
@@ -57,32 +57,6 @@ def gh_headers(body: bytes, event: str = "push", delivery: str | None = None, se
 # -- in memory --------------------------------------------------------------
 
 
-class FakeBroker:
-    """Offsets per channel and dedup per (source, id), like the journal; can be made to fail."""
-
-    def __init__(self) -> None:
-        self.drafts: list[Draft] = []
-        self.offsets: dict[str, int] = {}
-        self.known: dict[tuple[str, str], Event] = {}
-        self.failing = False
-
-    def publish(self, drafts: Sequence[Draft]) -> Deferred[list[Accepted]]:
-        if self.failing:
-            return fail(JournalUnavailable("disk on fire"))
-        out = []
-        for d in drafts:
-            if d.id is not None and (d.source, d.id) in self.known:
-                out.append(Accepted(self.known[(d.source, d.id)], duplicate=True))
-                continue
-            self.drafts.append(d)
-            offset = self.offsets[d.channel] = self.offsets.get(d.channel, 0) + 1
-            ev = Event(d.id or new_id(), d.channel, offset, now_iso(), d.source, d.type, d.data, d.raw, d.headers)
-            if d.id is not None:
-                self.known[(d.source, d.id)] = ev
-            out.append(Accepted(ev))
-        return succeed(out)
-
-
 SOURCES = (
     SourceConfig(name="github", verify="github", secrets=(SECRET,), channel="github.{header:X-GitHub-Event}"),
     SourceConfig(name="meta", verify="meta", secrets=("meta-secret",), verify_token="vt-1",
@@ -103,11 +77,11 @@ class Harness:
     def __init__(self, per_ip: float = 0.0, failures: int = 60) -> None:
         self.clock = Clock()
         self.clock.advance(time.time())
-        self.broker = FakeBroker()
+        self.broker = MemoryBroker(self.clock)
         self.stats = Stats()
         server = ServerConfig(rate_limit_per_ip_per_second=per_ip, signature_failures_per_ip_per_minute=failures)
         cfg = Config(server=server, sources=SOURCES)
-        self.app = App(cfg, self.clock, self.broker, Authenticator(AuthConfig()), self.stats)  # type: ignore[arg-type]
+        self.app = App(cfg, self.clock, self.broker, Authenticator(AuthConfig()), self.stats)
         root = Resource()
         root.putChild(b"hooks", resource(self.app))  # type: ignore[arg-type]
         self.treq = StubTreq(root)
@@ -180,7 +154,7 @@ def test_duplicate_answers_original_offset(h: Harness) -> None:
     code, body = h.json("POST", "/hooks/github", PUSH, gh_headers(PUSH, delivery="d-1"))
     assert code == 200
     assert body == {"id": "d-1", "channel": "github.push", "offset": 1, "duplicate": True}
-    assert len(h.broker.drafts) == 2
+    assert len(h.broker.events) == 2
     assert h.stats.webhooks[("github", "duplicate")] == 1 and h.stats.events_in["github"] == 2
 
 
@@ -545,7 +519,7 @@ def test_twitter_crc_token_is_no_signing_oracle(h: Harness) -> None:
 
 def test_journal_unavailable_is_503(h: Harness) -> None:
     """When the journal cannot commit, the answer is 503 with Retry-After and nothing is acknowledged."""
-    h.broker.failing = True
+    h.broker.unavailable = "disk on fire"
     code, hdrs, content = h.request("POST", "/hooks/github", PUSH, gh_headers(PUSH))
     assert code == 503 and json.loads(content)["error"] == "journal_unavailable"
     assert hdrs.getRawHeaders("retry-after") == ["1"]
