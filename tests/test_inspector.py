@@ -11,18 +11,20 @@ import os
 import re
 import shutil
 import sqlite3
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.conftest import API_KEY, ARTIFACTS, DEFAULT_CONFIG, JWT_SECRET, Daemon, http
+from twisted_rt.app import App
 from twisted_rt.core.auth import Authenticator
 from twisted_rt.core.config import AuthConfig, Config, SourceConfig
-from twisted_rt.core.event import Event
+from twisted_rt.core.metrics import Stats
 from twisted_rt.routes import inspector
+from twisted_rt.testing import MemoryBroker
 from twisted_rt.web.resource import Root
 
 CHROMIUM = "/usr/bin/chromium"
@@ -37,49 +39,34 @@ channel = "hooks.{source}"
 """
 
 
-class FakeBroker:
-    """Just C{history}, from a list of events."""
-
-    def __init__(self, events: list[Event]) -> None:
-        self.events = events
-
-    def history(self, channel: str, after: int = 0, limit: int = 1000) -> Deferred[list[Event]]:
-        found = [e for e in self.events if e.channel == channel and e.offset > after]
-        return succeed(found[:limit])
-
-
-class FakeApp:
-    """The parts of L{twisted_rt.app.App} the inspector uses."""
-
-    def __init__(self, events: list[Event]) -> None:
-        self.auth = Authenticator(AuthConfig(api_keys=(API_KEY,), jwt_secret=JWT_SECRET))
-        self.broker = FakeBroker(events)
-        self.config = Config(sources=(SourceConfig(name="plain", verify="none", redact_headers=("X-Api-Key",)),))
-
-    def principal(self, request: Any) -> Any:
-        header = request.getHeader(b"authorization")
-        query = (request.args or {}).get(b"token", [None])[0]
-        return self.auth.bearer(header, query)
-
-
-def stub() -> tuple[StubTreq, FakeApp]:
-    """A StubTreq over a root with only the inspector mounted."""
+def stub() -> tuple[StubTreq, App]:
+    """A StubTreq over a root with only the inspector mounted, and four events journaled."""
+    clock = Clock()
+    clock.advance(1795286715.123)  # 2026-11-21T18:45:15.123Z
+    broker = MemoryBroker(clock)
     raw = b'{ "a" : 1 }'
-    events = [
-        Event("d-1", "hooks.plain", 1, "2026-11-21T18:45:15.123Z", "plain", "push", {"a": 1},
-              raw=raw, headers={"Content-Type": "application/json", "X-Sig": "s"}),
-        Event("d-2", "hooks.plain", 2, "2026-11-21T18:45:16.123Z", "api", "", {"b": 2}),
+    journaled = [
+        ("hooks.plain", {"a": 1}, {"id": "d-1", "source": "plain", "type": "push", "raw": raw,
+                                   "headers": {"Content-Type": "application/json", "X-Sig": "s"}}),
+        ("hooks.plain", {"b": 2}, {"id": "d-2"}),
         # journaled before ingest dropped secret headers (and with odd cases)
-        Event("d-3", "hooks.plain", 3, "2026-11-21T18:45:17.123Z", "plain", "push", {"a": 1}, raw=raw,
-              headers={"Content-Type": "application/json", "authorization": "Bearer k", "COOKIE": "s=1",
-                       "Proxy-Authorization": "Basic x", "X-Gitlab-Token": "gl", "x-api-key": "k2",
-                       "X-Sig": "s"}),
-        Event("d-4", "hooks.other", 1, "2026-11-21T18:45:18.123Z", "gone", "", {}, raw=raw,
-              headers={"X-Gitlab-Token": "gl", "X-Api-Key": "kept: not this source's rule"}),
+        ("hooks.plain", {"a": 1}, {"id": "d-3", "source": "plain", "type": "push", "raw": raw,
+                                   "headers": {"Content-Type": "application/json", "authorization": "Bearer k",
+                                               "COOKIE": "s=1", "Proxy-Authorization": "Basic x",
+                                               "X-Gitlab-Token": "gl", "x-api-key": "k2", "X-Sig": "s"}}),
+        ("hooks.other", {}, {"id": "d-4", "source": "gone", "raw": raw,
+                             "headers": {"X-Gitlab-Token": "gl", "X-Api-Key": "kept: not this source's rule"}}),
     ]
-    app = FakeApp(events)
+    for channel, data, fields in journaled:
+        broker.commit(channel, data, **fields)
+        clock.advance(1)
+    config = Config(
+        auth=AuthConfig(api_keys=(API_KEY,), jwt_secret=JWT_SECRET),
+        sources=(SourceConfig(name="plain", verify="none", redact_headers=("X-Api-Key",)),),
+    )
+    app = App(config=config, reactor=clock, broker=broker, auth=Authenticator(config.auth), stats=Stats())
     root = Root()
-    inspector.mount(root, app)  # type: ignore[arg-type]
+    inspector.mount(root, app)
     return StubTreq(root), app
 
 
