@@ -24,6 +24,8 @@ import websocket
 from conftest import API_KEY, DEFAULT_CONFIG, JWT_SECRET, Daemon
 from websockets.sync.client import connect as ws_connect
 
+from twisted_rt.testing import MemoryBroker
+
 
 def token(sub: str = "user", subscribe: list[str] | None = None, publish: list[str] | None = None,
           ttl: float = 3600) -> str:
@@ -454,46 +456,18 @@ def test_shutdown_closes_clients_with_1001(daemon: Daemon) -> None:
 # unit tests: the delivery queue on a StringTransport with a fake clock
 
 
-class FakeBroker:
-    """Only what a Subscriber uses, plus a fan-out the test calls."""
+def fanout(broker: MemoryBroker, channel: str, offset: int, size: int = 10) -> None:
+    """One live event with the offset the test chooses, through the broker's own fan-out (its index)."""
+    from twisted_rt.core.event import Event
 
-    def __init__(self) -> None:
-        from twisted_rt.core.matcher import PatternIndex
-
-        self.index: PatternIndex[Any] = PatternIndex()
-        self.replays: list[str] = []
-        self.published: list[tuple[Any, Any]] = []  # (Deferred, draft), fired by the test
-
-    def subscribe(self, pattern: str, listener: Any) -> None:
-        self.index.add(pattern, listener)
-
-    def unsubscribe(self, pattern: str, listener: Any) -> None:
-        self.index.remove(pattern, listener)
-
-    def replay(self, pattern: Any, since: Any, limit: int = 1000, *, after_seq: int = 0,
-               max_bytes: int = 1 << 22) -> Any:
-        from twisted.internet.defer import succeed
-
-        self.replays.append(pattern)
-        return succeed([])
-
-    def publish(self, drafts: Any) -> Any:
-        from twisted.internet.defer import Deferred
-
-        d: Deferred[Any] = Deferred()
-        self.published.append((d, drafts[0]))
-        return d
-
-    def fanout(self, channel: str, offset: int, size: int = 10) -> None:
-        from twisted_rt.core.event import Event
-
-        e = Event(f"id{offset}", channel, offset, "t", "test", "", "x" * size)
-        for listener in self.index.match(channel):
-            listener.deliver(e)
+    broker.fanout(Event(f"id{offset}", channel, offset, "t", "test", "", "x" * size))
 
 
-def open_proto(max_send: int = 4096, tok: str = "key", max_message: int = 1048576) -> tuple[Any, Any, Any, FakeBroker]:
-    """A /ws protocol after a real handshake on a StringTransport, its clock, transport and broker."""
+def open_proto(max_send: int = 4096, tok: str = "key", max_message: int = 1048576) -> tuple[Any, Any, Any, MemoryBroker]:
+    """
+    A /ws protocol after a real handshake on a StringTransport, its clock,
+    transport and broker (whose publishes wait for the test to release them).
+    """
     from twisted.internet.testing import MemoryReactorClock, StringTransport
 
     from twisted_rt.app import App
@@ -504,12 +478,12 @@ def open_proto(max_send: int = 4096, tok: str = "key", max_message: int = 104857
 
     clock = MemoryReactorClock()
     clock.advance(time.time())
-    broker = FakeBroker()
+    broker = MemoryBroker(clock)
+    broker.hold_publishes = True
     config = Config(websocket=WebSocketConfig(max_send_buffer_bytes=max_send, ping_interval_seconds=0,
                                               max_message_bytes=max_message),
                     auth=AuthConfig(api_keys=("key",), jwt_secret=JWT_SECRET))
-    app = App(config=config, reactor=clock, broker=broker, auth=Authenticator(config.auth),  # type: ignore[arg-type]
-              stats=Stats())
+    app = App(config=config, reactor=clock, broker=broker, auth=Authenticator(config.auth), stats=Stats())
     factory = RTWebSocketFactory(app)
     proto = factory.buildProtocol(None)
     transport = StringTransport()
@@ -551,9 +525,9 @@ def test_unit_frames_coalesced_into_one_write_per_turn() -> None:
     real = transport.write
     transport.write = lambda data: (writes.append(data), real(data))  # type: ignore[method-assign]
     proto.dataReceived(client_frame(b'{"op":"subscribe","channel":"u.*","ref":1}'))
-    broker.fanout("u.a", 1)
-    broker.fanout("u.b", 1)
-    broker.fanout("u.a", 1)  # a duplicate offset: dropped
+    fanout(broker, "u.a", 1)
+    fanout(broker, "u.b", 1)
+    fanout(broker, "u.a", 1)  # a duplicate offset: dropped
     assert writes == []
     clock.advance(0)
     assert len(writes) == 1
@@ -571,7 +545,7 @@ def test_unit_paused_transport_holds_then_overflow_closes_1013() -> None:
     transport.clear()
     transport.producer.pauseProducing()
     for off in range(1, 5):
-        broker.fanout("u", off, 100)
+        fanout(broker, "u", off, 100)
     clock.advance(0)
     assert transport.value() == b""  # held while paused
     transport.producer.resumeProducing()
@@ -580,7 +554,7 @@ def test_unit_paused_transport_holds_then_overflow_closes_1013() -> None:
     transport.clear()
     transport.producer.pauseProducing()
     for off in range(5, 20):
-        broker.fanout("u", off, 100)
+        fanout(broker, "u", off, 100)
     clock.advance(0)
     (op, payload), = frames(transport.value())
     assert op == 8 and struct.unpack("!H", payload[:2])[0] == 1013
@@ -673,10 +647,10 @@ def test_unit_big_fanout_flushes_before_the_turn_ends(monkeypatch: pytest.Monkey
     proto.dataReceived(client_frame(b'{"op":"subscribe","channel":"f"}'))
     clock.advance(0)
     transport.clear()
-    broker.fanout("f", 1)
-    broker.fanout("f", 2)
+    fanout(broker, "f", 1)
+    fanout(broker, "f", 2)
     assert transport.value() == b""
-    broker.fanout("f", 3)
+    fanout(broker, "f", 3)
     assert [json.loads(p)["offset"] for _, p in frames(transport.value())] == [1, 2, 3]
     assert proto.factory.app.stats.events_out["ws"] == 3
 
@@ -762,7 +736,6 @@ def _client_text(payload: bytes) -> bytes:
 
 def test_unit_publishes_in_flight_pause_reading() -> None:
     """Past MAX_PUBLISHING publishes awaiting the journal the connection is no longer read, until half have settled."""
-    from twisted_rt.core.event import Accepted, Event
     from twisted_rt.routes.ws import MAX_PUBLISHING
 
     proto, clock, transport, broker = open_proto()
@@ -771,9 +744,9 @@ def test_unit_publishes_in_flight_pause_reading() -> None:
     assert transport.producerState == "producing"
     proto.dataReceived(_client_text(b'{"op":"publish","channel":"p","data":"last"}'))
     assert transport.producerState == "paused"
-    for k, (d, draft) in enumerate(list(broker.published)[: MAX_PUBLISHING // 2]):
+    for k in range(MAX_PUBLISHING // 2):
         assert transport.producerState == "paused", k
-        d.callback([Accepted(Event(f"id{k}", "p", k + 1, "t", "ws", "", draft.data))])
+        broker.release_one()  # journaled now: offset k + 1
     assert transport.producerState == "producing"
     clock.advance(0)
     replies = [json.loads(p) for _, p in frames(transport.value())]
@@ -791,8 +764,8 @@ def test_unit_big_publishes_in_flight_pause_reading_by_bytes() -> None:
     assert transport.producerState == "paused"
     from twisted_rt.interfaces import JournalUnavailable
 
-    for d, _draft in broker.published:  # failures settle them too
-        d.errback(JournalUnavailable("disk full"))
+    while broker.held:  # failures settle them too
+        broker.held.pop(0).fail(JournalUnavailable("disk full"))
     assert transport.producerState == "producing"
 
 
@@ -802,7 +775,7 @@ def test_unit_publish_carries_the_principal_scope() -> None:
     proto.dataReceived(_client_text(b'{"op":"publish","channel":"p","data":1,"id":"k"}'))
     jwt_proto, _c, _t, jwt_broker = open_proto(tok=token(sub="alice", publish=["p"]))
     jwt_proto.dataReceived(_client_text(b'{"op":"publish","channel":"p","data":1,"id":"k"}'))
-    assert [d.scope for _, d in broker.published + jwt_broker.published] == ["pub:key", "pub:sub:alice"]
+    assert [d.scope for d in broker.drafts + jwt_broker.drafts] == ["pub:key", "pub:sub:alice"]
 
 
 def test_unit_repeated_subscribe_replays_once() -> None:
@@ -813,7 +786,7 @@ def test_unit_repeated_subscribe_replays_once() -> None:
     clock.advance(0)
     replies = [json.loads(p) for _, p in frames(transport.value())]
     assert replies == [{"op": "subscribed", "channel": "r.*", "ref": 1}] * 20
-    assert broker.replays == ["r.*"]
+    assert [r.pattern for r in broker.replays] == ["r.*"]
     assert proto.factory.app.stats.subscriptions["ws"] == 1
 
 
