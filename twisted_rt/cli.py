@@ -17,7 +17,7 @@ __all__ = ["main"]
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from twisted_rt.core.config import check_file
+    from twisted_rt.checks import check_file
 
     problems = check_file(args.path)
     for p in problems:
@@ -28,8 +28,9 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
+    from twisted_rt.checks import load
     from twisted_rt.core.auth import Authenticator
-    from twisted_rt.core.config import AuthConfig, ConfigError, load
+    from twisted_rt.core.config import AuthConfig, ConfigError
     from twisted_rt.core.matcher import PatternError, validate_pattern
 
     try:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
-from twisted_rt.core.config import Config, ConfigError, load, validate
+from twisted_rt.checks import check, load
+from twisted_rt.core.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from twisted_rt.service import RTService
@@ -114,7 +115,7 @@ class Options(usage.Options):
                 if fmt not in ("text", "json"):
                     raise ConfigError("--log-format", "expected text or json")
                 cfg = replace(cfg, log_format=fmt)
-            validate(cfg)
+            check(cfg)
         except ConfigError as e:
             where = self["config"] or "command line"
             raise SystemExit(f"twisted-rt: {where}: {e}") from None
