@@ -246,7 +246,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         f = self.factory
         app = f.app
         self._opened = True
-        self._compress = self._perMessageCompress is not None
+        self._compress = bool(self.websocket_extensions_in_use)  # public: permessage-deflate accepted
         f.clients.add(self)
         app.stats.connections["ws"] += 1
         self.subscriber = Subscriber(
