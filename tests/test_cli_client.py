@@ -194,6 +194,18 @@ def test_tail_stops_when_its_token_expires(daemon: Daemon, tails: Callable[..., 
     assert "expired" in t.stderr()
 
 
+def test_tail_with_an_already_expired_token_exits(daemon: Daemon, tails: Callable[..., Tail]) -> None:
+    """``tail`` whose JWT is refused at the upgrade (401, already expired) says so and exits 1, no endless retries."""
+    import jwt
+
+    from tests.conftest import JWT_SECRET
+
+    token = jwt.encode({"sub": "t", "exp": int(time.time()) - 5, "subscribe": ["chat.>"]}, JWT_SECRET, "HS256")
+    t = tails("chat.x", "--url", daemon.ws_url, "--token", token)
+    assert t.wait() == 1
+    assert "401" in t.stderr() and "expired" in t.stderr()
+
+
 # -- forward -----------------------------------------------------------------
 
 

@@ -171,7 +171,12 @@ class _Protocol(WebSocketClientProtocol):
             self.factory.subscription._message(msg)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.subscription.last_close = (code, reason)
+        sub = self.factory.subscription
+        sub.last_close = (code, reason)
+        status = getattr(self, "http_status_line", None) or ""
+        parts = status.split() if isinstance(status, str) else []
+        # an upgrade refused with an HTTP status (401: the token is bad or expired)
+        sub.last_refusal = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() and parts[1] != "101" else None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -235,6 +240,8 @@ class Subscription:
         self.state = "waiting"
         self.connections = 0
         self.last_close: tuple[int | None, str | None] | None = None
+        #: the HTTP status of the last refused upgrade (401: a bad or expired token), else C{None}
+        self.last_refusal: int | None = None
         self._attempt = 0
         self._proto: _Protocol | None = None
         self._call: IDelayedCall | None = None
@@ -699,6 +706,11 @@ def tail_main(args: Any) -> int:
     def on_state(state: str) -> None:
         if state == "waiting" and sub is not None and sub.last_close and sub.last_close[0] == 4001:
             print("twisted-rt tail: the token has expired (close 4001); get a new one", file=sys.stderr, flush=True)
+            finish(1)
+            return
+        if state == "waiting" and sub is not None and sub.last_refusal == 401:
+            print("twisted-rt tail: the server refused the token (401: invalid or expired); get a new one",
+                  file=sys.stderr, flush=True)
             finish(1)
             return
         if state == "open" and sub is not None and sub.connections > 1:
