@@ -64,3 +64,20 @@ async def test_history_and_replay_take_the_page_bounds(tmp_path: Path) -> None:
         assert len(await b.replay("h.*", {}, 100, max_bytes=1)) == 1
     finally:
         await b.stop()
+
+
+def test_local_broadcast_calls_this_nodes_handlers_and_survives_a_bad_one() -> None:
+    """On one node a control message reaches its kind's handlers at once; a raising handler does not stop the next."""
+    from twisted_rt.testing import MemoryBroker
+
+    b = MemoryBroker()
+    got: list[Any] = []
+
+    def bad(m: Any, n: str) -> None:
+        raise RuntimeError("boom")
+
+    b.on_broadcast("k", bad)
+    b.on_broadcast("k", lambda m, n: got.append((m, n)))
+    d = b.broadcast("k", {"a": 1})
+    assert d.called and got == [({"a": 1}, b.node_id)]
+    assert b.broadcast("none", {}).called

@@ -313,7 +313,7 @@ async def test_missed_message_is_filled_from_the_stream(brokers: Callable[..., R
     b.subscribe("g", rec)
     proto = b.sub.proto
     orig = proto.on_message
-    proto.on_message = lambda m: None if m.startswith(("2 ", "3 ")) else orig(m)
+    proto.on_message = lambda c, m: None if m.startswith(("2 ", "3 ")) else orig(c, m)
     for i in range(5):
         await a.publish([Draft("g", i)])
     await until(lambda: len(rec.events) == 5, what="5 events")
@@ -332,7 +332,7 @@ async def test_pubsub_reconnect_fills_what_was_missed(brokers: Callable[..., Red
     await a.publish([Draft("r.1", "before")])
     await until(lambda: len(rec.events) == 1, what="first event")
     proto = b.sub.proto
-    proto.on_message = lambda m: None  # everything from now on is "lost" with this link
+    proto.on_message = lambda c, m: None  # everything from now on is "lost" with this link
     await a.publish([Draft("r.1", i) for i in range(3)] + [Draft("r.new", "created while away")])
     proto.transport.loseConnection()
     await until(lambda: b.sub.proto is not None and b.sub.proto is not proto and b.ready, what="reconnect")
@@ -876,3 +876,25 @@ def test_e2e_redis_killed_and_restarted_mid_stream(
     finally:
         stop.set()
         ws.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_broadcast_reaches_the_handlers_of_every_node_once(brokers: Callable[..., RedisBroker]) -> None:
+    """A control message from one node reaches each node's handlers of its kind once, with the sender's id."""
+    a, b = brokers(), brokers()
+    await gatherResults([a.start(), b.start()])
+    got_a: list[tuple[dict[str, Any], str]] = []
+    got_b: list[tuple[dict[str, Any], str]] = []
+    other: list[Any] = []
+    a.on_broadcast("hello", lambda m, n: got_a.append((m, n)))
+    b.on_broadcast("hello", lambda m, n: got_b.append((m, n)))
+    b.on_broadcast("else", lambda m, n: other.append(m))
+    await a.broadcast("hello", {"x": 1})
+    await until(lambda: bool(got_a and got_b), what="the message on both nodes")
+    assert got_a == got_b == [({"x": 1}, a.node_id)]
+    assert other == []
+    # the event feed is untouched by the control channel
+    rec = Recorder()
+    b.subscribe("c", rec)
+    await a.publish([Draft("c", 1)])
+    await until(lambda: len(rec.events) == 1, what="an event after a control message")

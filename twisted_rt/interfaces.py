@@ -28,9 +28,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PAGE_BYTES",
+    "Closable",
+    "ConnectionRegistry",
+    "Member",
+    "Presence",
+    "PresenceWatcher",
     "AuthError",
     "Broker",
     "ChannelInfo",
+    "Control",
+    "ControlHandler",
     "JournalUnavailable",
     "Listener",
     "Reactor",
@@ -77,10 +84,19 @@ class Listener(Protocol):
 
 
 ChannelInfo = dict[str, Any]  # {"name", "subscribers", "last_offset"}
+#: a control message between nodes: a small JSON object (see L{Broker.broadcast})
+Control = dict[str, Any]
+ControlHandler = Callable[[Control, str], None]  # (message, the sending node's id)
 
 
 class Broker(abc.ABC):
-    """What every broker offers the transports and the API."""
+    """
+    What every broker offers the transports and the API.
+
+    @ivar node_id: this node's name in the cluster (a random id per process).
+    """
+
+    node_id: str = "local"
 
     # live subscriptions (local to this node in every broker)
 
@@ -167,3 +183,89 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def channels(self) -> Deferred[list[ChannelInfo]]:
         """Every known channel with its subscriber count and last offset."""
+
+    # the control plane: small messages to every node (presence, disconnects, leases)
+
+    @abc.abstractmethod
+    def broadcast(self, kind: str, message: Control) -> Deferred[None]:
+        """
+        Send C{message} to the C{kind} handlers of every node, this one
+        included (not journaled; at most once; a node that is disconnected
+        from the cluster misses it).  Fails with L{JournalUnavailable} when
+        it cannot be sent.
+        """
+
+    @abc.abstractmethod
+    def on_broadcast(self, kind: str, handler: ControlHandler) -> None:
+        """Call C{handler(message, sender_node_id)} for every C{kind} message from any node."""
+
+
+# -- presence and connection control (CONTRACT "Presence", "Connection control") --
+
+#: a presence member as the API and the protocols show it: C{{"user": ..., "info": {...}}} (no C{info} when none)
+Member = dict[str, Any]
+
+
+class PresenceWatcher(Protocol):
+    """Something told about joins and leaves of the presence channels it watches (a connection)."""
+
+    def presence_changed(self, op: str, channel: str, user: str, info: Mapping[str, Any] | None) -> None:
+        """C{op} is C{"join"} (with the member's C{info}) or C{"leave"}; once per user, whichever node it is on."""
+
+
+class Presence(abc.ABC):
+    """
+    Who is in each presence channel: one member per user however many
+    connections it has, the same on every node (L{twisted_rt.store}).
+
+    A connection is any hashable object; C{add} of a user's first connection
+    to a channel anywhere in the cluster is its join, C{remove} of its last
+    one its leave; watchers of the channel on every node hear each once.
+    """
+
+    @abc.abstractmethod
+    def add(self, channel: str, user: str, info: Mapping[str, Any] | None, conn: object) -> None:
+        """C{conn} is subscribed to C{channel} as C{user} (no-op if it already is)."""
+
+    @abc.abstractmethod
+    def remove(self, channel: str, user: str, conn: object) -> None:
+        """C{conn} left C{channel} (no-op if it was not in it)."""
+
+    @abc.abstractmethod
+    def members(self, channel: str) -> Deferred[list[Member]]:
+        """Every member of C{channel} in the cluster, sorted by user."""
+
+    @abc.abstractmethod
+    def counts(self) -> Deferred[dict[str, int]]:
+        """Members per presence channel with at least one member, cluster-wide."""
+
+    @abc.abstractmethod
+    def watch(self, channel: str, watcher: PresenceWatcher) -> None:
+        """Tell C{watcher} of every join and leave of C{channel} from now on."""
+
+    @abc.abstractmethod
+    def unwatch(self, channel: str, watcher: PresenceWatcher) -> None:
+        """Stop telling C{watcher} about C{channel}."""
+
+
+class Closable(Protocol):
+    """A user's connection the operator may close (WebSocket 4003, SSE ended, Pusher closed)."""
+
+    def disconnect(self) -> None:
+        """Close this connection because the operator asked (the client should not reconnect with the same token)."""
+
+
+class ConnectionRegistry(abc.ABC):
+    """This node's connections by user, and the cluster-wide disconnect (L{twisted_rt.store})."""
+
+    @abc.abstractmethod
+    def register(self, user: str, conn: Closable) -> None:
+        """C{conn} belongs to C{user} (a JWT C{sub}, or a Pusher C{user_id})."""
+
+    @abc.abstractmethod
+    def unregister(self, user: str, conn: Closable) -> None:
+        """C{conn} is gone."""
+
+    @abc.abstractmethod
+    def disconnect(self, user: str) -> Deferred[int]:
+        """Close every connection of C{user} on every node; fires with how many this node closed."""

@@ -30,7 +30,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar, get_args, get_origin, get_type_hints
 
-from twisted_rt.core.matcher import PatternError, validate_pattern
+from twisted_rt.core.matcher import PatternError, matches, validate_pattern
 from twisted_rt.core.template import ChannelTemplate, TemplateError
 
 __all__ = [
@@ -40,10 +40,14 @@ __all__ = [
     "BrokerConfig",
     "BrokerKind",
     "Called",
+    "ChannelRule",
+    "DestinationConfig",
+    "DestinationFormat",
     "Config",
     "ConfigError",
     "JournalConfig",
     "LogFormat",
+    "PusherConfig",
     "ServerConfig",
     "SignatureEncoding",
     "SourceConfig",
@@ -99,6 +103,9 @@ class Called:
 
 BrokerKind = Literal["local", "redis"]
 LogFormat = Literal["text", "json"]
+DestinationFormat = Literal["event", "raw"]
+#: C{headers = { "X-Env" = "prod" }}: a TOML table of strings, kept as ordered pairs
+Headers = tuple[tuple[str, str], ...]
 SignatureEncoding = Literal["hex", "base64"]
 # The names of twisted_rt.routes.verify.VERIFIERS (tests/test_config.py checks they agree).
 Verifier = Literal[
@@ -172,13 +179,26 @@ class SSEConfig:
     max_poll_timeout_seconds: float = 60.0
 
 
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """C{[broker]}: C{local} (one node) or C{redis} (several)."""
 
     kind: Annotated[BrokerKind, Called("broker")] = "local"
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = ""  # empty: DEFAULT_REDIS_URL (unless sentinels are given); see effective_url
     prefix: str = "rt"
+    sentinels: tuple[str, ...] = ()  # "host:port" of each Sentinel, instead of url
+    sentinel_master: str = ""  # the monitored master's name (needed with sentinels)
+    password: str = ""  # for the data nodes (and Sentinels that ask for one)
+    min_replicas: int = 0  # acknowledge only after WAIT saw this many replicas
+    replica_timeout_ms: Annotated[int, AtLeast(1)] = 1000
+
+    @property
+    def effective_url(self) -> str:
+        """The Redis URL to connect to when no Sentinels are configured."""
+        return self.url or DEFAULT_REDIS_URL
 
 
 @dataclass(frozen=True)
@@ -220,6 +240,57 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class ChannelRule:
+    """One C{[[channels]]} table: rules for the channels its pattern matches (the first match wins)."""
+
+    pattern: str
+    presence: bool = False
+    max_events: int = 0  # 0: [journal] max_events_per_channel
+    retention_seconds: int = 0  # 0: [journal] retention_seconds
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """One C{[[destinations]]} table: an HTTP endpoint events are delivered to, durably."""
+
+    name: str
+    url: str
+    channels: tuple[str, ...] = ()
+    format: Annotated[DestinationFormat, Called("format")] = "event"
+    secret: str = ""  # Standard Webhooks key: "whsec_" + base64 (empty: unsigned)
+    headers: Headers = ()
+    timeout_seconds: Annotated[float, AtLeast(0, exclusive=True)] = 10.0
+    max_attempts: Annotated[int, AtLeast(1)] = 10
+    max_in_flight: Annotated[int, AtLeast(1)] = 8
+    disable_after_seconds: float = 432000.0
+    ca_file: str = ""  # a PEM file of CA certificates trusted besides the system store
+
+    def secret_key(self) -> bytes:
+        """The signing key bytes (base64 after C{whsec_}, else the UTF-8 text); empty when unsigned."""
+        if self.secret.startswith("whsec_"):
+            return base64.b64decode(self.secret[6:], validate=True)
+        return self.secret.encode("utf-8")
+
+
+@dataclass(frozen=True)
+class PusherConfig:
+    """C{[pusher]}: the Pusher Channels protocol (off while C{app_id} is empty)."""
+
+    app_id: str = ""
+    key: str = ""
+    secret: str = ""
+    client_events: bool = False
+    webhooks: str = ""  # a destination name: receives Pusher-format webhooks
+    activity_timeout_seconds: Annotated[int, AtLeast(1)] = 120
+    max_message_bytes: Annotated[int, AtLeast(1)] = 10240  # client events and other frames (Pusher: 10 KB)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether C{/app/<key>} and C{/apps/<id>/...} are served."""
+        return bool(self.app_id)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration: one field per section (C{sources} an array of tables), and C{log_format}."""
 
@@ -231,7 +302,24 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     sources: tuple[SourceConfig, ...] = ()
+    channels: tuple[ChannelRule, ...] = ()
+    destinations: tuple[DestinationConfig, ...] = ()
+    pusher: PusherConfig = field(default_factory=PusherConfig)
     log_format: LogFormat = "text"
+
+    def rule(self, channel: str) -> ChannelRule | None:
+        """The first C{[[channels]]} rule whose pattern matches C{channel}, or C{None}."""
+        for r in self.channels:
+            if matches(r.pattern, channel):
+                return r
+        return None
+
+    def destination(self, name: str) -> DestinationConfig | None:
+        """The destination called C{name}, or C{None}."""
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        return None
 
     def source(self, name: str) -> SourceConfig | None:
         """The source called C{name}, or C{None}."""
@@ -296,6 +384,10 @@ def _expand(value: str, key: str, env: Mapping[str, str]) -> str:
 def _coerce(value: Any, hint: Any, key: str, env: Mapping[str, str]) -> Any:
     """Check one TOML value against a field's type and convert it (strings expanded)."""
     base, _ = _unwrap(hint)
+    if base == Headers:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(key, "expected a table of strings, like { \"X-Env\" = \"prod\" }")
+        return tuple((k, _expand(v, f"{key}.{k}", env)) for k, v in value.items())
     if get_origin(base) is tuple and get_args(base) == (str, ...):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(key, "expected a list of strings")
@@ -387,7 +479,11 @@ def _choices(words: tuple[str, ...]) -> str:
 def _check_value(value: Any, hint: Any, key: str) -> None:
     """The checks a field's type carries: no negative numbers, its bounds, the words of a C{Literal}."""
     base, extras = _unwrap(hint)
-    if base in (int, float):
+    if base == Headers:
+        for name, _v in value:
+            if not _HEADER_NAME.match(name):
+                raise ConfigError(f"{key}.{name}", "not an HTTP header name")
+    elif base in (int, float):
         if value < 0:
             raise ConfigError(key, "must not be negative")
         for extra in extras:
@@ -471,8 +567,18 @@ def _check_endpoint(desc: str, key: str) -> None:
 
 @section_check(BrokerConfig)
 def _broker(broker: BrokerConfig, key: str) -> None:
-    if broker.kind == "redis" and not broker.url.startswith(("redis://", "unix://")):
+    if broker.url and broker.sentinels:
+        raise ConfigError(f"{key}.sentinels", "give url or sentinels, not both")
+    if broker.kind == "redis" and not broker.effective_url.startswith(("redis://", "unix://")):
         raise ConfigError(f"{key}.url", "expected a redis:// or unix:// URL")
+    for i, hostport in enumerate(broker.sentinels):
+        host, sep, port = hostport.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{key}.sentinels[{i}]", f"expected host:port, got {hostport!r}")
+    if broker.sentinels and not broker.sentinel_master:
+        raise ConfigError(f"{key}.sentinel_master", "is required with sentinels (the monitored master's name)")
+    if broker.sentinel_master and not broker.sentinels:
+        raise ConfigError(f"{key}.sentinel_master", "needs sentinels")
 
 
 @section_check(AuthConfig)
@@ -552,6 +658,69 @@ def _sources_together(cfg: Config, key: str) -> None:
                     f"an X (twitter) secret must not be shared with another source ({other.name!r}): "
                     "its crc handshake would sign that source's bodies",
                 )
+
+
+@section_check(ChannelRule)
+def _channel_rule(rule: ChannelRule, key: str) -> None:
+    try:
+        validate_pattern(rule.pattern)
+    except PatternError as e:
+        raise ConfigError(f"{key}.pattern", str(e)) from None
+
+
+_DEST_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+)(:[0-9]{1,5})?(/[^\s#]*)?$")
+
+
+@section_check(DestinationConfig)
+def _destination(d: DestinationConfig, key: str) -> None:
+    if not _SOURCE_NAME.match(d.name):
+        raise ConfigError(f"{key}.name", f"{d.name!r} is not 1-64 characters of A-Z a-z 0-9 _ -")
+    m = _DEST_URL.match(d.url)
+    if not m or (m.group(2) and not 0 < int(m.group(2)[1:]) < 65536):
+        raise ConfigError(f"{key}.url", f"not an http:// or https:// URL with a host: {d.url!r}")
+    if d.ca_file and not d.url.startswith("https://"):
+        raise ConfigError(f"{key}.ca_file", "only for an https:// url")
+    if not d.channels:
+        raise ConfigError(f"{key}.channels", "at least one channel pattern is needed")
+    for i, pat in enumerate(d.channels):
+        try:
+            validate_pattern(pat)
+        except PatternError as e:
+            raise ConfigError(f"{key}.channels[{i}]", str(e)) from None
+    if d.secret:
+        if d.secret.startswith("whsec_"):
+            try:
+                material = base64.b64decode(d.secret[6:], validate=True)
+            except (binascii.Error, ValueError):
+                raise ConfigError(f"{key}.secret", "whsec_ secret is not valid base64") from None
+            if not material:
+                raise ConfigError(f"{key}.secret", "whsec_ secret has no key material after the prefix")
+        elif not d.secret.strip():
+            raise ConfigError(f"{key}.secret", "must not be blank")
+
+
+@section_check(PusherConfig)
+def _pusher(p: PusherConfig, key: str) -> None:
+    given = {"app_id": p.app_id, "key": p.key, "secret": p.secret}
+    if any(given.values()):
+        for name, value in given.items():
+            if not value:
+                raise ConfigError(f"{key}.{name}", "is required when [pusher] is set")
+    for name in ("app_id", "key"):
+        value = given[name]
+        if value and not re.match(r"^[A-Za-z0-9_\-.]{1,64}$", value):
+            raise ConfigError(f"{key}.{name}", f"{value!r} is not 1-64 characters of A-Z a-z 0-9 _ - .")
+
+
+@section_check(Config)
+def _rules_and_destinations(cfg: Config, key: str) -> None:
+    seen: set[str] = set()
+    for i, d in enumerate(cfg.destinations):
+        if d.name in seen:
+            raise ConfigError(f"destinations[{i}].name", f"duplicate destination name {d.name!r}")
+        seen.add(d.name)
+    if cfg.pusher.webhooks and cfg.pusher.webhooks not in seen:
+        raise ConfigError("pusher.webhooks", f"no [[destinations]] is called {cfg.pusher.webhooks!r}")
 
 
 # -- entry points ----------------------------------------------------------------

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from twisted_rt.core.event import Accepted, Draft, Event
 from twisted_rt.core.matcher import PatternIndex
-from twisted_rt.interfaces import PAGE_BYTES, Broker, ChannelInfo, Listener
+from twisted_rt.interfaces import PAGE_BYTES, Broker, ChannelInfo, Control, ControlHandler, Listener
 from twisted_rt.store.journal import Journal
 
 __all__ = ["IndexedBroker", "LocalBroker"]
@@ -42,6 +42,23 @@ class IndexedBroker(Broker):
 
     def __init__(self) -> None:
         self.index: PatternIndex[Listener] = PatternIndex()
+        self.control_handlers: dict[str, list[ControlHandler]] = {}
+
+    def on_broadcast(self, kind: str, handler: ControlHandler) -> None:
+        self.control_handlers.setdefault(kind, []).append(handler)
+
+    def broadcast(self, kind: str, message: Control) -> Deferred[None]:
+        """One node: the handlers of this node, at once."""
+        self.dispatch_control(kind, message, self.node_id)
+        return succeed(None)
+
+    def dispatch_control(self, kind: str, message: Control, sender: str) -> None:
+        """Hand a control message to this node's C{kind} handlers."""
+        for handler in self.control_handlers.get(kind, ()):
+            try:
+                handler(message, sender)
+            except Exception:  # noqa: BLE001 - one bad handler must not stop the others
+                self.log.failure("control message {kind} to {handler}", kind=kind, handler=handler)
 
     def subscribe(self, pattern: str, listener: Listener) -> None:
         self.index.add(pattern, listener)

@@ -68,7 +68,7 @@ from twisted_rt.core.config import Config
 from twisted_rt.core.event import Accepted, Draft, Event, dumps, new_id, now_iso
 from twisted_rt.core.matcher import matches
 from twisted_rt.core.metrics import Stats
-from twisted_rt.interfaces import PAGE_BYTES, ChannelInfo, JournalUnavailable, Listener, Reactor
+from twisted_rt.interfaces import PAGE_BYTES, ChannelInfo, Control, JournalUnavailable, Listener, Reactor
 from twisted_rt.store.journal import pattern_prefix
 from twisted_rt.store.local import IndexedBroker
 
@@ -345,12 +345,14 @@ class _SubProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
     """The pub/sub connection's protocol; hands messages to the broker."""
 
     link: _Link
-    on_message: Callable[[str], None]
+    on_message: Callable[[str, str], None]
 
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
         if isinstance(message, bytes):
             message = message.decode("utf-8", "replace")
-        self.on_message(message)
+        if isinstance(channel, bytes):
+            channel = channel.decode("utf-8", "replace")
+        self.on_message(channel, message)
 
     def connectionLost(self, why: Failure) -> None:
         super().connectionLost(why)
@@ -403,7 +405,7 @@ class _Link:
 
     def __init__(self, reactor: Reactor, url: RedisURL, name: str, protocol_class: type,
                  on_up: Callable[[Any], None], on_down: Callable[[str], None],
-                 on_message: Callable[[str], None] | None = None) -> None:
+                 on_message: Callable[[str, str], None] | None = None) -> None:
         self.reactor = reactor
         self.url = url
         self.name = name
@@ -537,7 +539,7 @@ class RedisBroker(IndexedBroker):
         self.stats = stats
         self.prefix = config.broker.prefix
         self.node_id = node_id or new_id()[:16]
-        self.url = parse_url(config.broker.url)
+        self.url = parse_url(config.broker.effective_url)
         self.maxlen = config.journal.max_events_per_channel
         self.ttl = max(1, int(config.journal.retention_seconds))
         self.live_last: dict[str, int] = {}
@@ -555,9 +557,10 @@ class RedisBroker(IndexedBroker):
         self._counts_call: IDelayedCall | None = None
         self._waiters: list[Deferred[None]] = []
         self._stopped = False
+        self._ev_channel = self._key("ev")
         self.cmd = _Link(reactor, self.url, "command", _CommandProtocol, self._cmd_up, self._cmd_down)
         self.sub = _Link(reactor, self.url, "pubsub", _SubProtocol, self._sub_up, self._sub_down,
-                         on_message=self._on_message)
+                         on_message=self._on_pubsub)
         self._counts_loop = LoopingCall(self._tick)
         self._counts_loop.clock = cast(IReactorTime, reactor)
 
@@ -667,7 +670,9 @@ class RedisBroker(IndexedBroker):
             for ch, last in (await self._snapshot()).items():
                 self.live_last.setdefault(ch, last)
             self._baselined = True
+        # one channel per SUBSCRIBE: txredisapi pairs each reply with one request
         await proto.subscribe(self._key("ev"))
+        await proto.subscribe(self._key("ctl"))
         self._subscribing = False
         if self.sub.proto is not proto:
             self._resubscribe(proto)
@@ -694,6 +699,12 @@ class RedisBroker(IndexedBroker):
         self._queue.clear()
 
     # -- live feed ---------------------------------------------------------
+
+    def _on_pubsub(self, channel: str, message: str) -> None:
+        if channel == self._ev_channel:
+            self._on_message(message)
+        else:
+            self._on_control(message)
 
     def _on_message(self, message: str) -> None:
         try:
@@ -852,6 +863,35 @@ class RedisBroker(IndexedBroker):
         except JournalUnavailable as e:
             return fail(e)
         return script.run(proto, args).addErrback(_unavailable)
+
+    def command(self, *args: Any) -> Deferred[Any]:
+        """
+        Run one Redis command on the command connection (for the presence,
+        delivery and lease code that shares this broker's connections).
+        Fails with L{JournalUnavailable} while Redis is unreachable.
+        """
+        return self._command(*args)
+
+    def key(self, kind: str, name: str = "") -> str:
+        """A Redis key of this cluster: C{<prefix>:<kind>[:<name>]}."""
+        return self._key(kind, name)
+
+    # -- the control plane ---------------------------------------------------
+
+    def broadcast(self, kind: str, message: Control) -> Deferred[None]:
+        """PUBLISH on C{<p>:ctl}; every node's pub/sub connection hands it to its handlers."""
+        body = dumps({"k": kind, "n": self.node_id, "m": message})
+        return self._command("PUBLISH", self._key("ctl"), body).addCallback(lambda _: None)
+
+    def _on_control(self, body: str) -> None:
+        try:
+            msg = json.loads(body)
+            kind, sender, message = msg["k"], msg["n"], msg["m"]
+        except (ValueError, KeyError, TypeError):
+            self.log.warn("redis: ignoring a malformed control message {m!r}", m=body[:80])
+            return
+        if isinstance(kind, str) and isinstance(sender, str) and isinstance(message, dict):
+            self.dispatch_control(kind, message, sender)
 
     def _xrange(self, channel: str, start: int, end: int | None, count: int) -> Deferred[list[Any]]:
         d = self._command("XRANGE", self._key("s", channel), str(start), "+" if end is None else str(end),
