@@ -11,7 +11,7 @@ it stops.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.web.server import Request
@@ -19,7 +19,10 @@ from twisted.web.server import Request
 from twisted_rt.core.auth import Authenticator, Principal
 from twisted_rt.core.config import Config
 from twisted_rt.core.metrics import Stats
-from twisted_rt.interfaces import Broker, Reactor
+from twisted_rt.interfaces import Broker, ConnectionRegistry, Presence, Reactor
+
+if TYPE_CHECKING:
+    from twisted_rt.outbound import Outbound
 
 __all__ = ["App"]
 
@@ -35,6 +38,12 @@ class App:
     broker: Broker
     auth: Authenticator
     stats: Stats
+    #: presence members (C{None} until the service builds it; every presence channel uses it)
+    presence: Presence | None = None
+    #: this node's connections by user, and the cluster-wide disconnect
+    connections: ConnectionRegistry | None = None
+    #: outgoing webhooks (C{[[destinations]]}); C{None} when none are configured
+    outbound: Outbound | None = None
     shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
     startup_hooks: list[ShutdownHook] = field(default_factory=list)
     stopping: bool = False
