@@ -680,8 +680,6 @@ def _destination(d: DestinationConfig, key: str) -> None:
         raise ConfigError(f"{key}.url", f"not an http:// or https:// URL with a host: {d.url!r}")
     if d.ca_file and not d.url.startswith("https://"):
         raise ConfigError(f"{key}.ca_file", "only for an https:// url")
-    if not d.channels:
-        raise ConfigError(f"{key}.channels", "at least one channel pattern is needed")
     for i, pat in enumerate(d.channels):
         try:
             validate_pattern(pat)
@@ -721,6 +719,10 @@ def _rules_and_destinations(cfg: Config, key: str) -> None:
         seen.add(d.name)
     if cfg.pusher.webhooks and cfg.pusher.webhooks not in seen:
         raise ConfigError("pusher.webhooks", f"no [[destinations]] is called {cfg.pusher.webhooks!r}")
+    for i, d in enumerate(cfg.destinations):
+        # the destination of Pusher webhooks may take nothing else
+        if not d.channels and d.name != cfg.pusher.webhooks:
+            raise ConfigError(f"destinations[{i}].channels", "at least one channel pattern is needed")
 
 
 # -- entry points ----------------------------------------------------------------
