@@ -47,6 +47,7 @@ __all__ = [
     "ConfigError",
     "JournalConfig",
     "LogFormat",
+    "PresenceConfig",
     "PusherConfig",
     "ServerConfig",
     "SignatureEncoding",
@@ -250,6 +251,14 @@ class ChannelRule:
 
 
 @dataclass(frozen=True)
+class PresenceConfig:
+    """C{[presence]}: how nodes keep their members alive in the cluster (Redis broker)."""
+
+    heartbeat_seconds: Annotated[float, AtLeast(0, exclusive=True)] = 5.0  # each node refreshes its members
+    node_timeout_seconds: Annotated[float, AtLeast(0, exclusive=True)] = 20.0  # a silent node's members leave
+
+
+@dataclass(frozen=True)
 class DestinationConfig:
     """One C{[[destinations]]} table: an HTTP endpoint events are delivered to, durably."""
 
@@ -303,6 +312,7 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     sources: tuple[SourceConfig, ...] = ()
     channels: tuple[ChannelRule, ...] = ()
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
     destinations: tuple[DestinationConfig, ...] = ()
     pusher: PusherConfig = field(default_factory=PusherConfig)
     log_format: LogFormat = "text"
@@ -695,6 +705,14 @@ def _destination(d: DestinationConfig, key: str) -> None:
                 raise ConfigError(f"{key}.secret", "whsec_ secret has no key material after the prefix")
         elif not d.secret.strip():
             raise ConfigError(f"{key}.secret", "must not be blank")
+
+
+@section_check(PresenceConfig)
+def _presence(p: PresenceConfig, key: str) -> None:
+    if p.node_timeout_seconds <= p.heartbeat_seconds:
+        raise ConfigError(f"{key}.node_timeout_seconds", "must be more than heartbeat_seconds")
+    if p.node_timeout_seconds > 30:
+        raise ConfigError(f"{key}.node_timeout_seconds", "must be at most 30 (a dead node's members leave within 30 s)")
 
 
 @section_check(PusherConfig)
