@@ -128,6 +128,42 @@ BAD = [
     ("no head timeout", "[server]\nrequest_head_timeout_seconds = 0\n", "server.request_head_timeout_seconds",
      "must be more than 0"),
     ("tls cert without key", '[tls]\ncert = "c.pem"\n', "tls.key", "tls.cert and tls.key go together"),
+    # 0.2: channel rules, destinations, Pusher, presence, Sentinel
+    ("bad rule pattern", '[[channels]]\npattern="chat..x"\n', "channels[0].pattern", "bad segment"),
+    ("rule missing pattern", '[[channels]]\npresence=true\n', "channels[0].pattern", "is required"),
+    ("destination bad url", '[[destinations]]\nname="d"\nurl="ftp://x"\nchannels=["a"]\n', "destinations[0].url",
+     "not an http:// or https:// URL"),
+    ("destination no host", '[[destinations]]\nname="d"\nurl="https:///x"\nchannels=["a"]\n', "destinations[0].url",
+     "not an http:// or https:// URL"),
+    ("destination bad port", '[[destinations]]\nname="d"\nurl="http://x:99999/"\nchannels=["a"]\n',
+     "destinations[0].url", "not an http:// or https:// URL"),
+    ("destination bad pattern", '[[destinations]]\nname="d"\nurl="http://x"\nchannels=["a.>.b"]\n',
+     "destinations[0].channels[0]", "last segment"),
+    ("destination no channels", '[[destinations]]\nname="d"\nurl="http://x"\n', "destinations[0].channels",
+     "at least one channel pattern"),
+    ("destination duplicate", '[[destinations]]\nname="d"\nurl="https://x.example/h"\nchannels=["a"]\n[[destinations]]\nname="d"\nurl="https://x.example/h"\nchannels=["a"]\n', "destinations[1].name", "duplicate destination name 'd'"),
+    ("destination bad secret", '[[destinations]]\nname="d"\nurl="https://x.example/h"\nchannels=["a"]\nsecret="whsec_%%%"\n', "destinations[0].secret", "not valid base64"),
+    ("destination empty secret", '[[destinations]]\nname="d"\nurl="https://x.example/h"\nchannels=["a"]\nsecret="whsec_"\n', "destinations[0].secret", "no key material"),
+    ("destination bad format", '[[destinations]]\nname="d"\nurl="https://x.example/h"\nchannels=["a"]\nformat="xml"\n', "destinations[0].format", "unknown format 'xml'"),
+    ("destination bad header", '[[destinations]]\nname="d"\nurl="https://x.example/h"\nchannels=["a"]\nheaders={"a b"="x"}\n', "destinations[0].headers.a b", "not an HTTP header name"),
+    ("destination header not text", '[[destinations]]\nname="d"\nurl="https://x.example/h"\nchannels=["a"]\nheaders={"X"=1}\n', "destinations[0].headers", "expected a table of strings"),
+    ("destination zero attempts", '[[destinations]]\nname="d"\nurl="https://x.example/h"\nchannels=["a"]\nmax_attempts=0\n', "destinations[0].max_attempts", "must be at least 1"),
+    ("destination ca on http", '[[destinations]]\nname="d"\nurl="http://x"\nchannels=["a"]\nca_file="c.pem"\n',
+     "destinations[0].ca_file", "only for an https:// url"),
+    ("pusher half", '[pusher]\napp_id="1"\nkey="k"\n', "pusher.secret", "is required when [pusher] is set"),
+    ("pusher bad key", '[pusher]\napp_id="1"\nkey="a b"\nsecret="s"\n', "pusher.key", "is not 1-64 characters"),
+    ("pusher unknown webhooks", '[pusher]\napp_id="1"\nkey="k"\nsecret="s"\nwebhooks="nope"\n', "pusher.webhooks",
+     "no [[destinations]] is called 'nope'"),
+    ("presence timeout", '[presence]\nheartbeat_seconds=5\nnode_timeout_seconds=5\n', "presence.node_timeout_seconds",
+     "must be more than heartbeat_seconds"),
+    ("presence over 30", '[presence]\nnode_timeout_seconds=31\n', "presence.node_timeout_seconds", "at most 30"),
+    ("url and sentinels", '[broker]\nurl="redis://x"\nsentinels=["a:1"]\n', "broker.sentinels", "not both"),
+    ("bad sentinel", '[broker]\nsentinels=["a"]\nsentinel_master="m"\n', "broker.sentinels[0]", "expected host:port"),
+    ("bad sentinel port", '[broker]\nsentinels=["a:0"]\nsentinel_master="m"\n', "broker.sentinels[0]",
+     "expected host:port"),
+    ("sentinels without master", '[broker]\nsentinels=["a:1"]\n', "broker.sentinel_master", "is required with sentinels"),
+    ("master without sentinels", '[broker]\nsentinel_master="m"\n', "broker.sentinel_master", "needs sentinels"),
+    ("negative replicas", '[broker]\nmin_replicas=-1\n', "broker.min_replicas", "must not be negative"),
 ]
 
 
@@ -282,6 +318,27 @@ def test_every_key_written_out_at_its_default_parses_to_the_defaults() -> None:
     lines.append("[[sources]]")
     lines += [f"{g.name} = {_toml(getattr(source, g.name))}" for g in dataclasses.fields(source)]
     assert parse("\n".join(lines), {}) == Config(sources=(source,))
+
+
+def test_new_sections_parse_and_answer_their_lookups() -> None:
+    """[[channels]] rules match first-wins, destinations are found by name with their key bytes, [pusher] is on when set."""
+    cfg = parse(
+        '[[channels]]\npattern="chat.vip"\nmax_events=5\n[[channels]]\npattern="chat.>"\npresence=true\n'
+        '[[destinations]]\nname="p"\nurl="http://127.0.0.1:9/h"\n'
+        '[[destinations]]\nname="b"\nurl="https://b.example/h"\nchannels=["stripe.>"]\n'
+        'secret="whsec_aGVsbG8="\nheaders={"X-Env"="${ENV}"}\n'
+        '[pusher]\napp_id="1"\nkey="k"\nsecret="s"\nwebhooks="p"\n'
+        '[broker]\nkind="redis"\nsentinels=["127.0.0.1:26379"]\nsentinel_master="rt"\nmin_replicas=1\n',
+        {"ENV": "prod"},
+    )
+    assert cfg.rule("chat.vip") is not None and cfg.rule("chat.vip").max_events == 5  # type: ignore[union-attr]
+    assert cfg.rule("chat.room1") is not None and cfg.rule("chat.room1").presence  # type: ignore[union-attr]
+    assert cfg.rule("other") is None
+    b = cfg.destination("b")
+    assert b is not None and b.headers == (("X-Env", "prod"),) and b.secret_key() == b"hello"
+    assert cfg.destination("nope") is None
+    assert cfg.pusher.enabled and not Config().pusher.enabled
+    assert cfg.broker.effective_url == "redis://127.0.0.1:6379/0" and Config().broker.url == ""
 
 
 def test_verifier_names_are_the_verifiers_of_the_routes() -> None:
