@@ -27,4 +27,10 @@ def build_root(app: App) -> IResource:
     api.mount(root, app)
     root.putChild(b"openapi.json", openapi.resource(app))
     inspector.mount(root, app)
+    if app.config.pusher.enabled:  # the Pusher protocol: /app/<key> and the HTTP API
+        from twisted_rt.routes import pusher, pusher_api
+
+        app_resource, pusher_factory = pusher.resource(app)
+        root.putChild(b"app", app_resource)
+        pusher_api.mount(root, app, pusher_factory)
     return root
