@@ -19,6 +19,7 @@ from typing import Callable, Mapping
 from twisted_rt.core import config as _config
 from twisted_rt.core.auth import load_public_key
 from twisted_rt.core.config import Config, ConfigError
+from twisted_rt import outbound
 from twisted_rt.web import tls
 
 __all__ = ["OWNER_CHECKS", "check", "check_file", "load", "parse"]
@@ -43,7 +44,7 @@ def _jwt_public_key_file(cfg: Config) -> None:
 
 #: The owners' checks of a config the pure checks passed, in order; each
 #: raises L{ConfigError}.
-OWNER_CHECKS: tuple[Callable[[Config], None], ...] = (tls.check, _jwt_public_key_file)
+OWNER_CHECKS: tuple[Callable[[Config], None], ...] = (tls.check, _jwt_public_key_file, outbound.check)
 
 
 def _owners(cfg: Config) -> Config:

@@ -37,12 +37,14 @@ from twisted_rt.core.config import Config
 from twisted_rt.core.metrics import Stats
 from twisted_rt.core.systemd import Notifier, WatchdogService
 from twisted_rt.interfaces import Broker
+from twisted_rt.outbound import Outbound
 from twisted_rt.routes import build_root
+from twisted_rt.store.deliveries import DeliveryStore, MemoryDeliveries, RedisDeliveries, SqliteDeliveries
 from twisted_rt.store.journal import Journal, ThreadedReactor
 from twisted_rt.store.local import LocalBroker
 from twisted_rt.web.site import RTSite
 
-__all__ = ["RTService", "make_broker"]
+__all__ = ["RTService", "make_broker", "make_outbound"]
 
 #: what L{RTService.on_starting}, L{RTService.on_ready} and L{RTService.on_stopped} call
 Hook = Callable[[], object]
@@ -65,6 +67,24 @@ def make_broker(config: Config, reactor: ThreadedReactor, stats: Stats) -> Broke
         on_commit=stats.on_commit,
     )
     return LocalBroker(journal)
+
+
+def make_outbound(app: App) -> Outbound | None:
+    """The outgoing-webhook engine when C{[[destinations]]} exist (its state beside the broker's events)."""
+    if not app.config.destinations:
+        return None
+    broker = app.broker
+    store: DeliveryStore
+    if isinstance(broker, LocalBroker):
+        store = SqliteDeliveries(broker.journal)
+    else:
+        from twisted_rt.store.redis import RedisBroker
+
+        store = RedisDeliveries(broker) if isinstance(broker, RedisBroker) else MemoryDeliveries()
+    outbound = Outbound(app.config, app.reactor, broker, store, app.stats.destinations)
+    app.on_startup(outbound.start)
+    app.on_shutdown(outbound.stop)
+    return outbound
 
 
 class RTService(MultiService):
@@ -102,6 +122,7 @@ class RTService(MultiService):
             auth=Authenticator(config.auth),
             stats=self.stats,
         )
+        self.app.outbound = make_outbound(self.app)  # [[destinations]]: started after the broker opened
         self.root = build_root(self.app)
         self.site = self._make_site()
         self.ports: list[IListeningPort] = []

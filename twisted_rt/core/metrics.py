@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["ACCEPTED_OUTCOMES", "Stats"]
+__all__ = ["ACCEPTED_OUTCOMES", "DestinationStats", "Stats"]
 
 #: webhook outcomes that are not rejections
 ACCEPTED_OUTCOMES = frozenset({"accepted", "duplicate"})
@@ -47,6 +47,8 @@ class Stats:
         self.events_out: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.webhooks: Counter[tuple[str, str]] = Counter()
+        #: set by the service: presence members per channel, cluster-wide (as last counted)
+        self.presence_gauge: Callable[[], Mapping[str, int]] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.commit_seconds = Histogram(
             "rt_journal_commit_seconds",
@@ -60,6 +62,7 @@ class Stats:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
             registry=self.registry,
         )
+        self.destinations = DestinationStats(self.registry)
         self.registry.register(_StatsCollector(self))
         ProcessCollector(registry=self.registry)
 
@@ -138,7 +141,65 @@ class _StatsCollector(Collector):
         for (src, reason), v in sorted(s.rejected().items()):
             c.add_metric([src, reason], v)
         yield c
+        members = s.presence_gauge
+        if members is not None:
+            g = GaugeMetricFamily("rt_presence_members", "Members of each presence channel.", labels=["channel"])
+            for k, v in sorted(members().items()):
+                g.add_metric([k], v)
+            yield g
         ready = s.ready
         if ready is not None:
             yield GaugeMetricFamily("rt_ready", "1 when the journal/broker accepts events.", value=1 if ready() else 0)
         yield GaugeMetricFamily("rt_uptime_seconds", "Seconds since the daemon started.", value=s._clock() - s.started)
+
+
+# -- outgoing webhooks (issue 17) ---------------------------------------------------
+
+
+class DestinationStats:
+    """
+    Counters of the outgoing webhooks, per destination: attempts, successes,
+    failures, dead letters (plain integers), the delivery latency (a
+    histogram, observed per attempt), and the pending events (a gauge read
+    at scrape time from L{pending}).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.attempts: Counter[str] = Counter()
+        self.successes: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.dead: Counter[str] = Counter()
+        #: set by the engine: pending events per destination
+        self.pending: Callable[[], dict[str, int]] | None = None
+        self.latency = Histogram(
+            "rt_destination_latency_seconds",
+            "Time of one delivery attempt to a destination (request sent to answer read).",
+            labelnames=["destination"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        registry.register(_DestinationCollector(self))
+
+
+class _DestinationCollector(Collector):
+    def __init__(self, stats: DestinationStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        s = self._stats
+        for name, helptext, counts in (
+            ("rt_destination_attempts", "Delivery attempts per destination.", s.attempts),
+            ("rt_destination_successes", "Deliveries answered 2xx per destination.", s.successes),
+            ("rt_destination_failures", "Failed delivery attempts per destination.", s.failures),
+            ("rt_destination_dead_letters", "Events dead-lettered per destination.", s.dead),
+        ):
+            c = CounterMetricFamily(name, helptext, labels=["destination"])
+            for k, v in sorted(counts.items()):
+                c.add_metric([k], v)
+            yield c
+        g = GaugeMetricFamily("rt_destination_pending", "Events not yet delivered per destination.",
+                              labels=["destination"])
+        pending = s.pending() if s.pending is not None else {}
+        for k, v in sorted(pending.items()):
+            g.add_metric([k], v)
+        yield g

@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.web.resource import IResource
 
 from twisted_rt.app import App
-from twisted_rt.routes import api, health, hooks, inspector, openapi, poll, sse, ws
+from twisted_rt.routes import api, destinations, health, hooks, inspector, openapi, poll, sse, ws
 from twisted_rt.web.resource import Root
 
 __all__ = ["build_root"]
@@ -25,6 +25,7 @@ def build_root(app: App) -> IResource:
     root.putChild(b"sse", sse.resource(app))
     root.putChild(b"poll", poll.resource(app))
     api.mount(root, app)
+    destinations.mount(root, app)  # /api/destinations (issue 17)
     root.putChild(b"openapi.json", openapi.resource(app))
     inspector.mount(root, app)
     if app.config.pusher.enabled:  # the Pusher protocol: /app/<key> and the HTTP API

@@ -268,6 +268,31 @@ class Journal:
     def _in_writer(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(cast(IReactorFromThreads, self._reactor), self._wpool, f, *args)
 
+    def run_in_writer(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """
+        Run C{fn(conn, *args)} in the writer thread, in a transaction of its
+        own on the write connection (for tables other modules keep in this
+        file: L{twisted_rt.store.deliveries}); fires with its result after
+        the commit, or fails with L{JournalUnavailable}.
+        """
+        if self._closed:
+            return _fail(JournalUnavailable("the journal is closed"))
+        return self._in_writer(self._w_run, fn, args).addErrback(_unavailable)
+
+    def _w_run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        if self._conn is None:
+            self._w_open()
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = fn(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            self._w_abort()
+            raise
+        return result
+
     def _in_reader(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         if self._closed:
             return _fail(JournalUnavailable("the journal is closed"))

@@ -1,0 +1,211 @@
+# -*- test-case-name: tests.test_dest_http -*-
+"""
+The HTTP side of delivery: one L{Sender} per destination, on Twisted's own
+client (C{twisted.web.client.Agent}) with a connection pool of up to
+C{max_in_flight} kept-alive connections, a timeout for the whole request
+(connect, send, answer, body), no redirects (the Agent follows none), and
+at most L{BODY_CAP} bytes of an answer read (a longer one is cut and its
+connection closed).  C{https://} is verified against the system CA store
+(C{platformTrust} through C{BrowserLikePolicyForHTTPS}), or against the
+certificates of C{ca_file} when one is given.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence, cast
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+from twisted_rt.core.config import DestinationConfig
+
+__all__ = ["BODY_CAP", "Outcome", "Sender", "load_ca_file"]
+
+#: the most bytes of an answer's body read (kept for the error message)
+BODY_CAP = 4096
+#: idle kept-alive connections are closed after this long
+IDLE_SECONDS = 60.0
+
+
+@dataclass
+class Outcome:
+    """
+    What one attempt came to.
+
+    @ivar kind: C{ok}, C{status} (not 2xx), C{refused} (could not connect),
+        C{timeout}, C{tls} or C{error}.
+    """
+
+    kind: str
+    status: int = 0
+    message: str = ""
+    retry_after: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """A 2xx in time."""
+        return self.kind == "ok"
+
+
+def load_ca_file(path: str) -> list[Certificate]:
+    """
+    The certificates of a PEM file.  @raise ValueError: none in it, or
+    unreadable PEM.  @raise OSError: cannot read it.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    marker = b"-----BEGIN CERTIFICATE-----"
+    certs = []
+    for part in data.split(marker)[1:]:
+        pem = marker + part.split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n"
+        try:
+            certs.append(Certificate.loadPEM(pem))
+        except Exception as e:  # noqa: BLE001 - pyOpenSSL raises its own Error types
+            raise ValueError(f"not a PEM certificate: {e}") from None
+    if not certs:
+        raise ValueError("no PEM certificate in it")
+    return certs
+
+
+@implementer(IBodyProducer)
+class _Body:
+    """A request body already in memory."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Capped(Protocol):
+    """Reads an answer's body up to L{BODY_CAP} bytes, then stops the connection."""
+
+    def __init__(self, done: Deferred[bytes]) -> None:
+        self.done = done
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.parts.append(data)
+        self.size += len(data)
+        if self.size > BODY_CAP:
+            body = b"".join(self.parts)[:BODY_CAP]
+            self.done.callback(body)
+            self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
+        if self.done.called:
+            return
+        # ResponseDone, or cut short (PotentialDataLoss, a dropped connection): what came is enough
+        self.done.callback(b"".join(self.parts))
+
+
+class Sender:
+    """The HTTP client of one destination."""
+
+    def __init__(self, reactor: Any, dest: DestinationConfig) -> None:
+        self.reactor = reactor
+        self.dest = dest
+        self.url = dest.url.encode("ascii")
+        self.timeout = dest.timeout_seconds
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = dest.max_in_flight
+        self.pool.cachedConnectionTimeout = IDLE_SECONDS  # type: ignore[assignment]
+        self.pool.retryAutomatically = False  # a retry is the engine's decision (at-least-once, counted)
+        trust = trustRootFromCertificates(load_ca_file(dest.ca_file)) if dest.ca_file else None
+        self.agent = Agent(
+            reactor,
+            contextFactory=BrowserLikePolicyForHTTPS(trust),
+            connectTimeout=dest.timeout_seconds,
+            pool=self.pool,
+        )
+
+    def send(self, body: bytes, headers: Sequence[tuple[str, str]]) -> Deferred[Outcome]:
+        """POST C{body} with C{headers}; fires with an L{Outcome} (never fails)."""
+        started = time.perf_counter()
+        hdrs = Headers()
+        for name, value in headers:
+            hdrs.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        d: Deferred[Any] = self.agent.request(b"POST", self.url, hdrs, _Body(body))
+        d.addCallback(self._answer)
+        d.addTimeout(self.timeout, cast(IReactorTime, self.reactor))
+
+        def done(outcome: Outcome) -> Outcome:
+            outcome.seconds = time.perf_counter() - started
+            return outcome
+
+        def failed(f: Failure) -> Outcome:
+            return done(_failure_outcome(f, self.timeout))
+
+        return d.addCallback(done).addErrback(failed)
+
+    def _answer(self, response: IResponse) -> Deferred[Outcome]:
+        code = response.code
+        reader: list[_Capped] = []
+
+        def cancel(_: Deferred[bytes]) -> None:  # the timeout while the body is read: drop the connection
+            transport = reader[0].transport if reader else None
+            if transport is not None:
+                transport.stopProducing()  # type: ignore[attr-defined]
+
+        got: Deferred[bytes] = Deferred(cancel)
+        reader.append(_Capped(got))
+        response.deliverBody(reader[0])
+
+        def outcome(body: bytes) -> Outcome:
+            if 200 <= code < 300:
+                return Outcome("ok", code)
+            after = response.headers.getRawHeaders(b"retry-after")
+            text = body[:200].decode("utf-8", "replace").strip()
+            return Outcome(
+                "status",
+                code,
+                f"HTTP {code}" + (f": {text}" if text else ""),
+                after[0].decode("latin-1") if after else None,
+            )
+
+        return got.addCallback(outcome)
+
+    def close(self) -> Deferred[None]:
+        """Close the kept-alive connections."""
+        d: Deferred[None] = self.pool.closeCachedConnections()
+        return d
+
+
+def _failure_outcome(f: Failure, timeout: float) -> Outcome:
+    if f.check(TimeoutError, CancelledError):
+        return Outcome("timeout", message=f"no answer within {timeout:g} s")
+    reasons = getattr(f.value, "reasons", None)
+    inner = reasons[0] if reasons else f
+    if inner.check(ierror.ConnectionRefusedError, ierror.DNSLookupError, ierror.NoRouteError, ierror.TCPTimedOutError,
+                   ierror.ConnectError):
+        return Outcome("refused", message=f"cannot connect: {inner.getErrorMessage()}")
+    text = inner.getErrorMessage()
+    if "SSL" in text or "certificate" in text.lower() or "tls" in type(inner.value).__module__.lower():
+        return Outcome("tls", message=f"TLS: {text}")
+    return Outcome("error", message=f"{type(inner.value).__name__}: {text}")
