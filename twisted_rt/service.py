@@ -42,6 +42,7 @@ from twisted_rt.routes import build_root
 from twisted_rt.store.deliveries import DeliveryStore, MemoryDeliveries, RedisDeliveries, SqliteDeliveries
 from twisted_rt.store.journal import Journal, ThreadedReactor
 from twisted_rt.store.local import LocalBroker
+from twisted_rt.store.presence import Connections, make_presence
 from twisted_rt.web.site import RTSite
 
 __all__ = ["RTService", "make_broker", "make_outbound"]
@@ -115,12 +116,19 @@ class RTService(MultiService):
         self.notifier = notifier or Notifier()
         self.stats = Stats()
         self.broker = make_broker(config, reactor, self.stats)
+        # presence members (in Redis with the Redis broker) and the user registry
+        self.presence = make_presence(
+            self.broker, reactor, config.presence.heartbeat_seconds, config.presence.node_timeout_seconds
+        )
+        self.stats.presence_gauge = lambda: self.presence.gauge
         self.app = App(
             config=config,
             reactor=reactor,
             broker=self.broker,
             auth=Authenticator(config.auth),
             stats=self.stats,
+            presence=self.presence,
+            connections=Connections(self.broker),
         )
         self.app.outbound = make_outbound(self.app)  # [[destinations]]: started after the broker opened
         self.root = build_root(self.app)
@@ -216,6 +224,8 @@ class RTService(MultiService):
 
     async def _start(self) -> None:
         await self.broker.start()
+        if self.config.pusher.enabled or any(rule.presence for rule in self.config.channels):  # presence- channels
+            self.presence.start()
         for hook in self.app.startup_hooks:
             await _maybe(hook())
         # each result is (True, port) or (False, Failure)
@@ -259,6 +269,7 @@ class RTService(MultiService):
             [_maybe(hook()) for hook in self.app.shutdown_hooks], consumeErrors=True
         )
         await self._drain(self.config.server.shutdown_timeout_seconds)
+        await self.presence.stop()  # this node's members leave, on every node
         await self.broker.stop()
         self.log.info("stopped", log_category="RT-S11")
         for hook in self._stopped:

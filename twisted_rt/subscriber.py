@@ -70,14 +70,22 @@ PRUNE_MIN = 1024
 class _Replay:
     """One pattern's pending or running replay."""
 
-    __slots__ = ("after_seq", "done", "pattern", "since", "stopped")
+    __slots__ = ("after_seq", "done", "on_start", "pattern", "since", "stopped")
 
-    def __init__(self, pattern: str, since: dict[str, int], after_seq: int) -> None:
+    def __init__(self, pattern: str, since: dict[str, int], after_seq: int,
+                 on_start: Callable[[bool], None] | None = None) -> None:
         self.pattern = pattern
         self.since = since
         self.after_seq = after_seq
         self.done: Deferred[None] = Deferred()
         self.stopped = False
+        self.on_start = on_start
+
+    def started(self, recovered: bool) -> None:
+        """Tell the transport (once) whether every event after C{since} is still kept."""
+        cb, self.on_start = self.on_start, None
+        if cb is not None:
+            cb(recovered)
 
 
 class Subscriber:
@@ -184,7 +192,14 @@ class Subscriber:
         self.seen[ch] = event.offset
         self.send(event)
 
-    def add(self, pattern: str, since: Since = None, *, after_seq: int = 0) -> Deferred[None]:
+    def add(
+        self,
+        pattern: str,
+        since: Since = None,
+        *,
+        after_seq: int = 0,
+        on_start: Callable[[bool], None] | None = None,
+    ) -> Deferred[None]:
         """
         Subscribe to C{pattern}; with C{since}, first replay what came after it.
 
@@ -194,6 +209,14 @@ class Subscriber:
         ignored).  An int with a wildcard applies to every matching channel.
         With C{after_seq}, only events of a journal C{seq} above it are
         replayed (with or without C{since}).
+
+        With C{since}, C{on_start(recovered)} is called once, before the
+        first replayed event is sent (or when the replay finds none):
+        C{recovered} is C{False} when events after C{since} were already
+        trimmed (the replay then starts at the oldest kept event).  It is
+        judged on each channel's first replayed event (for a wildcard, those
+        of the first page), and for an exact channel with nothing to replay,
+        on its last offset.  Not called when the replay is stopped first.
 
         A pattern already subscribed is left as it is (no second replay).
         Fires when the replay has been sent (or was stopped by L{remove});
@@ -215,7 +238,7 @@ class Subscriber:
             for ch, off in since_map.items():
                 if off > seen.get(ch, 0):
                     seen[ch] = off
-        replay = _Replay(pattern, _Floor(since_map, floor) if floor else since_map, after_seq)
+        replay = _Replay(pattern, _Floor(since_map, floor) if floor else since_map, after_seq, on_start)
         if self._buffer is None:
             self._buffer = deque()
             self._buffered = 0
@@ -272,7 +295,13 @@ class Subscriber:
             page: list[Event] | None = await self._await(
                 self.broker.replay(r.pattern, r.since, REPLAY_PAGE, after_seq=after, max_bytes=self.page_bytes)
             )
-            if not page or r.stopped or self.closed:
+            if r.stopped or self.closed:
+                return
+            if r.on_start is not None:
+                await self._judge(r, page)
+                if r.stopped or self.closed:
+                    return
+            if not page:
                 return
             last = page[-1].seq
             for e in page:
@@ -287,6 +316,22 @@ class Subscriber:
                 raise RuntimeError(f"the broker's replay of {r.pattern!r} does not advance past seq {after}")
             after = last
             page = None  # not held while the next page is read
+
+    async def _judge(self, r: _Replay, page: list[Event] | None) -> None:
+        """Whether the replay of C{r} recovers everything after its C{since} (see L{add})."""
+        since = r.since
+        recovered = True
+        firsts: set[str] = set()
+        for e in page or ():
+            if e.channel not in firsts:
+                firsts.add(e.channel)
+                if e.offset > since.get(e.channel, 0) + 1:
+                    recovered = False
+                    break
+        if not page and not is_wildcard(r.pattern):
+            last = await self._await(self.broker.last_offset(r.pattern))
+            recovered = last <= since.get(r.pattern, 0)
+        r.started(recovered)
 
     async def _drain(self) -> bool:
         """

@@ -17,16 +17,20 @@ from __future__ import annotations
 import hmac
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jwt
 
 from twisted_rt.core.config import AuthConfig
+from twisted_rt.core.event import dumps
 from twisted_rt.core.matcher import PatternError, covers, matches, validate_pattern
 from twisted_rt.interfaces import AuthError
 
-__all__ = ["AuthError", "Authenticator", "Principal", "load_public_key", "require"]
+__all__ = ["MAX_INFO_BYTES", "AuthError", "Authenticator", "Principal", "load_public_key", "require"]
+
+#: the largest C{info} claim, as compact JSON
+MAX_INFO_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,13 @@ class Principal:
     admin: bool = False
     exp: float | None = None
     anonymous: bool = False
+    #: the JWT's C{info} claim (a JSON object of at most L{MAX_INFO_BYTES}): a presence member's description
+    info: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def member(self) -> str | None:
+        """The presence identity: a JWT's C{sub}; C{None} for API keys and anonymous callers."""
+        return None if self.admin or self.anonymous else self.sub
 
     def can_subscribe(self, pattern: str) -> bool:
         """Whether every channel C{pattern} matches is readable."""
@@ -65,6 +76,24 @@ class Principal:
         names have no C{:}, so these never meet a source's delivery ids.
         """
         return "pub:key" if self.admin else f"pub:sub:{self.sub}"
+
+
+def _info_claim(claims: dict[str, Any]) -> Mapping[str, Any] | None:
+    """The C{info} claim: absent, or a JSON object of at most L{MAX_INFO_BYTES} (compact JSON)."""
+    if "info" not in claims:
+        return None
+    info = claims["info"]
+    if not isinstance(info, dict):
+        raise AuthError("invalid_token", "the 'info' claim must be a JSON object (the presence member's description)")
+    try:
+        size = len(dumps(info))
+    except (TypeError, ValueError):
+        raise AuthError("invalid_token", "the 'info' claim cannot be written as JSON") from None
+    if size > MAX_INFO_BYTES:
+        raise AuthError(
+            "invalid_token", f"the 'info' claim is {size} bytes of JSON; at most {MAX_INFO_BYTES} are allowed"
+        )
+    return info
 
 
 def _rights(claims: dict[str, Any], name: str) -> tuple[str, ...]:
@@ -158,6 +187,7 @@ class Authenticator:
             subscribe=_rights(claims, "subscribe"),
             publish=_rights(claims, "publish"),
             exp=exp,
+            info=_info_claim(claims),
         )
 
     def _decode(self, token: str) -> dict[str, Any]:
@@ -261,12 +291,14 @@ class Authenticator:
         publish: Iterable[str] = (),
         ttl: float = 3600,
         aud: str | Sequence[str] | None = None,
+        info: Mapping[str, Any] | None = None,
     ) -> str:
         """
         A JWT signed with the configured secret (HS256 only).
 
         @param aud: the C{aud} claim (one audience, or several); by default
             C{[auth] jwt_audience} when it is set, else none.
+        @param info: the C{info} claim (a presence member's description).
         """
         if self._sign_key is None:
             raise ValueError("minting tokens needs [auth] jwt_secret")
@@ -278,6 +310,8 @@ class Authenticator:
             "subscribe": list(subscribe),
             "publish": list(publish),
         }
+        if info is not None:
+            claims["info"] = dict(info)
         if aud is None:
             aud = self._audience or None
         if aud is not None:

@@ -13,6 +13,10 @@ The JSON API a backend drives the daemon with, plus C{/metrics}.
     events and about L{twisted_rt.store.local.PAGE_BYTES} of them;
     C{"more": true} when more events follow (page on with C{since} = the
     last offset of the page), C{"more": false} otherwise.
+    C{"truncated": true} when events after C{since} were already trimmed.
+  - C{GET /api/channels/<name>/presence}: the members of a presence channel.
+  - C{POST /api/users/<user>/disconnect} (API keys only): close every
+    connection of that user on every node.
   - C{GET /api/stats}: the counters of L{twisted_rt.core.metrics.Stats}.
   - C{GET /metrics}: Prometheus text exposition.
   - (C{GET /openapi.json} describes them all: L{twisted_rt.routes.openapi}.)
@@ -69,6 +73,8 @@ DEFAULT_HISTORY_LIMIT = 100
 MAX_HISTORY_LIMIT = 1000
 #: the largest offset (SQLite's signed 64-bit integer)
 MAX_OFFSET = 2**63 - 1
+#: longest user name of C{/api/users/<user>/disconnect}
+MAX_USER_LENGTH = 1024
 
 _EVENT_KEYS = frozenset({"channel", "data", "id", "type"})
 
@@ -176,14 +182,45 @@ class Channels(JsonResource):
             return await self._list(request)
         if len(post) == 2 and post[1] == b"history":
             return await self._history(request, post[0])
+        if len(post) == 2 and post[1] == b"presence":
+            return await self._presence(request, post[0])
         raise JsonError(404, "not_found", f"no route for {request.path.decode('utf-8', 'replace')}")
 
     async def _list(self, request: Request) -> dict[str, Any]:
         principal = _caller(self.app, request)
         channels = await self.app.broker.channels()
+        presence = self.app.presence
+        config = self.app.config
+        if presence is not None and any(r.presence for r in config.channels):
+            counts = await presence.counts()
+            known = {c["name"] for c in channels}
+            broker = self.app.broker
+            # presence channels with members but no event yet are listed too
+            channels += [{"name": name, "subscribers": broker.local_subscribers(name), "last_offset": 0}
+                         for name in counts if name not in known]
+            channels.sort(key=lambda c: str(c["name"]))
+            for c in channels:
+                rule = config.rule(c["name"])
+                if rule is not None and rule.presence:
+                    c["members"] = counts.get(c["name"], 0)
         if not principal.admin:
             channels = [c for c in channels if principal.can_read(c["name"])]
         return {"channels": channels}
+
+    async def _presence(self, request: Request, raw_name: bytes) -> dict[str, Any]:
+        principal = _caller(self.app, request)
+        try:
+            channel = validate_channel(raw_name.decode("utf-8"))
+        except (UnicodeDecodeError, ChannelError) as e:
+            raise _bad("invalid_channel", f"{e}") from None
+        if not principal.can_subscribe(channel):
+            raise AuthError("forbidden", f"this token may not subscribe to {channel!r}", 403)
+        rule = self.app.config.rule(channel)
+        presence = self.app.presence
+        if presence is None or rule is None or not rule.presence:
+            raise JsonError(404, "presence_off", f"{channel!r} has no presence (a [[channels]] rule with presence = true)")
+        members = await presence.members(channel)
+        return {"channel": channel, "members": members, "count": len(members)}
 
     async def _history(self, request: Request, raw_name: bytes) -> dict[str, Any]:
         principal = self.app.principal(request)
@@ -201,11 +238,40 @@ class Channels(JsonResource):
         last = await self.app.broker.last_offset(channel)
         if events:
             last = max(last, events[-1].offset)
-        return {
+        body: dict[str, Any] = {
             "events": [e.public() for e in events],
             "last_offset": last,
             "more": bool(events) and events[-1].offset < last,
         }
+        # events after since already trimmed: the page starts at the oldest kept one
+        if (events[0].offset > since + 1) if events else last > since:
+            body["truncated"] = True
+        return body
+
+
+class Users(JsonResource):
+    """C{POST /api/users/<user>/disconnect} (API keys only)."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__()
+        self.app = app
+
+    async def handle_POST(self, request: Request) -> dict[str, Any]:
+        post = request.postpath or []
+        if len(post) != 2 or post[1] != b"disconnect" or not post[0]:
+            raise JsonError(404, "not_found", f"no route for {request.path.decode('utf-8', 'replace')}")
+        principal = _caller(self.app, request)
+        if not principal.admin:
+            raise AuthError("forbidden", "only an API key may disconnect users", 403)
+        try:
+            user = post[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad("invalid_user", "the user name is not UTF-8") from None
+        if len(user) > MAX_USER_LENGTH:
+            raise _bad("invalid_user", f"a user name has at most {MAX_USER_LENGTH} characters")
+        registry = self.app.connections
+        n = await registry.disconnect(user) if registry is not None else 0
+        return {"user": user, "disconnected": n}
 
 
 class StatsPage(JsonResource):
@@ -253,6 +319,7 @@ def mount(root: Resource, app: App) -> None:
     api.putChild(b"publish", Publish(app))
     api.putChild(b"channels", Channels(app))
     api.putChild(b"stats", StatsPage(app))
+    api.putChild(b"users", Users(app))
     root.putChild(b"api", api)
     root.putChild(b"metrics", Metrics(app))
     broker = app.broker

@@ -305,8 +305,15 @@ class _Stream:
             self.write(b": token expired\n\n")
             self.finish()
 
+    def disconnect(self) -> None:
+        """The operator closed this user's connections: the stream ends (L{twisted_rt.interfaces.Closable})."""
+        if not self.done:
+            self.stats.dropped["disconnected"] += 1
+            self.write(b": disconnected\n\n")
+            self.finish()
+
     def finish(self) -> None:
-        """End the response (shutdown, slow consumer, expired token)."""
+        """End the response (shutdown, slow consumer, expired token, disconnect)."""
         if self.done:
             return
         self.closed()
@@ -336,6 +343,10 @@ class _Stream:
             broker.unsubscribe(p, self)
         self.subscribed = []
         self.owner.discard(self)
+        user = self.principal.member
+        registry = self.owner.app.connections
+        if user is not None and registry is not None:
+            registry.unregister(user, self)
 
 
 class SSEResource(Resource):
@@ -377,6 +388,9 @@ class SSEResource(Resource):
         if principal.exp is not None:
             reactor: Reactor = app.reactor
             stream.expiry = reactor.callLater(max(0.0, principal.exp - reactor.seconds()), stream.expired)
+        user = principal.member
+        if user is not None and app.connections is not None:
+            app.connections.register(user, stream)  # POST /api/users/<user>/disconnect ends it
         request.registerProducer(stream, True)
         request.notifyFinish().addBoth(lambda _: stream.closed())
         request.write(b"retry: %d\n\n" % app.config.sse.retry_ms)

@@ -43,7 +43,7 @@ hooks because a C{Site} never does it.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Mapping
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -62,7 +62,13 @@ from zope.interface import implementer
 from twisted_rt.app import App
 from twisted_rt.core.auth import Principal
 from twisted_rt.core.event import Draft, Event, dumps, loads
-from twisted_rt.core.matcher import ChannelError, PatternError, validate_channel, validate_pattern
+from twisted_rt.core.matcher import (
+    ChannelError,
+    PatternError,
+    is_wildcard,
+    validate_channel,
+    validate_pattern,
+)
 from twisted_rt.interfaces import AuthError, Reactor
 from twisted_rt.subscriber import Since, Subscriber
 from twisted_rt.web.resource import as_json_error, origin_allowed, write_json
@@ -76,6 +82,7 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN = 1013
 CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_DISCONNECTED = 4003
 
 #: bad messages (bad JSON, unknown op, invalid fields) tolerated before 1008
 MAX_BAD_MESSAGES = 10
@@ -86,6 +93,12 @@ CLOSE_HANDSHAKE_TIMEOUT = 5.0
 SLOW_CLOSE_TIMEOUT = 30.0
 #: deliveries queued in one turn after which every queue is written at once
 FLUSH_EVERY = 20000
+#: connections written per reactor turn: between chunks the reactor reads
+#: requests and takes commits, so publishers are answered during a fan-out
+FLUSH_CHUNK = 128
+#: seconds a round of writes may wait after the previous one (which waits as
+#: long as that one took): at once when idle, several events per write when busy
+MAX_HOLD = 0.025
 #: seconds the shutdown hook waits for clients to answer the 1001 close
 SHUTDOWN_WAIT = 3.0
 #: publishes of one connection awaiting the journal before its reads pause
@@ -198,6 +211,11 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self.principal: Principal | None = None
         self.subscriber: Subscriber | None = None
         self._deny_code = ""
+        # presence: the channels this connection is a member of (as _member), and watches
+        self._rt_member: str | None = None
+        self._rt_joined: dict[str, None] = {}
+        self._rt_watching: dict[str, None] = {}
+        self._rt_registered: str | None = None
 
     def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
         """A refused upgrade, answered like every other error: a JSON body."""
@@ -264,6 +282,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             pass  # none was (a transport that refuses to unregister nothing)
         transport.registerProducer(_Backpressure(self), True)
         self._schedule_expiry()
+        self._rt_register(self.principal.member if self.principal is not None else None)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         f = self.factory
@@ -278,6 +297,8 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._queue = []
         self._queued = 0
         self._fire_waiters()
+        self._leave_all()
+        self._rt_register(None)
         if not self._opened:
             return
         self._opened = False
@@ -384,6 +405,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._queued = 0
         self._queued_events = 0
         self._closing = True
+        self._leave_all()
         if self.subscriber is not None:
             self.factory.app.stats.subscriptions["ws"] -= len(self.subscriber.patterns)
             self.subscriber.close()
@@ -406,6 +428,85 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             self._bad += 1
             if self._bad >= MAX_BAD_MESSAGES:
                 self.close_with(CLOSE_POLICY, f"{self._bad} bad messages")
+
+    # presence and connection control (the logic is in twisted_rt.store.presence)
+
+    def disconnect(self) -> None:
+        """The operator closed this user's connections (C{POST /api/users/<user>/disconnect}): 4003."""
+        self.factory.app.stats.dropped["disconnected"] += 1
+        self.close_with(CLOSE_DISCONNECTED, "disconnected by the operator")
+
+    def _rt_register(self, user: str | None) -> None:
+        """Be C{user}'s connection in the registry (C{None}: in nobody's)."""
+        registry = self.factory.app.connections
+        if registry is None or user == self._rt_registered:
+            return
+        if self._rt_registered is not None:
+            registry.unregister(self._rt_registered, self)
+        self._rt_registered = user
+        if user is not None:
+            registry.register(user, self)
+
+    def _presence_on(self, channel: str) -> bool:
+        """Whether C{channel} (an exact name) has presence."""
+        rule = self.factory.app.config.rule(channel)
+        return rule is not None and rule.presence
+
+    def _presence_join(self, pattern: str) -> None:
+        """C{pattern} is subscribed: on a presence channel, watch it and (with a JWT) be a member."""
+        presence = self.factory.app.presence
+        if presence is None or is_wildcard(pattern) or not self._presence_on(pattern) or self._closing:
+            return
+        if pattern not in self._rt_watching:
+            self._rt_watching[pattern] = None
+            presence.watch(pattern, self)
+        user = self.principal.member if self.principal is not None else None
+        if user is not None and pattern not in self._rt_joined:
+            self._rt_member = user
+            self._rt_joined[pattern] = None
+            info = self.principal.info if self.principal is not None else None
+            presence.add(pattern, user, info, self)
+
+    def _presence_part(self, channel: str) -> None:
+        """C{channel} is no longer subscribed: stop watching it and leave it."""
+        presence = self.factory.app.presence
+        if presence is None:
+            return
+        if self._rt_watching.pop(channel, 0) is None:
+            presence.unwatch(channel, self)
+        if self._rt_joined.pop(channel, 0) is None and self._rt_member is not None:
+            presence.remove(channel, self._rt_member, self)
+
+    def _leave_all(self) -> None:
+        """The connection closes: every membership and watch goes."""
+        for channel in list(self._rt_watching) + [c for c in self._rt_joined if c not in self._rt_watching]:
+            self._presence_part(channel)
+
+    def presence_changed(self, op: str, channel: str, user: str, info: Mapping[str, Any] | None) -> None:
+        """A join or leave of a channel this connection subscribed to (encoded once for all of them)."""
+        if not self._closing:
+            self._enqueue(self.factory.presence_frame(op, channel, user, info, self._compress), 0)
+
+    def op_presence(self, msg: dict[str, Any], ref: Any) -> Deferred[None] | None:
+        """C{{"op":"presence","channel":...}} -> the channel's members (needs the subscribe right)."""
+        try:
+            channel = validate_channel(msg.get("channel"))
+        except ChannelError as e:
+            self._error("invalid_channel", str(e), ref)
+            return None
+        presence = self.factory.app.presence
+        if presence is None or not self._presence_on(channel):
+            self._error("presence_off", f"{channel!r} has no presence (a [[channels]] rule with presence = true)", ref)
+            return None
+        assert self.principal is not None
+        if not self.principal.can_subscribe(channel):
+            self._error("forbidden", f"this token may not subscribe to {channel!r}", ref)
+            return None
+
+        def listed(members: list[Any]) -> None:
+            self._reply({"op": "presence", "channel": channel, "members": members}, ref)
+
+        return presence.members(channel).addCallback(listed)
 
     # token expiry
 
@@ -442,7 +543,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         op = msg.get("op")
         handler = _OPS.get(op) if isinstance(op, str) else None
         if handler is None:
-            self._error("unknown_op", f"unknown op {_short(op)}: use subscribe, unsubscribe, publish, ping, auth", ref)
+            self._error("unknown_op", f"unknown op {_short(op)}: use subscribe, unsubscribe, publish, ping, auth, presence", ref)
             return
         self._msg_bytes = len(payload)
         try:
@@ -507,9 +608,20 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         if limit and len(sub.patterns) >= limit:
             self._error("too_many_subscriptions", f"at most {limit} subscriptions per connection", ref, False)
             return None
-        self._reply({"op": "subscribed", "channel": pattern}, ref)
+        def confirmed(recovered: bool | None = None) -> None:
+            reply: dict[str, Any] = {"op": "subscribed", "channel": pattern}
+            if recovered is not None:
+                reply["recovered"] = recovered
+            self._reply(reply, ref)
+            self._presence_join(pattern)
+
         stats = self.factory.app.stats
-        d = sub.add(pattern, since)
+        if since is None:
+            confirmed()
+            d = sub.add(pattern, since)
+        else:
+            # "subscribed" waits for the first replay page: it says whether the replay is whole
+            d = sub.add(pattern, since, on_start=confirmed)
         stats.subscriptions["ws"] += 1
 
         def undo(f: Failure) -> Failure:
@@ -528,6 +640,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             self._error("not_subscribed", f"not subscribed to {_short(channel)}", ref, False)
             return
         self.factory.app.stats.subscriptions["ws"] -= 1
+        self._presence_part(channel)
         self._reply({"op": "unsubscribed", "channel": channel}, ref)
 
     def op_publish(self, msg: dict[str, Any], ref: Any) -> Deferred[None] | None:
@@ -624,6 +737,16 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         if sub is not None:
             dropped = sub.remove_many([p for p in sub.patterns if not principal.can_subscribe(p)])
         self.factory.app.stats.subscriptions["ws"] -= len(dropped)
+        for pattern in dropped:
+            self._presence_part(pattern)
+        if principal.member != self._rt_member and self._rt_joined:
+            # another identity (or none): leave as the old one, join as the new one
+            channels = list(self._rt_joined)
+            for channel in channels:
+                self._presence_part(channel)
+            for channel in channels:
+                self._presence_join(channel)
+        self._rt_register(principal.member)
         self._reply({"op": "authenticated", "sub": principal.sub}, ref)
         for pattern in dropped:
             self._reply({"op": "unsubscribed", "channel": pattern, "reason": "forbidden"})
@@ -638,6 +761,7 @@ _OPS: dict[str, Any] = {
     "unsubscribe": RTWebSocketProtocol.op_unsubscribe,
     "publish": RTWebSocketProtocol.op_publish,
     "auth": RTWebSocketProtocol.op_auth,
+    "presence": RTWebSocketProtocol.op_presence,
 }
 
 
@@ -654,12 +778,23 @@ class RTWebSocketFactory(WebSocketServerFactory):
         self.max_message = ws.max_message_bytes
         self.clients: set[RTWebSocketProtocol] = set()
         self.per_ip: Counter[str] = Counter()
+        # connections with something queued, for the next round of writes
         self._dirty: list[RTWebSocketProtocol] = []
+        # the round being written, a chunk per reactor turn, and how far it got
+        self._round: list[RTWebSocketProtocol] = []
+        self._round_pos = 0
+        self._round_started = 0.0
+        # when the last round ended and how long it took (the adaptive hold)
+        self._round_ended = -1e9
+        self._round_took = 0.0
         self._flush_call: IDelayedCall | None = None
         # the frame of the event being fanned out right now (one lookup less per subscriber)
         self._last_event: Event | None = None
         self._last_frame = b""
         self._pending = 0
+        # the join/leave being sent to every watcher right now: encoded once
+        self._presence_key: tuple[Any, ...] = ()
+        self._presence_frames: tuple[bytes, bytes] = (b"", b"")
         options: dict[str, Any] = dict(
             maxFramePayloadSize=ws.max_message_bytes,
             maxMessagePayloadSize=ws.max_message_bytes,
@@ -683,21 +818,77 @@ class RTWebSocketFactory(WebSocketServerFactory):
         self._last_frame = frame
         return frame
 
+    def presence_frame(self, op: str, channel: str, user: str, info: Mapping[str, Any] | None, raw: bool) -> bytes:
+        """
+        A join or leave message: its JSON (C{raw}, for a compressing
+        connection) or its frame, built once per join or leave for every watcher.
+        """
+        key = (op, channel, user, info)
+        cached = self._presence_key
+        if not (cached and cached[0] == op and cached[1] == channel and cached[2] == user and cached[3] is info):
+            msg: dict[str, Any] = {"op": op, "channel": channel, "user": user}
+            if op == "join" and info is not None:
+                msg["info"] = info
+            payload = dumps(msg)
+            self._presence_key = key
+            self._presence_frames = (payload, self.prepareMessage(payload).payloadHybi)
+        return self._presence_frames[0 if raw else 1]
+
     def mark(self, proto: RTWebSocketProtocol) -> None:
-        """C{proto} has something queued: flush it at the end of this turn."""
+        """C{proto} has something queued: it is written in the next round."""
         self._dirty.append(proto)
         if self._flush_call is None:
-            self._flush_call = self.reactor.callLater(0, self._flush_all)
+            # idle (the last round ended long ago): at once, i.e. at the end of this turn;
+            # busy: the next round waits as long as the last one took (at most MAX_HOLD),
+            # so that the events committed meanwhile leave in the same write
+            wait = self._round_ended + min(self._round_took, MAX_HOLD) - self.reactor.seconds()
+            self._flush_call = self.reactor.callLater(wait if wait > 0 else 0, self._flush_all)
 
     def _flush_all(self) -> None:
+        """
+        Write the next L{FLUSH_CHUNK} connections of the round (starting a
+        round with every connection marked so far), then let the reactor
+        run (requests, commits, acks) before the next chunk.  A connection
+        of the round not yet written takes every frame queued meanwhile in
+        its one write; one already written goes into the next round.
+        """
         self._flush_call = None
-        self.flush_now()
+        self._pending = 0
+        rnd = self._round
+        now = self.reactor.seconds()
+        if not rnd:
+            if not self._dirty:
+                return
+            rnd = self._round = self._dirty
+            self._dirty = []
+            self._round_pos = 0
+            self._round_started = now
+        start = self._round_pos
+        end = self._round_pos = start + FLUSH_CHUNK
+        n = 0
+        for p in rnd[start:end] if start or end < len(rnd) else rnd:
+            n += p._flush()
+        if n:
+            self.app.stats.events_out["ws"] += n
+        if end < len(rnd):
+            self._flush_call = self.reactor.callLater(0, self._flush_all)
+            return
+        self._round = []
+        self._round_ended = now
+        self._round_took = now - self._round_started
+        if self._dirty:
+            wait = min(self._round_took, MAX_HOLD)
+            self._flush_call = self.reactor.callLater(wait, self._flush_all)
 
     def flush_now(self) -> None:
-        """Write every connection's queue now (end of turn, or a big fan-out)."""
+        """Write every connection's queue now (a big fan-out, or the end of a test's turn)."""
         self._pending = 0
+        rest = self._round[self._round_pos:]
+        self._round = []
         dirty, self._dirty = self._dirty, []
         n = 0
+        for p in rest:
+            n += p._flush()
         for p in dirty:
             n += p._flush()
         if n:
