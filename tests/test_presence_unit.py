@@ -192,3 +192,16 @@ def test_disconnect_reaches_every_node() -> None:
     assert "u" not in ra.by_user and "u" not in rb.by_user
     rb.unregister("v", other)
     assert rb.by_user == {}
+
+
+def test_journal_limits_follow_the_first_matching_rule() -> None:
+    """[[channels]] rules give max_events and retention per channel (first match; 0 and no match: [journal])."""
+    from twisted_rt.core.config import ChannelRule
+    from twisted_rt.store.journal import Journal
+
+    j = Journal(Clock(), ":memory:", max_events_per_channel=100, retention_seconds=1000,  # type: ignore[arg-type]
+                rules=[ChannelRule("chat.>", max_events=5), ChannelRule("chat.x", max_events=7),
+                       ChannelRule("logs.*", retention_seconds=10)])
+    assert j.limits("chat.x") == (5, 1000.0)
+    assert j.limits("logs.a") == (100, 10.0)
+    assert j.limits("other") == (100, 1000.0)

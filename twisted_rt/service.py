@@ -66,6 +66,7 @@ def make_broker(config: Config, reactor: ThreadedReactor, stats: Stats) -> Broke
         max_batch=j.max_batch,
         trim_interval_seconds=j.trim_interval_seconds,
         on_commit=stats.on_commit,
+        rules=config.channels,
     )
     return LocalBroker(journal)
 

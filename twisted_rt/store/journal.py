@@ -54,6 +54,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from twisted_rt.core.config import ChannelRule
 from twisted_rt.core.event import Accepted, Draft, Event, dumps, new_id, now_iso
 from twisted_rt.core.matcher import is_wildcard, matches
 from twisted_rt.interfaces import PAGE_BYTES, JournalUnavailable, Reactor, UnencodableEvent
@@ -113,6 +114,12 @@ DROP INDEX IF EXISTS deliveries_ts;
 """
 
 _COLUMNS = 'id, channel, "offset", time, source, type, data, raw, headers, rowid'
+#: seconds of writing between two WAL checkpoints (run in their own thread)
+CHECKPOINT_INTERVAL = 1.0
+#: the writer's own automatic checkpoint, only a safety net (pages of 4 KiB: 80 MiB)
+WRITER_AUTOCHECKPOINT_PAGES = 20000
+#: the writer's page cache (SQLite's default is 2 MiB): index pages of a big journal stay in memory
+WRITER_CACHE_KIB = 32768
 #: delivery ids looked up per query (SQLite's variable limit is 32766 since 3.32, 999 before)
 _IN_CHUNK = 500
 
@@ -163,8 +170,12 @@ class Journal:
         max_batch: int = 1000,
         trim_interval_seconds: float = 60.0,
         on_commit: Callable[[int, float], None] | None = None,
+        rules: Sequence[ChannelRule] = (),
     ) -> None:
         self._reactor = reactor
+        # [[channels]] rules: per-channel max_events / retention_seconds (first match wins)
+        self.rules = tuple(rules)
+        self._limits: dict[str, tuple[int, float]] = {}  # writer thread only: channel -> (keep, retention)
         self.path = path
         self.max_events_per_channel = max_events_per_channel
         self.retention_seconds = retention_seconds
@@ -173,6 +184,11 @@ class Journal:
         self._on_commit = on_commit
         self._memory = path == ":memory:"
         self._wpool = ThreadPool(minthreads=1, maxthreads=1, name="rt-journal-writer")
+        # WAL checkpoints, off the writer's path (None: in memory, nothing to checkpoint)
+        self._cpool = None if self._memory else ThreadPool(minthreads=0, maxthreads=1, name="rt-journal-checkpoint")
+        self._checkpointing = False
+        self._checkpointed_at = 0.0
+        self.checkpoints = 0
         self._rpool = (
             self._wpool
             if self._memory
@@ -204,6 +220,8 @@ class Journal:
         self._wpool.start()
         if self._rpool is not self._wpool:
             self._rpool.start()
+        if self._cpool is not None:
+            self._cpool.start()
         self._trimmer = LoopingCall(self.trim)
         self._trimmer.clock = cast(IReactorTime, self._reactor)
         self._trimmer.start(self.trim_interval_seconds, now=False).addErrback(
@@ -236,6 +254,8 @@ class Journal:
             self._wpool.stop()
             if self._rpool is not self._wpool:
                 self._rpool.stop()
+            if self._cpool is not None:
+                self._cpool.stop()
 
         d.addCallback(stop)
         d.addBoth(stop_pools)
@@ -359,9 +379,14 @@ class Journal:
             self._set_health(None)
         if self._on_commit is not None:
             self._on_commit(count, time.perf_counter() - started)
+        if self._pending:
+            # the next commit runs in the writer while this one's callbacks (acks, fan-out) do
+            self._kick()
         for (_, d), acc in zip(batch, accepted, strict=True):
             d.callback(acc)
-        self._kick()
+        if not self._writing:
+            self._kick()
+        self._maybe_checkpoint()
 
     def _append_failed(
         self, f: Failure, batch: list[tuple[tuple[Sequence[Draft], list[str]], Deferred[list[Accepted]]]]
@@ -371,6 +396,42 @@ class Journal:
         for _, d in batch:
             d.errback(JournalUnavailable(f"journal write failed: {f.getErrorMessage()}"))
         self._kick()
+
+    # -- checkpoints (reactor thread, then the checkpoint thread) ------------
+
+    def _maybe_checkpoint(self) -> None:
+        """
+        After a commit: copy the WAL into the database (a PASSIVE checkpoint,
+        which never blocks the writer or readers) in the checkpoint thread,
+        at most once per L{CHECKPOINT_INTERVAL} seconds of writing.
+        """
+        if self._cpool is None or self._checkpointing or self._closed:
+            return
+        now = time.monotonic()
+        if now - self._checkpointed_at < CHECKPOINT_INTERVAL:
+            return
+        self._checkpointing = True
+        self._checkpointed_at = now
+        d = deferToThreadPool(cast(IReactorFromThreads, self._reactor), self._cpool, self._c_checkpoint)
+
+        def done(result: object) -> None:
+            self._checkpointing = False
+            self.checkpoints += 1
+
+        def failed(f: Failure) -> None:
+            self._checkpointing = False
+            # the writer's own checkpoint (WRITER_AUTOCHECKPOINT_PAGES) still bounds the WAL
+            self.log.warn("journal checkpoint failed: {error}", error=f.getErrorMessage(), log_category="RT-J03")
+
+        d.addCallback(done).addErrback(failed)
+
+    def _c_checkpoint(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._local.conn = conn
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     # -- writer thread ---------------------------------------------------
 
@@ -386,6 +447,12 @@ class Journal:
                 if mode.lower() != "wal":
                     raise sqlite3.OperationalError(f"cannot use WAL mode (got {mode})")
             conn.execute("PRAGMA synchronous=FULL")
+            if not self._memory:
+                # checkpoints run in their own thread (_maybe_checkpoint): the writer's own
+                # automatic one (a copy and an fsync of the database, tens of ms, in the middle
+                # of a commit) is only the safety net, far above what one interval writes
+                conn.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
+                conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
             conn.executescript(_SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(channels)")}
             if "last_seq" not in columns:  # a file made before seq existed
@@ -565,11 +632,22 @@ class Journal:
 
     # -- trimming ----------------------------------------------------------
 
+    def limits(self, channel: str) -> tuple[int, float]:
+        """
+        C{(max events, retention seconds)} of C{channel}: its first matching
+        C{[[channels]]} rule's (0 there: the journal's), else the journal's.
+        """
+        keep, retention = self.max_events_per_channel, float(self.retention_seconds)
+        for rule in self.rules:
+            if matches(rule.pattern, channel):
+                return (rule.max_events or keep, float(rule.retention_seconds or retention))
+        return keep, retention
+
     def trim(self) -> Deferred[int]:
-        """Delete events past C{max_events_per_channel} or C{retention_seconds}."""
+        """Delete events past each channel's max events or retention (L{limits})."""
         if self._closed:
             return succeed(0)
-        d = self._in_writer(self._w_trim, time.time() - self.retention_seconds)
+        d = self._in_writer(self._w_trim, time.time())
 
         def trimmed(result: tuple[int, _State | None]) -> int:
             deleted, fresh = result
@@ -582,23 +660,36 @@ class Journal:
 
         return d.addCallback(trimmed).addErrback(failed)
 
-    def _w_trim(self, cutoff: float) -> tuple[int, _State | None]:
+    def _w_trim(self, now: float) -> tuple[int, _State | None]:
+        """
+        One pass: each channel past its max events, then by age: every row
+        older than the longest retention in one sweep in insertion order,
+        and (only with rules of shorter retentions) those channels' older rows.
+        """
         if self._conn is None:
             self._w_open()
         conn = self._conn
         assert conn is not None
         deleted = 0
-        keep = self.max_events_per_channel
+        limits = self._limits
+        longest = max([float(self.retention_seconds)] + [float(r.retention_seconds) for r in self.rules])
         try:
             conn.execute("BEGIN IMMEDIATE")
             for channel, last in self._wlast.items():
+                lim = limits.get(channel)
+                if lim is None:
+                    lim = limits[channel] = self.limits(channel)
+                keep, retention = lim
                 if last > keep:
                     cur = conn.execute(
                         'DELETE FROM events WHERE channel = ? AND "offset" <= ?', (channel, last - keep)
                     )
                     deleted += cur.rowcount
-            deleted += _delete_older(conn, "events", cutoff)
-            _delete_older(conn, "deliveries", cutoff)
+                if retention < longest:
+                    cur = conn.execute("DELETE FROM events WHERE channel = ? AND ts < ?", (channel, now - retention))
+                    deleted += cur.rowcount
+            deleted += _delete_older(conn, "events", now - longest)
+            _delete_older(conn, "deliveries", now - longest)
             conn.execute("COMMIT")
         except BaseException:
             self._w_abort()

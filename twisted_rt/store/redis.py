@@ -59,10 +59,11 @@ from twisted.application.internet import ClientService
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, ensureDeferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_rt.core.config import Config
 from twisted_rt.core.event import Accepted, Draft, Event, dumps, new_id, now_iso
@@ -71,6 +72,7 @@ from twisted_rt.core.metrics import Stats
 from twisted_rt.interfaces import PAGE_BYTES, ChannelInfo, Control, JournalUnavailable, Listener, Reactor
 from twisted_rt.store.journal import pattern_prefix
 from twisted_rt.store.local import IndexedBroker
+from twisted_rt.store.sentinel import SentinelEndpoint, SentinelLocator, SentinelWatcher, parse_hostport
 
 __all__ = ["RedisBroker", "backoff", "parse_url"]
 
@@ -99,7 +101,8 @@ _SEQ = re.compile(r'\{"seq":(\d+),')
 
 
 # The append script.  ARGV: prefix, maxlen, ttl, n, then n times
-# (channel, idempotency key or "", body: a JSON object).  Returns 5 values per
+# (channel, idempotency key or "", body: a JSON object, the channel's maxlen
+# and ttl: its [[channels]] rule's, else the two defaults).  Returns 5 values per
 # draft: offset, duplicate (0/1), channel, stored body ("" unless duplicate),
 # seq (0 for a duplicate: its body has it).  The stored and published body is
 # the given one with "seq" first.
@@ -112,7 +115,8 @@ local out = {}
 local i = 5
 for k = 1, n do
   local ch, dkey, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  i = i + 3
+  maxlen, ttl = ARGV[i + 3], tonumber(ARGV[i + 4])
+  i = i + 5
   local prior = false
   if dkey ~= '' then
     prior = redis.call('GET', dkey)
@@ -274,7 +278,33 @@ class _Script:
         return d.addErrback(noscript)
 
 
+# Raise counters that are below what a node handed out (after a failover to
+# a replica that lacked the newest writes).  ARGV: prefix, the least gseq,
+# then channel, least offset pairs.  Never lowers.  Returns ch, old value, ...
+# for each counter raised.
+_RAISE = """
+local p = ARGV[1]
+local out = {}
+local g = tonumber(redis.call('GET', p .. ':gseq') or '0')
+if g < tonumber(ARGV[2]) then
+  redis.call('SET', p .. ':gseq', ARGV[2])
+end
+for i = 3, #ARGV - 1, 2 do
+  local ch, least = ARGV[i], tonumber(ARGV[i + 1])
+  local cur = tonumber(redis.call('GET', p .. ':seq:' .. ch) or '0')
+  if cur < least then
+    redis.call('SET', p .. ':seq:' .. ch, ARGV[i + 1])
+    redis.call('SADD', p .. ':channels', ch)
+    out[#out + 1] = ch
+    out[#out + 1] = cur
+  end
+end
+return out
+"""
+
+
 APPEND = _Script(_APPEND)
+RAISE = _Script(_RAISE)
 SNAPSHOT = _Script(_SNAPSHOT)
 CHANNELS = _Script(_CHANNELS)
 COUNTS = _Script(_COUNTS)
@@ -373,7 +403,7 @@ class _Factory(protocol.Factory):
         url = link.url
         p = link.protocol_class(
             charset="utf-8",
-            replyTimeout=REPLY_TIMEOUT,
+            replyTimeout=link.reply_timeout,
             password=url.password,
             dbid=url.db or None,
             convertNumbers=False,
@@ -398,14 +428,19 @@ class _Link:
     """
     One connection to Redis kept up by a L{ClientService}: reconnects with
     L{backoff}, calls C{on_up(protocol)} once the connection is usable (after
-    AUTH/SELECT) and C{on_down(reason)} when it is lost.
+    AUTH/SELECT, and, behind Sentinel, once C{ROLE} says it reached the
+    primary) and C{on_down(reason)} when it is lost.
+
+    @ivar addr: the (host, port) of the server the link is connected to.
     """
 
     log = Logger()
 
     def __init__(self, reactor: Reactor, url: RedisURL, name: str, protocol_class: type,
                  on_up: Callable[[Any], None], on_down: Callable[[str], None],
-                 on_message: Callable[[str, str], None] | None = None) -> None:
+                 on_message: Callable[[str, str], None] | None = None,
+                 endpoint: IStreamClientEndpoint | None = None, primary_only: bool = False,
+                 reply_timeout: float = REPLY_TIMEOUT) -> None:
         self.reactor = reactor
         self.url = url
         self.name = name
@@ -413,12 +448,18 @@ class _Link:
         self.on_up = on_up
         self.on_down = on_down
         self.on_message = on_message
+        self.primary_only = primary_only
+        self.reply_timeout = reply_timeout
         self.proto: Any = None
+        self.addr: tuple[str, int] | None = None
         self.error = "not connected yet"
+        self._restarting = False
+        self._stopped = False
+        self.refused = 0  # connections in a row that never became usable
         self.service = ClientService(
-            url.endpoint(reactor),
+            _ReportingEndpoint(endpoint or url.endpoint(reactor), self),
             _Factory(self),
-            retryPolicy=backoff,
+            retryPolicy=self._retry_delay,
             clock=cast(IReactorTime, reactor),
             prepareConnection=self._prepare,
         )
@@ -427,30 +468,87 @@ class _Link:
         self.service.startService()
 
     def stop(self) -> Deferred[None]:
+        self._stopped = True
         return self.service.stopService()
 
-    def _prepare(self, proxy: Any) -> Deferred[None]:
-        # ClientService hands us a proxy; whenConnected fires with the
-        # protocol itself, which is what calls lost() later.
-        d: Deferred[None] = Deferred()
+    def reconnect(self) -> None:
+        """
+        Find the server again now (a failover): drop the connection, or, while
+        waiting for the next attempt, make that attempt at once.
+        """
+        proto = self.proto
+        if proto is not None:
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+            return
+        if self._restarting or self._stopped:
+            return
+        self._restarting = True
+
+        def again(_: object) -> None:
+            self._restarting = False
+            if not self._stopped:
+                self.service.startService()
+
+        self.service.stopService().addBoth(again)
+
+    def _retry_delay(self, attempt: int) -> float:
+        # A connection that was made but never became usable (AUTH, SELECT,
+        # ROLE refused it) resets ClientService's count: ours goes on.
+        return backoff(attempt + self.refused)
+
+    def _prepare(self, proxy: Any) -> None:
+        """
+        ClientService calls this with a proxy once TCP is up; we answer at
+        once (ClientService has no transition for a connection lost while
+        it waits for us) and call L{_up} once txredisapi's AUTH/SELECT (and
+        our ROLE check) made it usable, or close it, which counts as a
+        refused attempt for the backoff.
+        """
 
         def usable(proto: Any) -> None:
-            if not d.called:
-                d.callback(proto)
+            d: Deferred[Any] = self._check_role(proto) if self.primary_only else succeed(proto)
+            d.addCallback(self._up).addErrback(self._refuse, proto)
 
-        def gone(_: object) -> None:
-            if not d.called:
-                d.errback(txredisapi.ConnectionError(self.error))
+        def gone(proto: Any) -> None:
+            if self.proto is not proto:
+                self.refused += 1
 
         proxy.whenConnected().addCallback(usable)
         proxy.whenDisconnected().addCallback(gone)
-        d.addCallback(self._up)
-        return d
+
+    def _refuse(self, f: Failure, proto: Any) -> None:
+        if not f.check(txredisapi.ConnectionError):
+            self.error = f"{self.name} connection refused: {f.getErrorMessage()}"
+        self.log.warn("redis {error}", error=self.error, log_category="RT-R01")
+        if proto.transport is not None:
+            proto.transport.loseConnection()
+
+    def _check_role(self, proto: Any) -> Deferred[Any]:
+        """Refuse a server that is not (or no longer) the primary: a stale answer, or a demoted primary."""
+        d: Deferred[Any] = maybeDeferred(proto.execute_command, "ROLE")
+
+        def role(reply: Any) -> Any:
+            kind = _s(reply[0]) if reply else "?"
+            if kind != "master":
+                self.error = f"{self.name} connection reached a {kind}, not the primary (failover in progress?)"
+                if proto.transport is not None:
+                    proto.transport.loseConnection()
+                raise txredisapi.ConnectionError(self.error)
+            return proto
+
+        return d.addCallback(role)
 
     def _up(self, proto: Any) -> None:
+        if proto.transport is None or not proto.connected:
+            return  # lost while its ROLE was asked
         self.proto = proto
         self.error = ""
-        self.log.info("redis {name} connection ready", name=self.name, log_category="RT-R02")
+        self.refused = 0
+        peer: Any = proto.transport.getPeer() if proto.transport is not None else None
+        self.addr = (peer.host, peer.port) if hasattr(peer, "port") else None
+        self.log.info("redis {name} connection ready ({addr})", name=self.name,
+                      addr="{}:{}".format(*self.addr) if self.addr else self.url.path, log_category="RT-R02")
         try:
             self.on_up(proto)
         except Exception:  # noqa: BLE001 - a bug in a callback must not kill the link
@@ -460,12 +558,69 @@ class _Link:
         if self.proto is not proto:
             return
         self.proto = None
+        self.addr = None
         self.error = f"{self.name} connection lost: {why.getErrorMessage()}"
         self.log.error("redis {error}", error=self.error, log_category="RT-R01")
         try:
             self.on_down(self.error)
         except Exception:  # noqa: BLE001 - a bug in a callback must not kill the link
             self.log.failure("redis {name} on_down", name=self.name)
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """A link's endpoint; a failed attempt (refused, no Sentinel answer) becomes the link's error."""
+
+    def __init__(self, inner: IStreamClientEndpoint, link: _Link) -> None:
+        self.inner = inner
+        self.link = link
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        def failed(f: Failure) -> Failure:
+            if self.link.proto is None:
+                self.link.error = f"{self.link.name} connection failed: {f.getErrorMessage()}"
+            return f
+
+        return self.inner.connect(protocolFactory).addErrback(failed)
+
+
+class _Waiter:
+    """
+    The C{WAIT}s of one command connection.  Redis blocks a client in
+    C{WAIT}, so at most one is in flight: requests made meanwhile share the
+    next one, sent when it returns (it covers every write sent before it).
+    Every reply on the connection is thus delayed by at most one WAIT.
+    """
+
+    def __init__(self, proto: Any, replicas: int, timeout_ms: int) -> None:
+        self.proto = proto
+        self.args = ("WAIT", str(replicas), str(timeout_ms))
+        self.in_flight = False
+        self.next: list[Deferred[int]] = []
+
+    def request(self) -> Deferred[int]:
+        """The number of replicas that have every write this connection sent before now."""
+        d: Deferred[int] = Deferred()
+        self.next.append(d)
+        if not self.in_flight:
+            self._send()
+        return d
+
+    def _send(self) -> None:
+        group, self.next = self.next, []
+        self.in_flight = True
+
+        def done(result: Any) -> None:
+            self.in_flight = False
+            for d in group:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(int(result))
+            if self.next:
+                self._send()
+
+        maybeDeferred(self.proto.execute_command, *self.args).addBoth(done)
 
 
 def _encode_body(draft: Draft, eid: str, stamp: str) -> str:
@@ -539,9 +694,16 @@ class RedisBroker(IndexedBroker):
         self.stats = stats
         self.prefix = config.broker.prefix
         self.node_id = node_id or new_id()[:16]
-        self.url = parse_url(config.broker.effective_url)
+        broker = config.broker
+        self.url = parse_url(broker.effective_url)
+        if self.url.password is None and broker.password:
+            self.url.password = broker.password
+        self.min_replicas = broker.min_replicas
+        self.replica_timeout_ms = broker.replica_timeout_ms
+        self._seq_seen = 0  # the highest seq delivered or acknowledged by this node
         self.maxlen = config.journal.max_events_per_channel
         self.ttl = max(1, int(config.journal.retention_seconds))
+        self._limit_cache: dict[str, tuple[str, str]] = {}
         self.live_last: dict[str, int] = {}
         self._floors: OrderedDict[int, dict[str, int]] = OrderedDict()
         self._epoch: str | None = None
@@ -558,9 +720,20 @@ class RedisBroker(IndexedBroker):
         self._waiters: list[Deferred[None]] = []
         self._stopped = False
         self._ev_channel = self._key("ev")
-        self.cmd = _Link(reactor, self.url, "command", _CommandProtocol, self._cmd_up, self._cmd_down)
+        endpoint: IStreamClientEndpoint | None = None
+        self.sentinel: SentinelLocator | None = None
+        self._watcher: SentinelWatcher | None = None
+        if broker.sentinels:
+            self.sentinel = SentinelLocator(reactor, [parse_hostport(h) for h in broker.sentinels],
+                                            broker.sentinel_master, broker.password or None)
+            endpoint = SentinelEndpoint(self.sentinel)
+            self._watcher = SentinelWatcher(self.sentinel, self._check_primary, backoff)
+        # Replies queue behind a WAIT (at most one per connection, see _Waiter).
+        reply_timeout = REPLY_TIMEOUT + (broker.replica_timeout_ms / 1000.0 if broker.min_replicas else 0.0)
+        self.cmd = _Link(reactor, self.url, "command", _CommandProtocol, self._cmd_up, self._cmd_down,
+                         endpoint=endpoint, primary_only=endpoint is not None, reply_timeout=reply_timeout)
         self.sub = _Link(reactor, self.url, "pubsub", _SubProtocol, self._sub_up, self._sub_down,
-                         on_message=self._on_pubsub)
+                         on_message=self._on_pubsub, endpoint=endpoint, primary_only=endpoint is not None)
         self._counts_loop = LoopingCall(self._tick)
         self._counts_loop.clock = cast(IReactorTime, reactor)
 
@@ -575,6 +748,8 @@ class RedisBroker(IndexedBroker):
         """Connect; fires when ready, or after L{START_WAIT} seconds regardless."""
         self.cmd.start()
         self.sub.start()
+        if self._watcher is not None:
+            self._watcher.start()
         self._counts_loop.start(COUNTS_INTERVAL, now=False).addErrback(
             lambda f: self.log.failure("redis counts loop stopped", f)
         )
@@ -614,7 +789,10 @@ class RedisBroker(IndexedBroker):
             d = succeed(None)
 
         def close(_: object) -> Deferred[Any]:
-            return gatherResults([self.cmd.stop(), self.sub.stop()], consumeErrors=True)
+            links = [self.cmd.stop(), self.sub.stop()]
+            if self._watcher is not None:
+                links.append(self._watcher.stop())
+            return gatherResults(links, consumeErrors=True)
 
         d.addCallback(close)
         d.addErrback(lambda f: None)
@@ -653,6 +831,23 @@ class RedisBroker(IndexedBroker):
 
     def _cmd_down(self, why: str) -> None:
         pass
+
+    def _check_primary(self) -> None:
+        """
+        Sentinel announced a failover (or the watch reconnected): ask for
+        the primary and move every link that is elsewhere.
+        """
+        if self.sentinel is None or self._stopped:
+            return
+
+        def found(addr: tuple[str, int]) -> None:
+            for link in (self.cmd, self.sub):
+                if link.addr != addr:
+                    link.reconnect()
+
+        self.sentinel.primary().addCallback(found).addErrback(
+            lambda f: self.log.warn("sentinel: {e}", e=f.getErrorMessage(), log_category="RT-S03")
+        )
 
     def _sub_up(self, proto: Any) -> None:
         if self._subscribing or (not self._baselined and self.cmd.proto is None):
@@ -772,6 +967,8 @@ class RedisBroker(IndexedBroker):
         except (ValueError, KeyError, TypeError):
             self.log.warn("redis: undecodable event {channel}#{offset}", channel=channel, offset=offset)
             return
+        if event.seq > self._seq_seen:
+            self._seq_seen = event.seq
         self.fanout(event)
 
     async def _fill(self, channel: str, after: int, upto: int) -> None:
@@ -809,13 +1006,12 @@ class RedisBroker(IndexedBroker):
             self._sync_again = False
             self._need_sync = False
             snapshot = await self._snapshot()
+            behind = {ch: self.live_last[ch] for ch, last in snapshot.items() if last < self.live_last.get(ch, 0)}
+            if behind:
+                await self._raise(behind, snapshot)
             for ch, last in snapshot.items():
                 # A channel never seen was created after the baseline.
                 prev = self.live_last.get(ch, 0)
-                if last < prev:
-                    self.log.warn("redis: {channel} went back from {prev} to {last} (Redis lost data?)",
-                                  channel=ch, prev=prev, last=last, log_category="RT-R05")
-                    prev = last
                 self.live_last[ch] = prev
                 if last > prev and self._has_listeners(ch):
                     await self._fill(ch, prev, last)
@@ -828,6 +1024,27 @@ class RedisBroker(IndexedBroker):
         self._busy = False
         self.log.info("redis: live feed in sync ({n} channels)", n=len(self.live_last), log_category="RT-R06")
         self._drain()
+
+    async def _raise(self, behind: dict[str, int], snapshot: dict[str, int]) -> None:
+        """
+        The primary's history is behind what this node delivered (a
+        failover to a replica that lacked the newest writes, or an older
+        AOF): raise its counters to the offsets (and the seq) this node
+        handed out, so that none is given to another event.  The lost ones
+        stay a hole in the history; subscribers, live or resuming, miss
+        nothing that comes after.
+        """
+        args = [self.prefix, str(self._seq_seen)]
+        for ch, prev in behind.items():
+            args += [ch, str(prev)]
+        raised = await self._script(RAISE, args)
+        for ch, was in _pairs(raised or []):
+            self.log.warn(
+                "redis: {channel} went back from {prev} to {last} (a failover lost writes?); its counter is"
+                " raised back to {prev}", channel=ch, prev=behind[ch], last=int(_s(was)), log_category="RT-R05",
+            )
+        for ch, prev in behind.items():
+            snapshot[ch] = max(snapshot[ch], prev)
 
     def _sync_failed(self, f: Failure) -> None:
         self._sync_running = False
@@ -855,14 +1072,54 @@ class RedisBroker(IndexedBroker):
             proto = self._proto()
         except JournalUnavailable as e:
             return fail(e)
-        return maybeDeferred(proto.execute_command, *args).addErrback(_unavailable)
+        return maybeDeferred(proto.execute_command, *args).addErrback(self._failed, proto)
 
     def _script(self, script: _Script, args: Sequence[Any]) -> Deferred[Any]:
         try:
             proto = self._proto()
         except JournalUnavailable as e:
             return fail(e)
-        return script.run(proto, args).addErrback(_unavailable)
+        return script.run(proto, args).addErrback(self._failed, proto)
+
+    def _failed(self, f: Failure, proto: Any) -> Failure:
+        """
+        A command failed: L{JournalUnavailable}.  C{READONLY} means the
+        primary was demoted under us (a failover): the link finds the new one.
+        """
+        if isinstance(f.value, txredisapi.ResponseError) and str(f.value).startswith("READONLY"):
+            if self.cmd.proto is proto:
+                self.log.warn("redis: the command connection reached a replica; finding the primary again",
+                              log_category="RT-R09")
+                self.cmd.reconnect()
+        return _unavailable(f)
+
+    def _confirm(self, flat: list[Any], proto: Any, duplicate: bool) -> Deferred[list[Any]]:
+        """
+        C{WAIT} until L{min_replicas} replicas have this connection's
+        writes, then answer C{flat}; fewer: L{JournalUnavailable}.  A
+        batch with a duplicate first writes a marker, so that the WAIT also
+        covers the first attempt's write (made on any connection before).
+        """
+        if self.cmd.proto is not proto:
+            return fail(JournalUnavailable("redis: the connection was lost before the write was confirmed"))
+        if duplicate:
+            maybeDeferred(proto.execute_command, "INCR", self._key("wait")).addErrback(lambda f: None)
+        waiter: _Waiter | None = getattr(proto, "rt_waiter", None)
+        if waiter is None:
+            waiter = proto.rt_waiter = _Waiter(proto, self.min_replicas, self.replica_timeout_ms)
+        n, t = self.min_replicas, self.replica_timeout_ms
+
+        def counted(acks: int) -> list[Any]:
+            if acks < n:
+                self.log.warn("redis: {acks} of {n} replicas confirmed a write within {t} ms",
+                              acks=acks, n=n, t=t, log_category="RT-R08")
+                raise JournalUnavailable(
+                    f"redis: only {acks} of {n} replicas confirmed the write within {t} ms"
+                    " (retry with the same id)"
+                )
+            return flat
+
+        return waiter.request().addErrback(_unavailable).addCallback(counted)
 
     def command(self, *args: Any) -> Deferred[Any]:
         """
@@ -910,6 +1167,7 @@ class RedisBroker(IndexedBroker):
                 )
                 self.live_last.clear()
                 self._floors.clear()
+                self._seq_seen = 0
             self._epoch = epoch
             return {ch: int(_s(v)) for ch, v in _pairs(flat[1:])}
 
@@ -940,9 +1198,17 @@ class RedisBroker(IndexedBroker):
                 eid = new_id()
                 dkey = ""
             ids.append(eid)
-            args += [draft.channel, dkey, _encode_body(draft, eid, stamp)]
+            args += [draft.channel, dkey, _encode_body(draft, eid, stamp), *self._limits(draft.channel)]
         started = time.perf_counter()
         d = self._script(APPEND, args)
+        if self.min_replicas:
+            proto = self.cmd.proto
+
+            def confirm(flat: list[Any]) -> Deferred[list[Any]]:
+                dup = any(int(flat[5 * i + 1]) for i in range(len(drafts)))
+                return self._confirm(flat, proto, dup)
+
+            d.addCallback(confirm)
 
         def appended(flat: list[Any]) -> list[Accepted]:
             out: list[Accepted] = []
@@ -958,10 +1224,13 @@ class RedisBroker(IndexedBroker):
                                       source=draft.source, type="", data=None)
                     out.append(Accepted(event, duplicate=True))
                 else:
+                    seq = int(seq)
+                    if seq > self._seq_seen:
+                        self._seq_seen = seq
                     out.append(Accepted(Event(
                         id=ids[i], channel=channel, offset=offset, time=stamp, source=draft.source,
                         type=draft.type, data=draft.data, raw=draft.raw, headers=draft.headers,
-                        seq=int(seq),
+                        seq=seq,
                     )))
             self.stats.on_commit(len(drafts), time.perf_counter() - started)
             return out
@@ -971,6 +1240,24 @@ class RedisBroker(IndexedBroker):
             return f
 
         return d.addCallbacks(appended, failed)
+
+    def _limits(self, channel: str) -> tuple[str, str]:
+        """
+        The stream MAXLEN and key TTL of C{channel}: its first matching
+        C{[[channels]]} rule's C{max_events} and C{retention_seconds} (0
+        there: the C{[journal]} values), cached per channel (bounded).
+        """
+        lim = self._limit_cache.get(channel)
+        if lim is None:
+            rule = self.config.rule(channel)
+            maxlen, ttl = self.maxlen, self.ttl
+            if rule is not None:
+                maxlen = rule.max_events or maxlen
+                ttl = max(1, rule.retention_seconds) if rule.retention_seconds else ttl
+            if len(self._limit_cache) >= 10000:
+                self._limit_cache.clear()
+            lim = self._limit_cache[channel] = (str(maxlen), str(ttl))
+        return lim
 
     def history(
         self, channel: str, after: int = 0, limit: int = 1000, *, max_bytes: int = PAGE_BYTES
