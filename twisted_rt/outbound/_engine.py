@@ -159,6 +159,7 @@ class Worker:
         self._lease_call: IDelayedCall | None = None
         self._activating = False
         self._pumping = False
+        self._caught_up = False
         self._logged: dict[str, tuple[float, int]] = {}
 
     # -- lifecycle ---------------------------------------------------------
@@ -205,6 +206,7 @@ class Worker:
                     paused=f" (paused: {state.reason})" if state.paused else "",
                     log_category="RT-D10",
                 )
+                self._caught_up = False
                 self._fill()
                 self._schedule_retry(self.reactor.seconds())
             finally:
@@ -300,6 +302,7 @@ class Worker:
         """A matching event was journaled (or something changed): read on."""
         if seq and seq <= self._read_upto:
             return
+        self._caught_up = False
         self._fill()
 
     def _fill(self) -> None:
@@ -326,6 +329,8 @@ class Worker:
                 self._buffer.extend(events)
                 self._read_upto = events[-1].seq
                 self._read_again = True
+            else:
+                self._caught_up = True  # read again when woken by a new event
             self._pump()
             if self._read_again:
                 self._fill()
@@ -353,7 +358,7 @@ class Worker:
                 self._attempt(delivery, fresh=True)
         finally:
             self._pumping = False
-        if len(self._buffer) < BUFFER_EVENTS // 2:
+        if len(self._buffer) < BUFFER_EVENTS // 2 and not self._caught_up:
             self._fill()
 
     def delivery_of(self, event: Event, now: float) -> Delivery:
@@ -610,6 +615,7 @@ class Worker:
         self.log.info("destination {name} resumed", name=self.name, log_category="RT-D12")
         if self.active:
             self._save()
+            self._caught_up = False
             self._fill()
             self._pump()
             self._schedule_retry(self.reactor.seconds())
