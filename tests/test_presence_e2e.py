@@ -208,9 +208,9 @@ def test_rules_trim_and_resume_tells_the_truth(make_daemon: Callable[..., Daemon
         d.publish("short.a", {"i": i})
         d.publish("long.a", {"i": i})
     wait_for(lambda: len(d.get("/api/channels/short.a/history", headers=ADMIN)[1]["events"]) == 3)
-    status, body = d.get("/api/channels/short.a/history?since=2", headers=ADMIN)
+    _, body = d.get("/api/channels/short.a/history?since=2", headers=ADMIN)
     assert [e["offset"] for e in body["events"]] == [8, 9, 10] and body["truncated"] is True
-    status, body = d.get("/api/channels/short.a/history?since=8", headers=ADMIN)
+    _status, body = d.get("/api/channels/short.a/history?since=8", headers=ADMIN)
     assert "truncated" not in body
     assert len(d.get("/api/channels/long.a/history", headers=ADMIN)[1]["events"]) == 10
     c = Client(d, API_KEY)

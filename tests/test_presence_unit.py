@@ -57,7 +57,7 @@ def members(p: ClusterPresence, channel: str) -> list[Any]:
 
 def test_tabs_are_one_member() -> None:
     """Three tabs of one user are one member: one join at the first, one leave at the last."""
-    clock, store, [a] = cluster(1)
+    _clock, _store, [a] = cluster(1)
     w = Watcher()
     a.watch("chat.1", w)
     tabs = [object(), object(), object()]
@@ -76,7 +76,7 @@ def test_tabs_are_one_member() -> None:
 
 def test_user_on_two_nodes_joins_and_leaves_once() -> None:
     """A user with a tab on each of two nodes joins once and leaves once, seen on both nodes."""
-    clock, store, [a, b] = cluster(2)
+    _clock, _store, [a, b] = cluster(2)
     wa, wb = Watcher(), Watcher()
     a.watch("c", wa)
     b.watch("c", wb)
@@ -95,7 +95,7 @@ def test_user_on_two_nodes_joins_and_leaves_once() -> None:
 
 def test_dead_node_members_leave_after_timeout() -> None:
     """A node that stops beating (kill -9) has its members reaped by another node within timeout + heartbeat."""
-    clock, store, [a, b] = cluster(2)
+    clock, _store, [a, b] = cluster(2)
     w = Watcher()
     a.watch("c", w)
     b.add("c", "carol", {"x": 1}, object())
@@ -115,7 +115,7 @@ def test_dead_node_members_leave_after_timeout() -> None:
 
 def test_unwatch_and_unknown_removes() -> None:
     """An unwatched watcher hears nothing; removing an unknown connection or channel changes nothing."""
-    clock, store, [a] = cluster(1)
+    _clock, _store, [a] = cluster(1)
     w = Watcher()
     a.watch("c", w)
     a.unwatch("c", w)
@@ -140,7 +140,7 @@ def test_resync_after_store_lost_data() -> None:
 
 def test_stop_makes_members_leave() -> None:
     """A node that stops (daemon shutdown) has its members leave on every node."""
-    clock, store, [a, b] = cluster(2)
+    _clock, _store, [a, b] = cluster(2)
     w = Watcher()
     b.watch("c", w)
     a.add("c", "frank", None, object())
@@ -152,7 +152,7 @@ def test_stop_makes_members_leave() -> None:
 
 def test_malformed_presence_message_ignored() -> None:
     """A presence control message that is not a join/leave is ignored, not fatal."""
-    clock, store, [a] = cluster(1)
+    _clock, _store, [a] = cluster(1)
     w = Watcher()
     a.watch("c", w)
     a.broker.broadcast("presence", {"op": "dance", "channel": "c", "user": "u"})
