@@ -72,7 +72,7 @@ def make(**dest: Any) -> tuple[Outbound, MemoryBroker, MemoryDeliveries, FakeSen
 
 def test_every_matching_event_is_sent_once_and_the_position_moves() -> None:
     """Matching events are sent in seq order, others not; the saved position passes them once answered."""
-    ob, broker, store, sender, clock = make()
+    _ob, broker, store, sender, _clock = make()
     broker.commit("o.1", {"n": 1})
     broker.commit("x.1", {"n": 2})
     e3 = broker.commit("o.2", {"n": 3})
@@ -85,7 +85,7 @@ def test_every_matching_event_is_sent_once_and_the_position_moves() -> None:
 
 def test_max_in_flight_bounds_concurrent_requests() -> None:
     """No more than max_in_flight requests are open at once; answering one starts the next."""
-    ob, broker, store, sender, clock = make(max_in_flight=3)
+    _ob, broker, _store, sender, _clock = make(max_in_flight=3)
     for i in range(10):
         broker.commit("o.a", i)
     assert len(sender.open()) == 3
@@ -116,7 +116,7 @@ def test_failed_event_does_not_block_the_others_and_is_retried_with_backoff() ->
 
 def test_retry_after_is_honoured() -> None:
     """A Retry-After in a failed answer sets the next attempt's time instead of the schedule."""
-    ob, broker, store, sender, clock = make()
+    _ob, broker, store, sender, clock = make()
     broker.commit("o.a", 1)
     sender.answer_all(Outcome("status", 429, "HTTP 429", retry_after="120"))
     (row,) = store.queues["b"].values()
@@ -152,7 +152,7 @@ def test_dead_letter_after_max_attempts_then_retry_revives_it() -> None:
 
 def test_backoff_schedule_grows_then_stays_at_two_hours() -> None:
     """Successive retries wait about 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, then 2 h each."""
-    ob, broker, store, sender, clock = make(max_attempts=20)
+    _ob, broker, store, sender, clock = make(max_attempts=20)
     broker.commit("o.a", 1)
     waits = []
     for _ in range(9):
@@ -189,7 +189,7 @@ def test_continuous_failure_pauses_the_destination() -> None:
 
 def test_api_pause_stops_new_sends() -> None:
     """A paused destination sends nothing new; its position stays until resumed."""
-    ob, broker, store, sender, clock = make()
+    ob, broker, _store, sender, _clock = make()
     _result(Deferred.fromCoroutine(ob.set_paused("b", True)))
     broker.commit("o.a", 1)
     assert sender.calls == []
@@ -201,7 +201,7 @@ def test_event_format_headers_and_signature() -> None:
     """format=event: JSON of the event, webhook-id = event id, timestamp, v1 signature, the extra headers."""
     from standardwebhooks.webhooks import Webhook
 
-    ob, broker, store, sender, clock = make(headers=(("X-Env", "prod"),))
+    _ob, broker, _store, sender, _clock = make(headers=(("X-Env", "prod"),))
     e = broker.commit("o.a", {"k": "v"})
     body, headers, _ = sender.calls[0]
     h = dict(headers)
@@ -216,13 +216,13 @@ def test_event_format_headers_and_signature() -> None:
 
 def test_raw_format_forwards_the_original_request_without_secret_headers() -> None:
     """format=raw: the body bytes and headers as received, minus secret ones and the source's redact_headers."""
-    ob, broker, store, sender, clock = make(format="raw")
+    _ob, broker, _store, sender, _clock = make(format="raw")
     raw = b'{"zen":"hi"}'
     hdrs = {"X-GitHub-Event": "ping", "X-Hub-Signature-256": "sha256=ab", "Authorization": "x", "X-Api-Key": "k",
             "Content-Type": "application/json", "Content-Length": "12"}
     broker.commit("o.gh", {"zen": "hi"}, source="gh", raw=raw, headers=hdrs)
     broker.commit("o.api", {"n": 1})  # no raw body: sent as format=event
-    (b1, h1, _), (b2, h2, _) = sender.calls
+    (b1, h1, _), (_b2, h2, _) = sender.calls
     assert b1 == raw
     names = {k.lower() for k, _ in h1}
     assert names == {"x-github-event", "x-hub-signature-256", "content-type"}
@@ -232,7 +232,7 @@ def test_raw_format_forwards_the_original_request_without_secret_headers() -> No
 
 def test_enqueue_delivers_exact_bytes_with_retries() -> None:
     """enqueue: an ad-hoc payload is sent with exactly its headers (no signature), retried like events."""
-    ob, broker, store, sender, clock = make(channels=())
+    ob, _broker, store, sender, clock = make(channels=())
     d = ob.enqueue("b", b"payload", [("X-Pusher-Key", "k")], "adhoc-1")
     assert d.called
     clock.advance(0.1)
@@ -273,7 +273,7 @@ def test_restart_resumes_from_the_saved_position() -> None:
 
 def test_describe_lists_counters() -> None:
     """The API list shows state and counters of every destination."""
-    ob, broker, store, sender, clock = make()
+    ob, broker, _store, sender, _clock = make()
     broker.commit("o.a", 1)
     sender.answer_all(OK)
     (row,) = _result(Deferred.fromCoroutine(ob.describe()))
@@ -283,7 +283,7 @@ def test_describe_lists_counters() -> None:
 
 def test_replay_queues_journaled_events_after_offsets() -> None:
     """replay re-sends the events after the given offsets of matching channels."""
-    ob, broker, store, sender, clock = make()
+    ob, broker, _store, sender, clock = make()
     for i in range(4):
         broker.commit("o.a", i)
     sender.answer_all(OK)
