@@ -456,6 +456,7 @@ class _Link:
         self._restarting = False
         self._stopped = False
         self.refused = 0  # connections in a row that never became usable
+        self.attempting = False  # an attempt is under way (asking Sentinel, connecting, AUTH, ROLE)
         self.service = ClientService(
             _ReportingEndpoint(endpoint or url.endpoint(reactor), self),
             _Factory(self),
@@ -481,8 +482,8 @@ class _Link:
             if proto.transport is not None:
                 proto.transport.loseConnection()
             return
-        if self._restarting or self._stopped:
-            return
+        if self._restarting or self._stopped or self.attempting:
+            return  # an attempt under way asks again anyway
         self._restarting = True
 
         def again(_: object) -> None:
@@ -513,6 +514,7 @@ class _Link:
         def gone(proto: Any) -> None:
             if self.proto is not proto:
                 self.refused += 1
+                self.attempting = False
 
         proxy.whenConnected().addCallback(usable)
         proxy.whenDisconnected().addCallback(gone)
@@ -545,6 +547,7 @@ class _Link:
         self.proto = proto
         self.error = ""
         self.refused = 0
+        self.attempting = False
         peer: Any = proto.transport.getPeer() if proto.transport is not None else None
         self.addr = (peer.host, peer.port) if hasattr(peer, "port") else None
         self.log.info("redis {name} connection ready ({addr})", name=self.name,
@@ -576,7 +579,10 @@ class _ReportingEndpoint:
         self.link = link
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        self.link.attempting = True
+
         def failed(f: Failure) -> Failure:
+            self.link.attempting = False
             if self.link.proto is None:
                 self.link.error = f"{self.link.name} connection failed: {f.getErrorMessage()}"
             return f
