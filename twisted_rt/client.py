@@ -218,6 +218,7 @@ class Subscription:
         on_error: Callable[[dict[str, Any]], Any] | None = None,
         on_state: Callable[[str], Any] | None = None,
         start_at_end: bool = True,
+        on_presence: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -235,6 +236,11 @@ class Subscription:
         self.max_delay = max_delay
         self.on_error = on_error
         self.on_state = on_state
+        #: called with each C{join} and C{leave} message of a presence channel subscribed to
+        self.on_presence = on_presence
+        #: per pattern resubscribed with C{since}: whether the server still had every event after it
+        self.recovered: dict[str, bool] = {}
+        self._presence_calls: dict[str, Deferred[list[dict[str, Any]]]] = {}
         self.start_at_end = start_at_end and since is None
         self.offsets: dict[str, int] = {}
         self.state = "waiting"
@@ -295,6 +301,23 @@ class Subscription:
         elif proto.transport is not None:
             proto.transport.loseConnection()  # still in the opening handshake
         return self._stopped
+
+    def presence(self, channel: str) -> Deferred[list[dict[str, Any]]]:
+        """
+        The members of a presence channel (C{op: presence}); fails with
+        L{ValueError} when the server answers an error (C{presence_off},
+        C{forbidden}) and with L{ConnectionError} while not connected.
+        """
+        proto = self._proto
+        if proto is None or proto.state != proto.STATE_OPEN:
+            d: Deferred[list[dict[str, Any]]] = Deferred()
+            d.errback(ConnectionError("not connected"))
+            return d
+        self._ref += 1
+        ref = f"p{self._ref}"
+        d = self._presence_calls[ref] = Deferred()
+        proto.sendMessage(json.dumps({"op": "presence", "channel": channel, "ref": ref}).encode())
+        return d
 
     def since_for(self, pattern: str) -> int | dict[str, int] | None:
         """The C{since} to send for C{pattern} now (offsets seen, else the initial one)."""
@@ -387,6 +410,15 @@ class Subscription:
     def _lost(self, proto: _Protocol) -> None:
         if self._proto is proto:
             self._proto = None
+        calls, self._presence_calls = self._presence_calls, {}
+        for d in calls.values():
+            d.errback(ConnectionError("the connection was lost"))
+        if self.last_close is not None and self.last_close[0] == 4003 and self._stopped is None:
+            # disconnected by the operator: do not come back with the same token
+            self.log.warn("disconnected by the server's operator (close 4003); not reconnecting")
+            self._stopped = succeed(None)
+            self._set_state("stopped")
+            return
         if self._stopped is not None:
             if not self._stopped.called:
                 self._stopped.callback(None)
@@ -411,6 +443,22 @@ class Subscription:
                 self.callback(event)
             except Exception:  # noqa: BLE001 - a user callback must not break the client
                 self.log.failure("the event callback failed on {channel}#{offset}", channel=channel, offset=offset)
+        elif op in ("join", "leave"):
+            if self.on_presence is not None:
+                try:
+                    self.on_presence(msg)
+                except Exception:  # noqa: BLE001 - a user callback must not break the client
+                    self.log.failure("the presence callback failed")
+        elif op == "subscribed":
+            if isinstance(msg.get("recovered"), bool) and isinstance(msg.get("channel"), str):
+                self.recovered[msg["channel"]] = msg["recovered"]
+                if not msg["recovered"]:
+                    self.log.warn("events of {channel} after the last one seen were already trimmed"
+                                  " (recovered: false)", channel=msg["channel"])
+        elif op == "presence" and msg.get("ref") in self._presence_calls:
+            self._presence_calls.pop(msg["ref"]).callback(list(msg.get("members") or []))
+        elif op == "error" and msg.get("ref") in self._presence_calls:
+            self._presence_calls.pop(msg["ref"]).errback(ValueError(f"{msg.get('code')}: {msg.get('message')}"))
         elif op == "error":
             if self.on_error is not None:
                 self.on_error(msg)
@@ -696,6 +744,16 @@ def tail_main(args: Any) -> int:
         d.addErrback(lambda f: log.failure("forwarding failed", f))
         d.addBoth(lambda _: counted())
 
+    def on_presence(msg: dict[str, Any]) -> None:
+        # one line per join or leave, beside the events (JSON when not on a terminal)
+        if pretty:
+            who = msg.get("user")
+            extra = f" {json.dumps(msg['info'], ensure_ascii=False)}" if msg.get("info") is not None else ""
+            sys.stdout.write(f"{msg.get('op')} {msg.get('channel')} {who}{extra}\n")
+        else:
+            sys.stdout.write(json.dumps(msg, separators=(",", ":"), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
     def on_error(msg: dict[str, Any]) -> None:
         print(f"twisted-rt tail: {msg.get('code')}: {msg.get('message')}", file=sys.stderr)
         if msg.get("code") in ("forbidden", "invalid_channel", "bad_request", "too_many_subscriptions"):
@@ -706,6 +764,10 @@ def tail_main(args: Any) -> int:
     def on_state(state: str) -> None:
         if state == "waiting" and sub is not None and sub.last_close and sub.last_close[0] == 4001:
             print("twisted-rt tail: the token has expired (close 4001); get a new one", file=sys.stderr, flush=True)
+            finish(1)
+            return
+        if state == "stopped" and sub is not None and sub.last_close and sub.last_close[0] == 4003:
+            print("twisted-rt tail: disconnected by the server's operator (close 4003)", file=sys.stderr, flush=True)
             finish(1)
             return
         if state == "waiting" and sub is not None and sub.last_refusal == 401:
@@ -730,6 +792,7 @@ def tail_main(args: Any) -> int:
             reactor=reactor,
             on_error=on_error,
             on_state=on_state,
+            on_presence=on_presence,
             max_delay=10.0,
         )
 
