@@ -202,6 +202,8 @@ def _failure_outcome(f: Failure, timeout: float) -> Outcome:
         return Outcome("timeout", message=f"no answer within {timeout:g} s")
     reasons = getattr(f.value, "reasons", None)
     inner = reasons[0] if reasons else f
+    if inner.check(TimeoutError, CancelledError):  # cancelled by the timeout inside the client (ResponseNeverReceived)
+        return Outcome("timeout", message=f"no answer within {timeout:g} s")
     if inner.check(ierror.ConnectionRefusedError, ierror.DNSLookupError, ierror.NoRouteError, ierror.TCPTimedOutError,
                    ierror.ConnectError):
         return Outcome("refused", message=f"cannot connect: {inner.getErrorMessage()}")
