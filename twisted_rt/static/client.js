@@ -19,6 +19,15 @@
  *
  * `token` may be a string or a function returning one (called at every
  * connection, e.g. to refresh an expiring JWT).  No dependencies.
+ *
+ * Presence (channels with a `presence = true` rule):
+ *     rt.onJoin = (m) => console.log(m.user, "joined", m.channel, m.info);
+ *     rt.onLeave = (m) => console.log(m.user, "left", m.channel);
+ *     rt.presence("chat.room1").then((members) => ...);   // [{user, info?}]
+ * `rt.recovered[pattern]` is false after a resume whose missed events were
+ * partly trimmed already (the replay then started at the oldest kept one).
+ * A connection closed with 4003 (the operator disconnected this user) is not
+ * reopened.
  */
 (function (global) {
   "use strict";
@@ -65,6 +74,9 @@
       this.onStatus = null;
       this.onError = null;
       this.onReply = null;
+      this.onJoin = null;
+      this.onLeave = null;
+      this.recovered = {};      // pattern -> false when a resume missed trimmed events
       this.state = "closed";
       this.ws = null;
       this._attempt = 0;
@@ -125,6 +137,11 @@
 
     ping() {
       return this._request({op: "ping"});
+    }
+
+    /* The members of a presence channel: resolves with [{user, info?}]. */
+    presence(channel) {
+      return this._request({op: "presence", channel: channel}).then((m) => m.members || []);
     }
 
     /* The `since` to send for `pattern` now: the offsets seen so far. */
@@ -194,6 +211,7 @@
         this._stopPing();
         for (const p of this._pending.values()) p.reject(new Error("connection closed"));
         this._pending.clear();
+        if (c.code === 4003) this._stopped = true;  // disconnected by the operator: do not come back
         this._retry(c);
       };
       ws.onerror = () => { /* onclose follows */ };
@@ -251,6 +269,16 @@
           try { this.onEvent(msg); } catch (e) { console.error(e); }
         }
         return;
+      }
+      if (msg.op === "join" || msg.op === "leave") {
+        const cb = msg.op === "join" ? this.onJoin : this.onLeave;
+        if (cb) {
+          try { cb(msg); } catch (e) { console.error(e); }
+        }
+        return;
+      }
+      if (msg.op === "subscribed" && typeof msg.recovered === "boolean") {
+        this.recovered[msg.channel] = msg.recovered;
       }
       if (msg.ref !== undefined && this._pending.has(msg.ref)) {
         const p = this._pending.get(msg.ref);

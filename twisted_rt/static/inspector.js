@@ -65,9 +65,73 @@
   };
   client.onReply = (msg) => {
     if (msg.op === "subscribed") {
-      if (msg.channel === tailing) $("tail-error").hidden = true;
+      if (msg.channel === tailing) {
+        $("tail-error").hidden = true;
+        loadPresence(msg.channel);
+      }
       refreshChannels();  // the subscriber counts changed
     }
+  };
+
+  // -- presence (members of the tailed channel, live) -------------------------
+
+  let members = new Map();      // user -> info of the tailed presence channel
+  let presenceChannel = null;
+
+  function renderPresence() {
+    const list = $("presence");
+    list.textContent = "";
+    for (const [user, info] of [...members.entries()].sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0))) {
+      const li = document.createElement("li");
+      li.dataset.user = user;
+      const name = document.createElement("span");
+      name.className = "user";
+      name.textContent = user;
+      li.appendChild(name);
+      if (info) {
+        const extra = document.createElement("code");
+        extra.textContent = JSON.stringify(info);
+        li.appendChild(extra);
+      }
+      list.appendChild(li);
+    }
+    $("presence-count").textContent = presenceChannel ? members.size + " member" + (members.size === 1 ? "" : "s") : "";
+  }
+
+  function clearPresence(note) {
+    presenceChannel = null;
+    members = new Map();
+    renderPresence();
+    $("presence-note").textContent = note;
+  }
+
+  async function loadPresence(channel) {
+    if (TwistedRT.isWildcard(channel)) {
+      clearPresence("tail one channel (not a pattern) to see its members");
+      return;
+    }
+    let list;
+    try { list = await client.presence(channel); } catch (e) {
+      clearPresence(e.code === "presence_off" ? channel + " has no presence (no [[channels]] rule with presence = true)"
+        : "members unavailable: " + (e.message || e));
+      return;
+    }
+    if (channel !== tailing) return;
+    presenceChannel = channel;
+    members = new Map(list.map((m) => [m.user, m.info || null]));
+    $("presence-note").textContent = "members of " + channel + ", live";
+    renderPresence();
+  }
+
+  client.onJoin = (m) => {
+    if (m.channel !== presenceChannel) return;
+    members.set(m.user, m.info || null);
+    renderPresence();
+  };
+  client.onLeave = (m) => {
+    if (m.channel !== presenceChannel) return;
+    members.delete(m.user);
+    renderPresence();
   };
 
   // -- events ---------------------------------------------------------------
@@ -117,6 +181,14 @@
   }
 
   async function refreshChannels() {
+    if (!token) {
+      // nothing that needs a token is called without one (no 401 in the console)
+      $("channels-note").textContent = "With an API key or a token (above) this lists the channels it may read:"
+        + " subscribers, last offsets and presence members. Without one you can tail and read the history of"
+        + " the anonymous channels.";
+      $("channels").tBodies[0].textContent = "";
+      return null;
+    }
     let res;
     try { res = await api("GET", "/api/channels"); } catch (e) {
       $("channels-note").textContent = "the server cannot be reached";
@@ -143,6 +215,9 @@
       const last = document.createElement("td");
       last.className = "num last-offset";
       last.textContent = c.last_offset;
+      const mem = document.createElement("td");
+      mem.className = "num members";
+      mem.textContent = c.members === undefined ? "" : c.members;
       const act = document.createElement("td");
       act.className = "row";
       const tail = document.createElement("button");
@@ -156,7 +231,7 @@
       hist.textContent = "history";
       hist.onclick = () => { $("history-channel").value = c.name; $("history-since").value = ""; loadHistory(); };
       act.append(tail, hist);
-      tr.append(name, subs, last, act);
+      tr.append(name, subs, last, mem, act);
       tbody.appendChild(tr);
     }
     return channels;
@@ -169,6 +244,7 @@
     if (!pattern) return;
     if (tailing && tailing !== pattern) client.unsubscribe(tailing);
     tailing = pattern;
+    clearPresence("");
     store.set(KEY_PATTERN, pattern);
     $("tail-error").hidden = true;
     // Start from the current end of every known matching channel, so a
@@ -187,6 +263,7 @@
   function stopTail() {
     if (tailing) client.unsubscribe(tailing);
     tailing = null;
+    clearPresence("");
     store.set(KEY_PATTERN, "");
     client.close();
   }
