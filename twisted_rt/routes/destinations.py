@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from twisted_rt.app import App
@@ -26,10 +26,19 @@ from twisted_rt.core.auth import require
 from twisted_rt.core.event import loads
 from twisted_rt.core.matcher import ChannelError, validate_channel
 from twisted_rt.interfaces import AuthError
-from twisted_rt.outbound import Outbound, UnknownDestination
-from twisted_rt.web.resource import MAX_INT, JsonError, JsonResource, int_arg, is_json_media, media_type
+from twisted_rt.outbound import Outbound
+from twisted_rt.web.resource import (
+    MAX_INT,
+    JsonError,
+    JsonResource,
+    int_arg,
+    is_json_media,
+    json_page,
+    media_type,
+    no_subpath,
+)
 
-__all__ = ["MAX_DEAD_LIMIT", "MAX_IDS", "Destinations", "mount"]
+__all__ = ["MAX_DEAD_LIMIT", "MAX_IDS", "Action", "Dead", "Destinations", "mount"]
 
 #: C{limit} of the dead-letter list: default and maximum
 DEFAULT_DEAD_LIMIT = 100
@@ -42,12 +51,12 @@ def _bad(message: str, code: str = "invalid_body") -> JsonError:
     return JsonError(400, code, message)
 
 
-class Destinations(JsonResource):
-    """C{/api/destinations} and its children."""
-
-    def __init__(self, app: App) -> None:
+class _Base(JsonResource):
+    def __init__(self, app: App, name: str = "", action: str = "") -> None:
         super().__init__()
         self.app = app
+        self.name = name
+        self.action = action
 
     def _admin(self, request: Request) -> Outbound | None:
         principal = require(self.app.principal(request))
@@ -55,52 +64,71 @@ class Destinations(JsonResource):
             raise AuthError("forbidden", "the destinations API needs an API key", 403)
         return self.app.outbound
 
-    def _target(self, request: Request, action: bytes) -> tuple[Outbound, str]:
+    def _target(self, request: Request) -> Outbound:
+        no_subpath(request)
         outbound = self._admin(request)
+        if outbound is None or self.name not in outbound.workers:
+            raise JsonError(404, "unknown_destination", f"no destination is called {self.name!r}")
+        return outbound
+
+
+class Destinations(_Base):
+    """C{GET /api/destinations}; its children are C{<name>/<action>}."""
+
+    isLeaf = False
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        if path == b"" and not request.postpath:
+            return self
+        name = path.decode("utf-8", "replace")
         post = request.postpath or []
-        if len(post) != 2 or post[1] != action:
-            raise JsonError(404, "not_found", f"no route for {request.path.decode('utf-8', 'replace')}")
-        name = post[0].decode("utf-8", "replace")
-        if outbound is None or name not in outbound.workers:
-            raise JsonError(404, "unknown_destination", f"no destination is called {name!r}")
-        return outbound, name
+        action = post[0] if len(post) == 1 else b""
+        if action == b"dead":
+            request.postpath = []
+            return Dead(self.app, name)
+        if action in (b"retry", b"replay", b"pause", b"resume"):
+            request.postpath = []
+            return Action(self.app, name, action.decode("ascii"))
+        return json_page(404, "not_found", f"no route for {request.path.decode('utf-8', 'replace')}")
 
     async def handle_GET(self, request: Request) -> dict[str, Any]:
-        post = request.postpath or []
-        if not post or post == [b""]:
-            outbound = self._admin(request)
-            return {"destinations": await outbound.describe() if outbound is not None else []}
-        outbound, name = self._target(request, b"dead")
+        no_subpath(request)
+        outbound = self._admin(request)
+        return {"destinations": await outbound.describe() if outbound is not None else []}
+
+
+class Dead(_Base):
+    """C{GET /api/destinations/<name>/dead?limit=N}."""
+
+    async def handle_GET(self, request: Request) -> dict[str, Any]:
+        outbound = self._target(request)
         limit = int_arg(request, "limit", DEFAULT_DEAD_LIMIT, 1, MAX_DEAD_LIMIT)
-        return {"destination": name, "dead": await outbound.dead(name, limit)}
+        return {"destination": self.name, "dead": await outbound.dead(self.name, limit)}
+
+
+class Action(_Base):
+    """C{POST /api/destinations/<name>/(retry|replay|pause|resume)}."""
 
     async def handle_POST(self, request: Request) -> dict[str, Any]:
-        post = request.postpath or []
-        action = post[1] if len(post) == 2 else b""
-        if action not in (b"retry", b"replay", b"pause", b"resume"):
-            self._admin(request)
-            raise JsonError(404, "not_found", f"no route for {request.path.decode('utf-8', 'replace')}")
-        outbound, name = self._target(request, action)
+        outbound = self._target(request)
+        name = self.name
         body = self._body(request)
-        try:
-            if action == b"retry":
-                ids = body.get("ids")
-                if ids is not None and (
-                    not isinstance(ids, list) or len(ids) > MAX_IDS or not all(isinstance(i, str) for i in ids)
-                ):
-                    raise _bad(f"'ids' must be a list of at most {MAX_IDS} event ids")
-                _only(body, {"ids"})
-                return {"destination": name, "retried": await outbound.retry(name, ids)}
-            if action == b"replay":
-                _only(body, {"since"})
-                since = _since(body.get("since"))
-                queued, more = await outbound.replay(name, since)
-                return {"destination": name, "queued": queued, "more": more}
-            _only(body, set())
-            await outbound.set_paused(name, action == b"pause")
-            return {"destination": name, "state": "paused" if action == b"pause" else "active"}
-        except UnknownDestination:  # pragma: no cover - checked above
-            raise JsonError(404, "unknown_destination", f"no destination is called {name!r}") from None
+        if self.action == "retry":
+            ids = body.get("ids")
+            if ids is not None and (
+                not isinstance(ids, list) or len(ids) > MAX_IDS or not all(isinstance(i, str) for i in ids)
+            ):
+                raise _bad(f"'ids' must be a list of at most {MAX_IDS} event ids")
+            _only(body, {"ids"})
+            return {"destination": name, "retried": await outbound.retry(name, ids)}
+        if self.action == "replay":
+            _only(body, {"since"})
+            since = _since(body.get("since"))
+            queued, more = await outbound.replay(name, since)
+            return {"destination": name, "queued": queued, "more": more}
+        _only(body, set())
+        await outbound.set_paused(name, self.action == "pause")
+        return {"destination": name, "state": "paused" if self.action == "pause" else "active"}
 
     def _body(self, request: Request) -> dict[str, Any]:
         assert request.content is not None

@@ -154,6 +154,16 @@ def _schemas() -> dict[str, Any]:
                 "name": _ref("Channel"),
                 "subscribers": {"type": "integer", "minimum": 0},
                 "last_offset": {"type": "integer", "minimum": 0},
+                "members": {"type": "integer", "minimum": 0,
+                            "description": "Presence members, cluster-wide (presence channels only)."},
+            },
+        },
+        "Member": {
+            "type": "object",
+            "required": ["user"],
+            "properties": {
+                "user": {"type": "string", "description": "The JWT `sub`."},
+                "info": {"type": "object", "description": "The JWT `info` claim (at most 1 KiB)."},
             },
         },
         "ChannelList": {
@@ -175,6 +185,12 @@ def _schemas() -> dict[str, Any]:
                 "more": {
                     "type": "boolean",
                     "description": "More events follow: ask again with `since` = the last offset of this page.",
+                },
+                "truncated": {
+                    "type": "boolean",
+                    "const": True,
+                    "description": "Present when events after `since` were already trimmed: the page starts at "
+                    "the oldest kept event.",
                 },
             },
         },
@@ -668,6 +684,99 @@ def _paths() -> dict[str, Any]:
     }
 
 
+def _destination_paths() -> dict[str, Any]:
+    """C{/api/destinations} (issue 17: L{twisted_rt.routes.destinations}), API key only."""
+    errors = {"401": _resp("Unauthorized"), "403": _resp("Forbidden"), "404": _resp("NotFound")}
+    name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "A `[[destinations]]` name."}]
+    obj = {"type": "object"}
+    body = {"content": {"application/json": {"schema": obj}}, "required": False}
+    paths: dict[str, Any] = {
+        "/api/destinations": {
+            "get": {
+                "operationId": "destinations",
+                "summary": "Every destination with its state and counters (API key only)",
+                "tags": ["api"],
+                "security": _BEARER,
+                "responses": {"200": _json(obj, "`{destinations: [{name, url, state, pending, retrying, dead, "
+                                                "delivered, failed, last_success, last_error}]}`"), **errors},
+            }
+        },
+        "/api/destinations/{name}/dead": {
+            "parameters": name,
+            "get": {
+                "operationId": "destinationDead",
+                "summary": "Dead-lettered events with their last error, the most recent first",
+                "tags": ["api"],
+                "security": _BEARER,
+                "parameters": [{"name": "limit", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+                "responses": {"200": _json(obj, "`{destination, dead: [...]}`"), "400": _resp("BadRequest"),
+                              **errors},
+            },
+        },
+    }
+    for action, summary, answer in (
+        ("retry", "Send dead letters again: `{}` (all) or `{\"ids\": [...]}`", "`{destination, retried}`"),
+        ("replay", "Send the journaled events after `{\"since\": {channel: offset}}` again",
+         "`{destination, queued, more}`"),
+        ("pause", "Pause deliveries", "`{destination, state}`"),
+        ("resume", "Resume deliveries", "`{destination, state}`"),
+    ):
+        paths[f"/api/destinations/{{name}}/{action}"] = {
+            "parameters": name,
+            "post": {
+                "operationId": f"destination{action.title()}",
+                "summary": summary,
+                "tags": ["api"],
+                "security": _BEARER,
+                "requestBody": body,
+                "responses": {"200": _json(obj, answer), "400": _resp("BadRequest"),
+                              "415": _resp("UnsupportedMediaType"), **errors},
+            },
+        }
+    return paths
+
+
+def _presence_paths() -> dict[str, Any]:
+    """Presence members and connection control (issue 16)."""
+    errors = {"401": _resp("Unauthorized"), "403": _resp("Forbidden")}
+    members = {"type": "object", "required": ["channel", "members", "count"], "properties": {
+        "channel": _ref("Channel"), "members": {"type": "array", "items": _ref("Member")},
+        "count": {"type": "integer", "minimum": 0}}}
+    disconnected = {"type": "object", "required": ["user", "disconnected"], "properties": {
+        "user": {"type": "string"}, "disconnected": {"type": "integer", "minimum": 0,
+                                                     "description": "Connections closed on this node."}}}
+    return {
+        "/api/channels/{name}/presence": {
+            "get": {
+                "operationId": "channelPresence",
+                "summary": "The members of a presence channel, cluster-wide",
+                "description": "Needs the subscribe right; 404 `presence_off` when no `[[channels]]` rule "
+                               "with `presence = true` matches the channel.",
+                "tags": ["api"],
+                "security": _BEARER,
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": _ref("Channel")}],
+                "responses": {"200": _json(members, "The members, by user."), "400": _resp("BadRequest"),
+                              "404": _resp("NotFound"), **errors},
+            }
+        },
+        "/api/users/{user}/disconnect": {
+            "post": {
+                "operationId": "disconnectUser",
+                "summary": "Close every WebSocket (4003) and SSE stream of a user, on every node (API key only)",
+                "tags": ["api"],
+                "security": _BEARER,
+                "parameters": [{"name": "user", "in": "path", "required": True,
+                                "schema": {"type": "string", "minLength": 1, "maxLength": 1024},
+                                "description": "A JWT `sub`."}],
+                "responses": {"200": _json(disconnected, "How many connections were closed here."),
+                              "400": _resp("BadRequest"), **errors},
+            }
+        },
+    }
+
+
 def _every_route_can(paths: dict[str, Any]) -> dict[str, Any]:
     """Add what any request can be answered: 408 (slow head), 503 (connection caps), 500."""
     for item in paths.values():
@@ -700,7 +809,7 @@ def document() -> dict[str, Any]:
             {"name": "streams", "description": "Subscribers out."},
             {"name": "operations", "description": "Health, metrics, this document, the inspector."},
         ],
-        "paths": _every_route_can(_paths()),
+        "paths": _every_route_can({**_paths(), **_destination_paths(), **_presence_paths()}),
         "components": {
             "schemas": _schemas(),
             "responses": _responses(),
