@@ -393,6 +393,7 @@ async def test_broker_without_a_reachable_sentinel_is_unready_with_the_reason(to
         await b.stop()
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_switch_master_moves_both_links_and_live_delivery_continues(topology: Topology) -> None:
     """A Sentinel FAILOVER (old primary alive): +switch-master moves both links; listeners miss nothing."""
@@ -443,3 +444,51 @@ def test_sample_sentinel_topology_in_conf_is_valid() -> None:
     assert "sentinel monitor rt " in sentinel and "down-after-milliseconds rt" in sentinel
     assert "replicaof" in (root / "replica.conf").read_text()
     assert json.dumps(sorted(p.name for p in root.glob("*.conf")))
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_presence_members_and_a_destination_lease_survive_a_failover(topology: Topology) -> None:
+    """kill -9 of the primary: members are still listed (re-announced) and the lease still has one holder."""
+    from twisted_rt.store.deliveries import RedisDeliveries
+    from twisted_rt.store.presence import make_presence
+
+    topology.wait_sentinels()
+    a, b = broker_for(topology), broker_for(topology)
+    pa = make_presence(a, reactor, 0.3, 2.0)
+    pb = make_presence(b, reactor, 0.3, 2.0)
+    la, lb = RedisDeliveries(a), RedisDeliveries(b)
+    try:
+        await gatherResults([a.start(), b.start()])
+        pa.start()
+        pb.start()
+        pa.add("room", "alice", {"n": 1}, object())
+        pb.add("room", "bob", None, object())
+        deadline = time.monotonic() + 10
+        while [m["user"] for m in await pb.members("room")] != ["alice", "bob"]:
+            assert time.monotonic() < deadline
+            await _sleep(0.05)
+        assert await la.acquire("hook", a.node_id, 10) is True
+        assert await lb.acquire("hook", b.node_id, 10) is False
+        old = topology.primary
+        old.signal(signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not (a.ready and b.ready and a.cmd.addr not in (None, ("127.0.0.1", old.port))
+                   and b.cmd.addr not in (None, ("127.0.0.1", old.port))):
+            assert time.monotonic() < deadline, (a.not_ready_reason, b.not_ready_reason)
+            await _sleep(0.05)
+        while True:
+            try:
+                members = await pa.members("room")
+                if [m["user"] for m in members] == ["alice", "bob"]:
+                    break
+            except JournalUnavailable:
+                pass
+            assert time.monotonic() < deadline
+            await _sleep(0.05)
+        assert members[0].get("info") == {"n": 1}
+        assert await la.acquire("hook", a.node_id, 10) is True  # the holder renews
+        assert await lb.acquire("hook", b.node_id, 10) is False  # nobody else gets it
+    finally:
+        await gatherResults([pa.stop(), pb.stop()], consumeErrors=True).addErrback(lambda _: None)
+        await gatherResults([a.stop(), b.stop()])
