@@ -171,7 +171,7 @@ def mount(root: Resource, app: App) -> None:
     root.putChild(b"", page)
     root.putChild(b"index.html", page)
     root.putChild(b"client.js", StaticFile("client.js"))
-    root.putChild(b"static", StaticDir(["inspector.css", "inspector.js"]))
+    root.putChild(b"static", StaticDir(["inspector.css", "inspector.js", "destinations.js"]))
     api = _api_parent(root)
     if api is not None:
         api.putChild(RAW_PATH[1], RawEvent(app))
