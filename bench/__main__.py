@@ -746,10 +746,18 @@ def nchan_versions() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["destinations"]:  # python -m bench destinations: outgoing webhooks (bench/destinations.py)
+        from bench.destinations import main as destinations_main
+
+        return destinations_main(args_in[1:])
     if args_in[:1] == ["pusher"]:  # python -m bench pusher: the Pusher endpoint against /ws (bench/pusher.py)
         from bench.pusher import main as pusher_main
 
         return pusher_main(args_in[1:])
+    if args_in[:1] == ["presence"]:  # python -m bench presence: 1,000 members join and leave (bench/presence.py)
+        from bench.presence import main as presence_main
+
+        return presence_main(args_in[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
