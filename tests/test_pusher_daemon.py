@@ -366,3 +366,47 @@ def test_pusher_off_without_section(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon()
     status, _, _ = http("GET", f"{d.url}/apps/1/channels")
     assert status == 404
+
+
+def test_pusher_webhooks_through_a_destination(make_daemon: Callable[..., Daemon]) -> None:
+    """channel_occupied, member_added, client_event and channel_vacated reach the destination, Pusher-signed."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    got: list[dict[str, Any]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            hook = pusher.Pusher(app_id=APP, key=KEY, secret=SECRET).validate_webhook(
+                self.headers["X-Pusher-Key"], self.headers["X-Pusher-Signature"], body.decode())
+            got.extend(hook["events"] if hook else [{"name": "INVALID"}])
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        d = make_daemon(CONFIG.replace('client_events = true', 'client_events = true\nwebhooks = "pusher-hooks"')
+                        + f'\n[[destinations]]\nname = "pusher-hooks"\nurl = "http://127.0.0.1:{server.server_port}/"\n')
+        c = client(d)
+        a, b = PusherWS(d).connect(), PusherWS(d).connect()
+        a.subscribe("presence-hooks", **c.authenticate(channel="presence-hooks", socket_id=a.socket_id,
+                                                       custom_data={"user_id": "ann"}))
+        b.subscribe("presence-hooks", **c.authenticate(channel="presence-hooks", socket_id=b.socket_id,
+                                                       custom_data={"user_id": "ben"}))
+        a.send("client-hi", {"x": 1}, channel="presence-hooks")
+        b.expect("client-hi")
+        a.close()
+        b.close()
+        deadline = time.monotonic() + 15
+        want = {"channel_occupied", "member_added", "client_event", "member_removed", "channel_vacated"}
+        while time.monotonic() < deadline and not want <= {e["name"] for e in got}:
+            time.sleep(0.1)
+        assert want <= {e["name"] for e in got}, got
+        assert {"name": "member_added", "channel": "presence-hooks", "user_id": "ben"} in got
+    finally:
+        server.shutdown()

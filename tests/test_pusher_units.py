@@ -65,10 +65,10 @@ class _Outbound:
         self.result = result
         self.fail = fail
 
-    def enqueue(self, destination: str, body: bytes, headers: dict[str, str], id: str) -> Any:
+    def enqueue(self, destination: str, body: bytes, headers: list[tuple[str, str]], id: str) -> Any:
         if self.fail:
             raise RuntimeError("boom")
-        self.sent.append((destination, body, headers, id))
+        self.sent.append((destination, body, dict(headers), id))
         return self.result
 
 

@@ -279,7 +279,7 @@ class PusherWebhooks:
                       log_category="RT-P01")
             return
         try:
-            result = enqueue(self.destination, body, headers, new_id())
+            result = enqueue(self.destination, body, list(headers.items()), new_id())
         except Exception:  # noqa: BLE001 - a webhook must never break a subscription
             _log.failure("enqueueing a Pusher webhook", log_category="RT-P02")
             return
