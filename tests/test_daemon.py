@@ -259,6 +259,9 @@ def test_unit_redact_uri() -> None:
     assert redact_uri(b"/healthz") == "/healthz"
     assert redact_uri(b"/a?tokenizer=1&monkey=2") == "/a?tokenizer=1&monkey=2"
     assert redact_uri(b"/a?\xff=1&token=\xfe") == "/a?\ufffd=1&token=REDACTED"
+    # Pusher's HTTP API signs the query: the signature is replayable for 600 s
+    assert (redact_uri(b"/apps/1/channels?auth_key=k&auth_timestamp=1&auth_signature=ab12")
+            == "/apps/1/channels?auth_key=k&auth_timestamp=1&auth_signature=REDACTED")
 
 
 # -- process-wide policy: the entry point's, never the service's -------------

@@ -43,10 +43,13 @@ def use_json_logging(out: IO[str] | None = None) -> None:
 
 
 # Query parameters whose values are secrets: never written to a log.
-_SECRET_NAMES = frozenset({b"token", b"api_key", b"apikey", b"access_key", b"secret", b"client_secret", b"password"})
+_SECRET_NAMES = frozenset({
+    b"token", b"api_key", b"apikey", b"access_key", b"secret", b"client_secret", b"password",
+    b"auth_signature",  # Pusher's HTTP API: replayable for its 600 s window
+})
 _SECRET_SUFFIXES = (b"_token", b".token", b"-token")
 # a cheap test that a query may name one of them (or hide a name behind %XX)
-_MAYBE_SECRET = re.compile(rb"(?i)token|key|secret|password|%")
+_MAYBE_SECRET = re.compile(rb"(?i)token|key|secret|password|signature|%")
 
 
 def _secret_name(raw: bytes) -> bool:
