@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable
 
 import pytest
+import pytest_twisted
 from conftest import API_KEY, JWT_SECRET, Daemon, RedisServer
 from test_dest_support import Receiver, running_receiver
 
@@ -81,3 +82,43 @@ def test_one_node_delivers_and_the_other_takes_over(
     assert _holder([other]) == [other]
     ids: list[Any] = [json.loads(x.body)["id"] for x in receiver.delivered()]
     assert set(ids) == acked
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_store_round_trip_and_lease(redis_server: RedisServer) -> None:
+    """RedisDeliveries: state, queue rows (due, next_due, dead, revive, delete) and a lease one node holds at a time."""
+    from twisted.internet import reactor
+
+    from twisted_rt.core.config import BrokerConfig, Config
+    from twisted_rt.core.metrics import Stats
+    from twisted_rt.store.deliveries import Delivery, DestState, RedisDeliveries
+    from twisted_rt.store.redis import RedisBroker
+
+    broker = RedisBroker(Config(broker=BrokerConfig(kind="redis", url=redis_server.url)), reactor, Stats())
+    await broker.start()
+    try:
+        store = RedisDeliveries(broker)
+        await store.save("d", DestState(position=5, paused=True, reason="r"))
+        await store.put("d", [
+            Delivery(id="a", body=b"\x00a", headers=(("H", "v"),), next_at=10.0, attempts=1, channel="c", offset=2),
+            Delivery(id="b", body=b"b", headers=(), next_at=20.0),
+            Delivery(id="c", body=b"c", headers=(), next_at=3.0, dead=True, last_error="HTTP 500"),
+        ])
+        st = await store.load("d")
+        assert (st.position, st.paused, st.reason, st.retrying, st.dead) == (5, True, "r", 2, 1)
+        due = await store.due("d", 15.0, 10)
+        assert [r.id for r in due] == ["a"] and due[0].body == b"\x00a" and due[0].headers == (("H", "v"),)
+        assert await store.due("d", 15.0, 10, skip=["a"]) == []
+        assert await store.next_due("d") == 10.0
+        assert [r.id for r in await store.dead_letters("d", 10)] == ["c"]
+        assert await store.revive("d", None, 1.0) == 1
+        assert (await store.load("d")).dead == 0
+        await store.delete("d", ["a", "b", "c"])
+        assert (await store.load("d")).retrying == 0 and await store.next_due("d") is None
+        assert await store.acquire("d", "n1", 5) is True
+        assert await store.acquire("d", "n2", 5) is False
+        assert await store.acquire("d", "n1", 5) is True
+        await store.release("d", "n1")
+        assert await store.acquire("d", "n2", 5) is True
+    finally:
+        await broker.stop()
