@@ -711,8 +711,11 @@ def _destination(d: DestinationConfig, key: str) -> None:
 def _presence(p: PresenceConfig, key: str) -> None:
     if p.node_timeout_seconds <= p.heartbeat_seconds:
         raise ConfigError(f"{key}.node_timeout_seconds", "must be more than heartbeat_seconds")
-    if p.node_timeout_seconds > 30:
-        raise ConfigError(f"{key}.node_timeout_seconds", "must be at most 30 (a dead node's members leave within 30 s)")
+    if p.node_timeout_seconds + p.heartbeat_seconds > 30:
+        raise ConfigError(
+            f"{key}.node_timeout_seconds",
+            "with heartbeat_seconds must be at most 30 (a dead node's members leave within 30 s)",
+        )
 
 
 @section_check(PusherConfig)
