@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import time
 from typing import Any, Callable
 
 import pytest
@@ -138,9 +139,14 @@ def test_kill_9_during_delivery_then_every_event_is_delivered_or_dead(
         return len(ok) >= len(acked) - len(failing)
 
     receiver.wait_for(complete, timeout=30)
-    delivered = {json.loads(x.body)["id"] for x in receiver.delivered()}
-    status, body = d.get("/api/destinations/backend/dead?limit=1000", headers=AUTH)
-    assert status == 200
-    dead = {x["id"] for x in body["dead"]}
+    deadline = time.monotonic() + 20
+    while True:  # the last dead letters may still be being written
+        delivered = {json.loads(x.body)["id"] for x in receiver.delivered()}
+        status, body = d.get("/api/destinations/backend/dead?limit=1000", headers=AUTH)
+        assert status == 200
+        dead = {x["id"] for x in body["dead"]}
+        if delivered | dead == acked or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert delivered | dead == acked
     assert len(dead) <= len(failing)
