@@ -306,3 +306,11 @@ def _failure(d: Deferred[Any]) -> BaseException:
     out: list[Any] = []
     d.addErrback(out.append)
     return out[0].value  # type: ignore[no-any-return]
+
+
+def test_dropped_headers_cover_the_secret_headers_of_ingest() -> None:
+    """Raw forwarding drops at least every header ingest treats as a secret (routes.verify.SECRET_HEADERS)."""
+    from twisted_rt.outbound._policy import DROPPED_HEADERS
+    from twisted_rt.routes.verify import SECRET_HEADERS
+
+    assert SECRET_HEADERS <= DROPPED_HEADERS
