@@ -5,7 +5,8 @@ Everything checked before the daemon starts: the config's pure checks
 section), then the check of every key whose owner lives above the core and
 reads files (L{OWNER_CHECKS}: the C{ssl:} listeners and C{[tls]} files in
 L{twisted_rt.web.tls.check}, C{[auth] jwt_public_key_file} with
-L{twisted_rt.core.auth.load_public_key}).
+L{twisted_rt.core.auth.load_public_key}, and each C{[[destinations]]}
+C{ca_file} and URL host in L{twisted_rt.outbound.check}).
 
 C{twistd rt} and C{twisted-rt check-config} go through here; the first
 problem is one L{ConfigError} line naming the key.
@@ -16,10 +17,10 @@ from __future__ import annotations
 import os
 from typing import Callable, Mapping
 
+from twisted_rt import outbound
 from twisted_rt.core import config as _config
 from twisted_rt.core.auth import load_public_key
 from twisted_rt.core.config import Config, ConfigError
-from twisted_rt import outbound
 from twisted_rt.web import tls
 
 __all__ = ["OWNER_CHECKS", "check", "check_file", "load", "parse"]
