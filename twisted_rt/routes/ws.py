@@ -330,7 +330,9 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             return
         if not self._dirty and not self._paused:
             self._dirty = True
-            f.mark(self)
+            f._dirty.append(self)  # f.mark(self), one call less per delivery
+            if f._flush_call is None:
+                f._schedule()
         f._pending += 1
         if f._pending >= FLUSH_EVERY:
             # a commit of many events to many clients: don't make the first
@@ -356,7 +358,6 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         if self._paused or not self._queue or self._closing:
             return 0
         queue, n = self._queue, self._queued_events
-        self._queue = []
         self._queued = 0
         self._queued_events = 0
         if self._compress:
@@ -364,6 +365,8 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
                 self.sendMessage(m)
         else:
             write_now(self.transport, b"".join(queue) if len(queue) > 1 else queue[0])
+        # the same list again: no new (collector-tracked) object per write
+        queue.clear()
         if self._drain_waiters and not self._paused:
             self._fire_waiters()
         return n
@@ -838,11 +841,17 @@ class RTWebSocketFactory(WebSocketServerFactory):
         """C{proto} has something queued: it is written in the next round."""
         self._dirty.append(proto)
         if self._flush_call is None:
-            # idle (the last round ended long ago): at once, i.e. at the end of this turn;
-            # busy: the next round waits as long as the last one took (at most MAX_HOLD),
-            # so that the events committed meanwhile leave in the same write
-            wait = self._round_ended + min(self._round_took, MAX_HOLD) - self.reactor.seconds()
-            self._flush_call = self.reactor.callLater(wait if wait > 0 else 0, self._flush_all)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """
+        Plan the next round: idle (the last round ended long ago), at once,
+        i.e. at the end of this turn; busy, once as long as the last round
+        took (at most L{MAX_HOLD}) has passed since it ended, so that what is
+        committed meanwhile leaves in the same write per connection.
+        """
+        wait = self._round_ended + min(self._round_took, MAX_HOLD) - self.reactor.seconds()
+        self._flush_call = self.reactor.callLater(wait if wait > 0 else 0, self._flush_all)
 
     def _flush_all(self) -> None:
         """
@@ -877,8 +886,7 @@ class RTWebSocketFactory(WebSocketServerFactory):
         self._round_ended = now
         self._round_took = now - self._round_started
         if self._dirty:
-            wait = min(self._round_took, MAX_HOLD)
-            self._flush_call = self.reactor.callLater(wait, self._flush_all)
+            self._schedule()
 
     def flush_now(self) -> None:
         """Write every connection's queue now (a big fan-out, or the end of a test's turn)."""

@@ -118,8 +118,8 @@ _COLUMNS = 'id, channel, "offset", time, source, type, data, raw, headers, rowid
 CHECKPOINT_INTERVAL = 1.0
 #: the writer's own automatic checkpoint, only a safety net (pages of 4 KiB: 80 MiB)
 WRITER_AUTOCHECKPOINT_PAGES = 20000
-#: the writer's page cache (SQLite's default is 2 MiB): index pages of a big journal stay in memory
-WRITER_CACHE_KIB = 32768
+#: the writer's page cache in KiB (SQLite's default is 2 MiB): more index pages of a big journal stay in memory
+WRITER_CACHE_KIB = 8192
 #: delivery ids looked up per query (SQLite's variable limit is 32766 since 3.32, 999 before)
 _IN_CHUNK = 500
 

@@ -1,0 +1,327 @@
+# -*- test-case-name: tests.test_perf_delivery -*-
+"""
+Issue 15: the batched delivery of /ws and the journal's commit path.
+
+The rule pinned here (twisted_rt.routes.ws, the factory's rounds): every
+connection with frames queued is written once per round, a chunk of
+FLUSH_CHUNK connections per reactor turn; a connection of the round not yet
+written takes every frame queued meanwhile in its one write; an idle daemon
+starts a round at once (the end of the turn), a busy one waits as long as
+the last round took (at most MAX_HOLD), so that what is committed meanwhile
+leaves in the same write.  Resume, the slow-consumer close (1013) and
+durability still hold with these batched writes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from conftest import API_KEY, Daemon, http_json
+from test_ws import client_frame, conn, fanout, frames, open_proto, recv, request
+from twisted.internet import defer, reactor
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+import twisted_rt.routes.ws as ws
+from twisted_rt.core.event import Draft
+from twisted_rt.store.journal import WRITER_AUTOCHECKPOINT_PAGES, Journal
+
+HANDSHAKE = (b"GET /ws?token=key HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+class Writes(StringTransport):
+    """A StringTransport that also keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.proto: Any = None
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+    def offsets(self) -> list[list[int]]:
+        """The event offsets of each write."""
+        return [[json.loads(p)["offset"] for op, p in frames(w) if op == 1 and b'"op":"event"' in p]
+                for w in self.writes]
+
+
+class TurnClock(MemoryReactorClock):
+    """
+    A clock that runs, per C{advance}, only the calls due when it was called:
+    a call scheduled meanwhile (C{callLater(0)}) waits for the next one, as
+    in the reactor's next turn (C{Clock} would run it in the same advance).
+    """
+
+    def advance(self, amount: float) -> None:
+        self.rightNow += amount
+        self._sortCalls()
+        due = [c for c in self.calls if c.getTime() <= self.seconds()]
+        for call in due:
+            if call in self.calls and not call.cancelled:
+                self.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+
+def connections(n: int, pattern: bytes = b"p.>") -> tuple[Any, list[Writes], Any]:
+    """C{n} /ws connections on one factory, each subscribed to C{pattern}: (clock, transports, broker)."""
+    proto, clock, _transport, broker = open_proto(max_send=1 << 20)
+    clock.__class__ = TurnClock
+    factory = proto.factory
+    transports: list[Writes] = []
+    for _ in range(n):
+        p = factory.buildProtocol(None)
+        t = Writes()
+        p.makeConnection(t)
+        t.proto = p
+        p.dataReceived(HANDSHAKE)
+        p.dataReceived(client_frame(b'{"op":"subscribe","channel":"' + pattern + b'"}'))
+        transports.append(t)
+    for _ in range(n + 1):
+        clock.advance(0)  # every chunk of the subscribe replies' round
+    clock.advance(1)  # that round is long over: the daemon is idle
+    for t in transports:
+        t.writes.clear()
+        t.clear()
+    return clock, transports, broker
+
+
+def test_unit_events_of_one_turn_leave_in_one_write_per_connection() -> None:
+    """Several events fanned out in one turn reach every connection as one write, in order."""
+    clock, transports, broker = connections(3)
+    for off in (1, 2, 3):
+        fanout(broker, "p.a", off)
+    assert all(t.writes == [] for t in transports)
+    clock.advance(0)
+    assert [t.offsets() for t in transports] == [[[1, 2, 3]]] * 3
+
+
+def test_unit_idle_daemon_sends_at_once() -> None:
+    """On an idle daemon one event is written at the end of its turn: no timer holds it."""
+    clock, transports, broker = connections(2)
+    fanout(broker, "p.a", 1)
+    [call] = [c for c in clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "_flush_all"]
+    assert call.getTime() == clock.seconds()
+    clock.advance(0)
+    assert [t.offsets() for t in transports] == [[[1]]] * 2
+
+
+def test_unit_busy_rounds_wait_as_long_as_the_last_took_and_coalesce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a round that took T, the next waits T (at most MAX_HOLD); events committed meanwhile share its write."""
+    monkeypatch.setattr(ws, "FLUSH_CHUNK", 2)
+    clock, transports, broker = connections(4)
+    fanout(broker, "p.a", 1)
+    clock.advance(0)  # the first chunk: connections 0 and 1
+    clock.advance(0.01)  # the reactor was busy 10 ms before the next chunk: 2 and 3
+    assert [t.offsets() for t in transports] == [[[1]]] * 4
+    fanout(broker, "p.a", 2)
+    clock.advance(0)
+    assert all(len(t.writes) == 1 for t in transports)  # held: the last round took 10 ms
+    fanout(broker, "p.a", 3)
+    clock.advance(0.009)
+    assert all(len(t.writes) == 1 for t in transports)
+    clock.advance(0.001)
+    clock.advance(0)
+    assert [t.offsets() for t in transports] == [[[1], [2, 3]]] * 4
+    # however long a round took, the hold is at most MAX_HOLD
+    factory = transports[0].proto.factory
+    factory._round_took = 10.0
+    factory._round_ended = clock.seconds()
+    fanout(broker, "p.a", 4)
+    clock.advance(ws.MAX_HOLD)
+    clock.advance(0)
+    assert [t.offsets()[-1] for t in transports] == [[4]] * 4
+
+
+def test_unit_a_connection_not_yet_written_takes_new_frames_in_its_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds go a chunk per turn; a connection later in the round writes the events queued meanwhile at once, in order."""
+    monkeypatch.setattr(ws, "FLUSH_CHUNK", 2)
+    clock, transports, broker = connections(4)
+    fanout(broker, "p.a", 1)
+    clock.advance(0)
+    assert [len(t.writes) for t in transports] == [1, 1, 0, 0]
+    fanout(broker, "p.a", 2)  # committed between two chunks of the round
+    clock.advance(0)
+    assert [t.offsets() for t in transports[2:]] == [[[1, 2]]] * 2
+    clock.advance(ws.MAX_HOLD)
+    assert [t.offsets() for t in transports[:2]] == [[[1], [2]]] * 2
+    assert transports[0].proto.factory.app.stats.events_out["ws"] == 8
+
+
+def test_unit_flush_now_writes_the_rest_of_the_round_and_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """flush_now (a huge fan-out, FLUSH_EVERY) writes every queue at once, mid-round included."""
+    monkeypatch.setattr(ws, "FLUSH_CHUNK", 1)
+    clock, transports, broker = connections(3)
+    fanout(broker, "p.a", 1)
+    clock.advance(0)
+    fanout(broker, "p.a", 2)
+    transports[0].proto.factory.flush_now()
+    assert [t.offsets() for t in transports] == [[[1], [2]], [[1, 2]], [[1, 2]]]
+    clock.advance(1)  # the chunks still planned find nothing left
+    assert [len(t.writes) for t in transports] == [2, 1, 1]
+
+
+def test_unit_slow_consumer_closed_1013_while_a_round_is_held() -> None:
+    """A queue past max_send_buffer_bytes is closed with 1013 at once, even while the next round is held."""
+    proto, clock, transport, broker = open_proto(max_send=2000)
+    proto.dataReceived(client_frame(b'{"op":"subscribe","channel":"u"}'))
+    clock.advance(0)
+    proto.factory._round_took = ws.MAX_HOLD
+    proto.factory._round_ended = clock.seconds()  # busy: the next round waits
+    transport.clear()
+    for off in range(1, 30):
+        fanout(broker, "u", off, 100)
+        if transport.value():
+            break
+    (op, payload), = frames(transport.value())
+    assert op == 8 and struct.unpack("!H", payload[:2])[0] == 1013
+    assert off < 29 and proto.factory.app.stats.dropped["slow_consumer"] == 1
+
+
+def test_unit_paused_connection_in_a_round_is_written_when_resumed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection paused by its transport skips the round and is written, in order, once it resumes."""
+    monkeypatch.setattr(ws, "FLUSH_CHUNK", 1)
+    clock, transports, broker = connections(2)
+    transports[1].producer.pauseProducing()
+    fanout(broker, "p.a", 1)
+    fanout(broker, "p.a", 2)
+    clock.advance(0)
+    clock.advance(0)
+    assert [len(t.writes) for t in transports] == [1, 0]
+    transports[1].producer.resumeProducing()
+    clock.advance(ws.MAX_HOLD)
+    assert transports[1].offsets() == [[1, 2]]
+
+
+# -- the journal's commit path -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_commit_starts_before_the_callbacks_of_the_last(tmp_path: Path) -> None:
+    """While a commit's callbacks (acks, fan-out) run, the appends queued meanwhile are already being committed."""
+    j = Journal(reactor, str(tmp_path / "j.db"))  # type: ignore[arg-type]
+    await j.open()
+    try:
+        writing: list[bool] = []
+        first = j.append([Draft("c", 1)])
+        second = j.append([Draft("c", 2)])  # queued behind the first commit
+
+        def seen(acc: Any) -> Any:
+            writing.append(j._writing)
+            return acc
+
+        first.addCallback(seen)
+        a, b = await defer.gatherResults([first, second])
+        assert writing == [True]
+        assert (a[0].event.offset, b[0].event.offset) == (1, 2)
+    finally:
+        await j.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wal_checkpoints_run_in_their_own_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's automatic checkpoint is only a safety net; the WAL is checkpointed by another thread, at most once per interval."""
+    import twisted_rt.store.journal as journal
+
+    threads: list[str] = []
+    real = Journal._c_checkpoint
+
+    def spy(self: Journal) -> None:
+        threads.append(threading.current_thread().name)
+        real(self)
+
+    monkeypatch.setattr(Journal, "_c_checkpoint", spy)
+    monkeypatch.setattr(journal, "CHECKPOINT_INTERVAL", 0.0)
+    path = tmp_path / "j.db"
+    j = Journal(reactor, str(path))  # type: ignore[arg-type]
+    await j.open()
+    try:
+        pages = await j._in_writer(lambda: j._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        assert pages == WRITER_AUTOCHECKPOINT_PAGES
+        for i in range(20):
+            await j.append([Draft("c", {"pad": "x" * 4000, "i": i})])
+        while j._checkpointing:
+            await defer.succeed(None)
+            await _later(0.01)
+        assert j.checkpoints >= 1 and threads and all(t.endswith("rt-journal-checkpoint-0") for t in threads)
+        before = j.checkpoints
+        monkeypatch.setattr(journal, "CHECKPOINT_INTERVAL", 3600.0)
+        for i in range(5):
+            await j.append([Draft("c", i)])
+        assert j.checkpoints == before  # not more often than the interval
+    finally:
+        await j.close()
+    assert not (tmp_path / "j.db-wal").exists() or (tmp_path / "j.db-wal").stat().st_size == 0
+
+
+def test_memory_journal_has_no_checkpoint_thread() -> None:
+    """An in-memory journal has nothing to checkpoint."""
+    j = Journal(reactor, ":memory:")  # type: ignore[arg-type]
+    assert j._cpool is None
+    j._maybe_checkpoint()
+    assert j.checkpoints == 0
+
+
+def _later(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)
+
+
+# -- end to end: the daemon under single-event load ----------------------------------------
+
+
+def _publish_many(d: Daemon, channel: str, n: int, threads: int, acked: list[int]) -> None:
+    """n single-event POST /api/publish from `threads` threads at once; the acked offsets into `acked`."""
+    def run(k: int) -> None:
+        for i in range(k, n, threads):
+            status, body = http_json("POST", d.url + "/api/publish", {"channel": channel, "data": {"i": i}},
+                                     {"Authorization": f"Bearer {API_KEY}"})
+            assert status == 202, body
+            acked.append(body["offset"])
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+
+
+def test_resume_and_durability_with_batched_writes(make_daemon: Callable[..., Daemon]) -> None:
+    """Under concurrent single-event publishes (batched writes), a resuming subscriber gets every event once, in order, and every acked event survives kill -9."""
+    d = make_daemon()
+    subs = [conn(d) for _ in range(5)]
+    for s in subs:
+        assert request(s, op="subscribe", channel="perf.>")["op"] == "subscribed"
+    acked: list[int] = []
+    pub = threading.Thread(target=_publish_many, args=(d, "perf.a", 400, 8, acked))
+    pub.start()
+    # one subscriber leaves mid-way and resumes from the last offset it saw
+    leaver = subs[0]
+    got = [recv(leaver)["offset"] for _ in range(50)]
+    leaver.close()
+    time.sleep(0.2)
+    back = conn(d)
+    assert request(back, op="subscribe", channel="perf.>", since={"perf.a": got[-1]})["op"] == "subscribed"
+    pub.join(120)
+    assert sorted(acked) == list(range(1, 401))
+    while len(got) < 400:
+        got.append(recv(back)["offset"])
+    assert got == list(range(1, 401))
+    for s in subs[1:]:
+        assert [recv(s)["offset"] for _ in range(400)] == list(range(1, 401))
+    d.kill()
+    d.start()
+    status, body = d.get("/api/channels/perf.a/history?since=0&limit=1000",
+                         headers={"Authorization": f"Bearer {API_KEY}"})
+    assert status == 200 and [e["offset"] for e in body["events"]] == list(range(1, 401))
