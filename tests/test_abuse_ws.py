@@ -242,7 +242,7 @@ def test_thousands_of_wildcard_channels(daemon: Daemon) -> None:
     for ws in clients:
         send(ws, op="subscribe", channel="public.w.*", since=since, ref=1)
     for ws in clients:
-        assert recv(ws) == {"op": "subscribed", "channel": "public.w.*", "ref": 1}
+        assert recv(ws) == {"op": "subscribed", "channel": "public.w.*", "recovered": True, "ref": 1}
         got = {recv(ws)["channel"] for _ in range(4900)}
         assert len(got) == 4900 and "public.w.c0" not in got
     after = rss(daemon)

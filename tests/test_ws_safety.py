@@ -59,12 +59,12 @@ def test_since_naming_more_channels_than_max_since_channels_is_refused(make_daem
     assert "5" in r["message"]
     assert request(ws, op="unsubscribe", channel="public.>")["code"] == "not_subscribed"
     r = request(ws, op="subscribe", channel="public.>", since=dict(list(big.items())[:3]), ref=2)
-    assert r == {"op": "subscribed", "channel": "public.>", "ref": 2}
+    assert r == {"op": "subscribed", "channel": "public.>", "recovered": True, "ref": 2}
     # the three names are kept for public.>: a second pattern may name only two more
     r = request(ws, op="subscribe", channel="public.*", since={f"public.d{i}": 1 for i in range(3)}, ref=3)
     assert (r["op"], r["code"]) == ("error", "too_many_channels")
     r = request(ws, op="subscribe", channel="public.*", since={"public.c1": 1, "public.c2": 1}, ref=4)
-    assert r == {"op": "subscribed", "channel": "public.*", "ref": 4}
+    assert r == {"op": "subscribed", "channel": "public.*", "recovered": True, "ref": 4}
     ws.close()
 
 

@@ -73,7 +73,7 @@ class _Replay:
     __slots__ = ("after_seq", "done", "on_start", "pattern", "since", "stopped")
 
     def __init__(self, pattern: str, since: dict[str, int], after_seq: int,
-                 on_start: Callable[[bool], None] | None = None) -> None:
+                 on_start: Callable[[bool | None], None] | None = None) -> None:
         self.pattern = pattern
         self.since = since
         self.after_seq = after_seq
@@ -81,8 +81,11 @@ class _Replay:
         self.stopped = False
         self.on_start = on_start
 
-    def started(self, recovered: bool) -> None:
-        """Tell the transport (once) whether every event after C{since} is still kept."""
+    def started(self, recovered: bool | None) -> None:
+        """
+        Tell the transport (once) whether every event after C{since} is
+        still kept (C{None}: the replay was stopped before it could tell).
+        """
         cb, self.on_start = self.on_start, None
         if cb is not None:
             cb(recovered)
@@ -198,7 +201,7 @@ class Subscriber:
         since: Since = None,
         *,
         after_seq: int = 0,
-        on_start: Callable[[bool], None] | None = None,
+        on_start: Callable[[bool | None], None] | None = None,
     ) -> Deferred[None]:
         """
         Subscribe to C{pattern}; with C{since}, first replay what came after it.
@@ -216,7 +219,9 @@ class Subscriber:
         trimmed (the replay then starts at the oldest kept event).  It is
         judged on each channel's first replayed event (for a wildcard, those
         of the first page), and for an exact channel with nothing to replay,
-        on its last offset.  Not called when the replay is stopped first.
+        on its last offset.  When L{remove} stops the replay first, it is
+        called with C{None} then (so every subscribe is answered before its
+        unsubscribe); not when the subscriber is closed or the replay fails.
 
         A pattern already subscribed is left as it is (no second replay).
         Fires when the replay has been sent (or was stopped by L{remove});
@@ -419,10 +424,12 @@ class Subscriber:
         for r in [r for r in self._queue if r.pattern in gone]:
             self._queue.remove(r)
             r.stopped = True
+            r.started(None)  # every subscribe is answered, before its unsubscribe
             r.done.callback(None)
         cur = self._current
         if cur is not None and cur.pattern in gone:
             cur.stopped = True
+            cur.started(None)
             self._cut()  # last: the replay loop may go on at once with the next replay
         return removed
 
