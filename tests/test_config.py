@@ -38,6 +38,8 @@ SAMPLE_ENV = {
     "META_APP_SECRET": "m",
     "META_VERIFY_TOKEN": "t",
     "INHOUSE_SECRET": "i",
+    "BILLING_HOOK_SECRET": "aGVsbG8=",
+    "PUSHER_SECRET": "p",
 }
 
 
@@ -66,6 +68,12 @@ def test_sample_config_parses_with_every_key(tmp_path: Path) -> None:
     assert cfg.source("meta") is not None and cfg.source("meta").verify_token == "t"  # type: ignore[union-attr]
     assert cfg.source("inhouse").signature_header == "X-Signature"  # type: ignore[union-attr]
     assert cfg.source("inhouse").signature_encoding == "hex"  # type: ignore[union-attr]
+    assert cfg.rule("chat.room1") is not None and cfg.rule("chat.room1").presence  # type: ignore[union-attr]
+    assert cfg.presence.node_timeout_seconds == 20
+    billing = cfg.destination("billing-service")
+    assert billing is not None and billing.channels == ("stripe.>", "github.push") and billing.secret_key() == b"hello"
+    assert cfg.pusher.enabled and cfg.pusher.key == "rt-key" and cfg.pusher.secret == "p"
+    assert cfg.broker.min_replicas == 0 and cfg.broker.sentinels == ()
 
 
 def test_sample_config_as_shipped_needs_only_the_github_secret() -> None:
