@@ -610,7 +610,7 @@ def test_unit_failed_ops_use_the_one_error_mapper() -> None:
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert sent == [
-        ("journal_unavailable", "nothing was accepted: disk full", 7, False),
+        ("journal_unavailable", "not acknowledged: disk full", 7, False),
         ("internal_error", "the server failed to handle this message; it was logged", 8, False),
     ]
     assert [e.get("log_failure") is not None for e in events if "handling" in e.get("log_format", "")] == [True]

@@ -214,7 +214,7 @@ def as_json_error(e: BaseException | None) -> JsonError | None:
     if isinstance(e, UnencodableEvent):
         return JsonError(400, "invalid_body", str(e))
     if isinstance(e, JournalUnavailable):
-        return JsonError(503, "journal_unavailable", f"nothing was accepted: {e}", {"Retry-After": "1"})
+        return JsonError(503, "journal_unavailable", f"not acknowledged: {e}", {"Retry-After": "1"})
     return None
 
 
