@@ -688,6 +688,20 @@ def test_publish_with_out_of_range_number_is_refused(daemon: Daemon) -> None:
         ws.close()
 
 
+def test_publish_type_is_capped_as_over_http(daemon: Daemon) -> None:
+    """A WebSocket publish with a type over 100 characters is refused, as POST /api/publish refuses it."""
+    ws = websocket.create_connection(daemon.ws_url + f"?token={API_KEY}", timeout=10)
+    try:
+        ws.send(json.dumps({"op": "publish", "channel": "chat.x", "data": 1, "type": "t" * 101, "ref": 1}))
+        reply = json.loads(ws.recv())
+        assert (reply["op"], reply["code"], reply["ref"]) == ("error", "bad_request", 1)
+        assert "100" in reply["message"]
+        ws.send(json.dumps({"op": "publish", "channel": "chat.x", "data": 1, "type": "t" * 100, "ref": 2}))
+        assert json.loads(ws.recv())["op"] == "published"
+    finally:
+        ws.close()
+
+
 def test_write_now_sends_directly_and_keeps_order() -> None:
     """write_now sends at once on an idle TCP transport, and queues behind data the transport already holds."""
     from twisted.internet.testing import StringTransport

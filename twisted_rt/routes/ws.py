@@ -86,6 +86,8 @@ CLOSE_DISCONNECTED = 4003
 
 #: bad messages (bad JSON, unknown op, invalid fields) tolerated before 1008
 MAX_BAD_MESSAGES = 10
+#: longest event type a publish may give (as C{POST /api/publish}: L{twisted_rt.routes.api.MAX_TYPE_LENGTH})
+MAX_TYPE_LENGTH = 100
 #: seconds to wait for the peer's close frame before dropping TCP
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 #: seconds a closed slow consumer gets to read what is already in flight and
@@ -320,7 +322,13 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             frame = f._last_frame
         else:
             frame = f.frame(event)
+            f._started(event)
         if self._closing:
+            return
+        if event is f._direct_event and not self._queue and not self._paused:
+            # the only event of its commit on an idle daemon: written at once
+            write_now(self.transport, frame)
+            f._events_out["ws"] += 1
             return
         self._queue.append(frame)
         queued = self._queued = self._queued + len(frame)
@@ -661,8 +669,9 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             self._error("bad_request", "'id' must be a string of 1-200 characters", ref)
             return None
         etype = msg.get("type", "")
-        if not isinstance(etype, str):
-            self._error("bad_request", "'type' must be a string", ref)
+        if not isinstance(etype, str) or len(etype) > MAX_TYPE_LENGTH:
+            # the same rule as POST /api/publish
+            self._error("bad_request", f"'type' must be a string of at most {MAX_TYPE_LENGTH} characters", ref)
             return None
         assert self.principal is not None
         if not self.principal.can_publish(channel):
@@ -791,6 +800,9 @@ class RTWebSocketFactory(WebSocketServerFactory):
         self._round_ended = -1e9
         self._round_took = 0.0
         self._flush_call: IDelayedCall | None = None
+        # the event written at once to every connection with nothing queued (see _started)
+        self._direct_event: Event | None = None
+        self._events_out = app.stats.events_out
         # the frame of the event being fanned out right now (one lookup less per subscriber)
         self._last_event: Event | None = None
         self._last_frame = b""
@@ -836,6 +848,36 @@ class RTWebSocketFactory(WebSocketServerFactory):
             self._presence_key = key
             self._presence_frames = (payload, self.prepareMessage(payload).payloadHybi)
         return self._presence_frames[0 if raw else 1]
+
+    def _started(self, event: Event) -> None:
+        """
+        A new event is being fanned out.  When it is the only one of its
+        commit (C{event.alone}) and the daemon is idle (no round running,
+        planned or held), every connection with nothing queued writes it at
+        once, during the fan-out; the fan-out then counts as a round for the
+        adaptive hold (it ends with the turn, L{_direct_done}).  Otherwise
+        it is queued and written by the next round.
+        """
+        if not event.alone or self._flush_call is not None or self._round:
+            self._direct_event = None
+            return
+        now = self.reactor.seconds()
+        if now < self._round_ended + min(self._round_took, MAX_HOLD):
+            self._direct_event = None
+            return
+        self._direct_event = event
+        self._round_started = now
+        self._flush_call = self.reactor.callLater(0, self._direct_done)
+
+    def _direct_done(self) -> None:
+        """The turn of a direct fan-out is over: time it; connections that could not take it get a round."""
+        self._flush_call = None
+        self._direct_event = None
+        now = self.reactor.seconds()
+        self._round_ended = now
+        self._round_took = now - self._round_started
+        if self._dirty:
+            self._schedule()
 
     def mark(self, proto: RTWebSocketProtocol) -> None:
         """C{proto} has something queued: it is written in the next round."""
