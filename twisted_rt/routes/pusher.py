@@ -55,6 +55,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from twisted_rt.app import App
+from twisted_rt.core.auth import MAX_INFO_BYTES
 from twisted_rt.core.event import Event, dumps, loads
 from twisted_rt.core.matcher import ChannelError, validate_channel
 from twisted_rt.core.pusher_auth import PusherAuthError, check_channel_auth, check_user_auth
@@ -365,6 +366,11 @@ class PusherProtocol(RTWebSocketProtocol):
         if not isinstance(user, str) or not 1 <= len(user) <= 200 or not (info is None or isinstance(info, dict)):
             self._pusher_error(4009, "channel_data must be a JSON object with a user_id (and an optional user_info object)")
             self._sub_error(channel, 400, "bad channel_data")
+            return None
+        if info is not None and len(dumps(info)) > MAX_INFO_BYTES:
+            # as the JWT 'info' claim: every member list and join carries it
+            self._pusher_error(4009, f"user_info is over {MAX_INFO_BYTES} bytes of JSON")
+            self._sub_error(channel, 400, "user_info too large")
             return None
         f = self.factory
         presence = f.presence
