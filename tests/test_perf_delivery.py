@@ -30,7 +30,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 import twisted_rt.routes.ws as ws
-from twisted_rt.core.event import Draft
+from twisted_rt.core.event import Draft, Event
 from twisted_rt.store.journal import WRITER_AUTOCHECKPOINT_PAGES, Journal
 
 HANDSHAKE = (b"GET /ws?token=key HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -201,6 +201,72 @@ def test_unit_paused_connection_in_a_round_is_written_when_resumed(monkeypatch: 
     transports[1].producer.resumeProducing()
     clock.advance(ws.MAX_HOLD)
     assert transports[1].offsets() == [[1, 2]]
+
+
+def _alone(offset: int, channel: str = "p.a") -> Event:
+    """An event that was the only one of its commit (as the journal marks it)."""
+    e = Event(f"id{offset}", channel, offset, "t", "test", "", "x")
+    e.alone = True
+    return e
+
+
+def test_unit_the_only_event_of_a_commit_is_written_during_the_fanout_when_idle() -> None:
+    """An idle daemon writes the only event of a commit to each connection at once, while fanning out."""
+    clock, transports, broker = connections(3)
+    broker.fanout(_alone(1))
+    assert [t.offsets() for t in transports] == [[[1]]] * 3
+    assert transports[0].proto.factory.app.stats.events_out["ws"] == 3
+    clock.advance(0)
+    assert all(len(t.writes) == 1 for t in transports)
+
+
+def test_unit_with_a_round_planned_the_only_event_is_queued_in_order() -> None:
+    """With a round already planned (a reply queued), the event is queued: each connection writes it in its one write, after the reply."""
+    clock, transports, broker = connections(2)
+    transports[1].proto._reply({"op": "pong"})
+    broker.fanout(_alone(1))
+    assert all(t.writes == [] for t in transports)
+    clock.advance(0)
+    assert transports[0].offsets() == [[1]]
+    assert [[json.loads(p)["op"] for _, p in frames(w)] for w in transports[1].writes] == [["pong", "event"]]
+
+
+def test_unit_a_direct_fanout_counts_as_a_round_for_the_hold() -> None:
+    """After a direct fan-out that took T, an event within T is queued and leaves with the next ones in one write."""
+    clock, transports, broker = connections(2)
+    broker.fanout(_alone(1))
+    clock.advance(0.01)  # the direct fan-out's turn took 10 ms
+    broker.fanout(_alone(2))
+    broker.fanout(_alone(3))
+    assert [t.offsets() for t in transports] == [[[1]]] * 2
+    clock.advance(0.01)
+    clock.advance(0)
+    assert [t.offsets() for t in transports] == [[[1], [2, 3]]] * 2
+
+
+def test_unit_paused_connection_queues_the_direct_event() -> None:
+    """A connection paused by its transport queues even the direct event, and writes it once resumed."""
+    clock, transports, broker = connections(2)
+    transports[1].producer.pauseProducing()
+    broker.fanout(_alone(1))
+    assert [len(t.writes) for t in transports] == [1, 0]
+    transports[1].producer.resumeProducing()
+    clock.advance(0)
+    clock.advance(0)
+    assert transports[1].offsets() == [[1]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_journal_marks_the_only_event_of_a_commit(tmp_path: Path) -> None:
+    """The journal marks an event alone when its commit held no other draft (so /ws may write it at once)."""
+    j = Journal(reactor, str(tmp_path / "j.db"))  # type: ignore[arg-type]
+    await j.open()
+    try:
+        [one] = await j.append([Draft("c", 1)])
+        two = await j.append([Draft("c", 2), Draft("c", 3)])
+        assert one.event.alone and not any(a.event.alone for a in two)
+    finally:
+        await j.close()
 
 
 # -- the journal's commit path -------------------------------------------------------------

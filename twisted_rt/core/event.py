@@ -118,6 +118,7 @@ class Event:
         "_cache",
         "_json",
         "_ws",
+        "alone",
         "channel",
         "data",
         "headers",
@@ -153,6 +154,9 @@ class Event:
         self.raw = raw
         self.headers = headers
         self.seq = seq
+        # the only event of its commit: nothing else is fanned out with it (the
+        # transports may then write it at once instead of batching the turn)
+        self.alone = False
         self._json: bytes | None = None
         self._ws: bytes | None = None
         self._cache: dict[str, Any] | None = None

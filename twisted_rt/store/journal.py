@@ -382,6 +382,8 @@ class Journal:
         if self._pending:
             # the next commit runs in the writer while this one's callbacks (acks, fan-out) do
             self._kick()
+        if count == 1 and accepted[0]:
+            accepted[0][0].event.alone = True
         for (_, d), acc in zip(batch, accepted, strict=True):
             d.callback(acc)
         if not self._writing:
