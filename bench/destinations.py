@@ -46,10 +46,11 @@ def _free_port() -> int:
 
 def receiver(port: int, out: str) -> None:
     """Answer every POST with 204; record (receive time, event time) pairs; write them at SIGTERM."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
     from twisted.web.resource import Resource
     from twisted.web.server import Site
 
+    reactor: Any = _reactor
     got: list[tuple[float, str]] = []
 
     class Hook(Resource):
@@ -65,16 +66,16 @@ def receiver(port: int, out: str) -> None:
         def render_GET(self, request: Any) -> bytes:
             return str(len(got)).encode()
 
-    def dump(*_: Any) -> None:
+    def dump() -> None:
         with open(out, "w") as f:
             json.dump(got, f)
-        reactor.stop()  # type: ignore[attr-defined]
 
-    signal.signal(signal.SIGTERM, dump)
+    # reactor.run() installs its own SIGTERM handler (a signal.signal() before it is replaced): write at shutdown
+    reactor.addSystemEventTrigger("before", "shutdown", dump)
     site = Site(Hook())
     site.noisy = False
-    reactor.listenTCP(port, site, interface="127.0.0.1", backlog=1024)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.listenTCP(port, site, interface="127.0.0.1", backlog=1024)
+    reactor.run()
 
 
 def _count(port: int) -> int:
@@ -105,13 +106,34 @@ def _parse(t: str) -> float:
     return datetime.strptime(t[:23], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
 
 
-def run(seconds: float, publishers: int, batch: int, in_flight: int, pin: bool, keep: bool) -> dict[str, Any]:
-    """One measurement; returns the figures."""
+def _cpu(proc: Any) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def run(seconds: float, publishers: int, batch: int, in_flight: int, pin: bool, keep: bool,
+        mode: str = "active", profile: str | None = None) -> dict[str, Any]:
+    """
+    One measurement; returns the figures.  C{mode}: C{active} (the
+    destination matches every event), C{idle} (a destination configured
+    whose channels match none of them) or C{none} (no destination).
+    """
+    import psutil  # type: ignore[import-untyped]
+
     work = Path(tempfile.mkdtemp(prefix="rt-bench-dest-"))
     rport, dport = _free_port(), _free_port()
     out = work / "received.json"
     rec = subprocess.Popen([sys.executable, "-m", "bench.destinations", "--receiver", str(rport), str(out)],
                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    channels = {"active": '[">"]', "idle": '["idle.>"]'}.get(mode)
+    dest = "" if channels is None else f"""
+[[destinations]]
+name = "bench"
+url = "http://127.0.0.1:{rport}/hook"
+channels = {channels}
+max_in_flight = {in_flight}
+secret = "whsec_YmVuY2gtc2VjcmV0LWtleS0wMTIzNDU2Nzg5"
+"""
     (work / "rt.toml").write_text(f"""
 [server]
 access_log = false
@@ -119,19 +141,16 @@ access_log = false
 path = "var/journal.sqlite3"
 [auth]
 api_keys = ["{API_KEY}"]
-[[destinations]]
-name = "bench"
-url = "http://127.0.0.1:{rport}/hook"
-channels = [">"]
-max_in_flight = {in_flight}
-secret = "whsec_YmVuY2gtc2VjcmV0LWtleS0wMTIzNDU2Nzg5"
-""")
+{dest}""")
     cmd = [str(BIN / "twistd"), "-n", "--pidfile=", "rt", "--config", "rt.toml",
            "--listen", f"tcp:{dport}:interface=127.0.0.1"]
     if pin and hasattr(os, "sched_setaffinity"):
         cmd = ["taskset", "-c", "0", *cmd]
     log = open(work / "daemon.log", "wb")
     daemon = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    proc = psutil.Process(daemon.pid)
+    rproc = psutil.Process(rec.pid)
+    profiler = None
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -151,7 +170,12 @@ secret = "whsec_YmVuY2gtc2VjcmV0LWtleS0wMTIzNDU2Nzg5"
                 break
             except OSError:
                 time.sleep(0.1)
+        if profile:
+            from bench.profile import Profiler
+
+            profiler = Profiler(daemon.pid, Path(profile), seconds)
         counts: list[int] = []
+        cpu0, rcpu0 = _cpu(proc), _cpu(rproc)
         start = time.monotonic()
         threads = [threading.Thread(target=_publisher, args=(dport, start + seconds, batch, counts))
                    for _ in range(publishers)]
@@ -160,11 +184,13 @@ secret = "whsec_YmVuY2gtc2VjcmV0LWtleS0wMTIzNDU2Nzg5"
         for t in threads:
             t.join()
         ingest_end = time.monotonic()
+        cpu1 = _cpu(proc)
         during = _count(rport)
         accepted = sum(counts)
-        while _count(rport) < accepted and time.monotonic() < ingest_end + 120:
+        while mode == "active" and _count(rport) < accepted and time.monotonic() < ingest_end + 120:
             time.sleep(0.2)
         end = time.monotonic()
+        cpu2, rcpu2 = _cpu(proc), _cpu(rproc)
         total = _count(rport)
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -172,16 +198,28 @@ secret = "whsec_YmVuY2gtc2VjcmV0LWtleS0wMTIzNDU2Nzg5"
         rec.send_signal(signal.SIGTERM)
         rec.wait(30)
         log.close()
+    summary = profiler.finish() if profiler else ""
     got = json.loads(out.read_text()) if out.exists() else []
     lags = sorted(r - _parse(t) for r, t in got if t)
+    drained = total - during
     figures = {
+        "mode": mode,
         "accepted_per_s": accepted / seconds,
         "deliveries_per_s_during_ingest": during / (ingest_end - start),
         "deliveries_per_s_overall": total / (end - start),
         "delivered": total,
         "accepted": accepted,
+        "cpu_s_ingest": cpu1 - cpu0,
+        "cpu_s_drain": cpu2 - cpu1,
+        "drain_s": end - ingest_end,
+        "receiver_cpu_s": rcpu2 - rcpu0,
+        "seconds": end - start,
+        # the drain (no ingest left) is delivery alone: its CPU per delivery
+        "cpu_ms_per_delivery_drain": 1000 * (cpu2 - cpu1) / drained if drained > 100 else None,
+        "cpu_ms_per_event_ingest": 1000 * (cpu1 - cpu0) / accepted if accepted else None,
         "lag_p50_ms": 1000 * statistics.median(lags) if lags else None,
         "lag_p99_ms": 1000 * lags[int(0.99 * (len(lags) - 1))] if lags else None,
+        "profile": summary,
         "work": str(work),
     }
     if not keep:
@@ -205,16 +243,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pin", action="store_true", help="do not pin the daemon to CPU 0")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--profile", metavar="PATH", help="py-spy the daemon during ingest (collapsed stacks to PATH)")
+    p.add_argument("--idle", type=int, metavar="ROUNDS", default=0,
+                   help="instead: compare ingest with no destination and with one configured but idle"
+                        " (matching none of the events), ROUNDS alternating runs of each")
     a = p.parse_args(args_in)
-    f = run(a.seconds, a.publishers, a.batch, a.in_flight, not a.no_pin, a.keep)
+    if a.idle:
+        return _idle(a)
+    f = run(a.seconds, a.publishers, a.batch, a.in_flight, not a.no_pin, a.keep, profile=a.profile)
     print(f"destinations (max_in_flight={a.in_flight}, one destination matching every event, receiver 204):")
     print(f"  events accepted          {f['accepted_per_s']:10,.0f} /s")
     print(f"  deliveries during ingest {f['deliveries_per_s_during_ingest']:10,.0f} /s")
     print(f"  deliveries overall       {f['deliveries_per_s_overall']:10,.0f} /s  ({f['delivered']:,} of {f['accepted']:,})")
+    if f["cpu_ms_per_delivery_drain"] is not None:
+        print(f"  CPU per delivery (drain) {f['cpu_ms_per_delivery_drain']:10.3f} ms")
+    if f["cpu_ms_per_event_ingest"] is not None:
+        print(f"  CPU per event (ingest)   {f['cpu_ms_per_event_ingest']:10.3f} ms  (ingest and delivery together)")
     if f["lag_p99_ms"] is not None:
         print(f"  delivery lag p50 / p99   {f['lag_p50_ms']:10,.0f} / {f['lag_p99_ms']:,.0f} ms")
+    if f["profile"]:
+        print(f["profile"])
     if a.json:
         Path(a.json).write_text(json.dumps(f, indent=2))
+    return 0
+
+
+def _idle(a: Any) -> int:
+    """Ingest with no destination vs. one configured but idle, alternating (machine noise hits both)."""
+    rates: dict[str, list[float]] = {"none": [], "idle": []}
+    for _ in range(a.idle):
+        for mode in ("none", "idle"):
+            f = run(a.seconds, a.publishers, a.batch, a.in_flight, not a.no_pin, False, mode=mode)
+            rates[mode].append(f["accepted_per_s"])
+    none, idle = statistics.mean(rates["none"]), statistics.mean(rates["idle"])
+    print(f"ingest, {a.idle} rounds of {a.seconds:g} s each (events accepted/s):")
+    print(f"  no destination           {none:10,.0f} /s  {[round(r) for r in rates['none']]}")
+    print(f"  one destination, idle    {idle:10,.0f} /s  {[round(r) for r in rates['idle']]}")
+    print(f"  idle / none              {idle / none:10.3f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rates": rates, "ratio": idle / none}, indent=2))
     return 0
 
 

@@ -222,3 +222,65 @@ async def test_sqlite_store_fails_with_journal_unavailable_when_closed(tmp_path:
         await store.save("d", DestState(position=1))
     await deferLater(reactor, 0, lambda: None)
     assert isinstance(Deferred, type)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ca_file_adds_to_the_system_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ca_file naming CA A, a receiver whose cert is in the system store (SSL_CERT_FILE = B) is still trusted."""
+    from twisted.internet import ssl
+
+    from twisted_rt.web.tls import gen_cert
+
+    system_cert, system_key = gen_cert("localhost", str(tmp_path / "system"))
+    private_cert, _ = gen_cert("localhost", str(tmp_path / "private"))
+    assert Path(system_cert).read_bytes() != Path(private_cert).read_bytes()
+    monkeypatch.setenv("SSL_CERT_FILE", system_cert)  # OpenSSL's default verify paths: the "system store"
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "none"))
+    cert = ssl.PrivateCertificate.loadPEM(Path(system_cert).read_bytes() + Path(system_key).read_bytes())
+    port = reactor.listenSSL(0, Site(Scripted()), cert.options(), interface="127.0.0.1")
+    url = f"https://localhost:{port.getHost().port}/ok"
+    try:
+        dest = DestinationConfig(name="t", url=url, channels=("a",), ca_file=private_cert, timeout_seconds=3)
+        s = Sender(reactor, dest)
+        out = await s.send(b"{}", [])
+        assert out.ok, out
+        await s.close()
+    finally:
+        await port.stopListening()
+
+
+def test_system_and_file_trust_loads_default_paths_and_the_file() -> None:
+    """The ca_file trust root calls set_default_verify_paths() and load_verify_locations(ca_file) on the context."""
+    from twisted_rt._twisted_internals import SystemAndFileTrust
+
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    class Ctx:
+        def set_default_verify_paths(self) -> None:
+            calls.append(("default", ()))
+
+        def load_verify_locations(self, *a: Any) -> None:
+            calls.append(("file", a))
+
+    SystemAndFileTrust("/etc/x.pem")._addCACertsToContext(Ctx())
+    assert calls == [("default", ()), ("file", (b"/etc/x.pem",))]
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_name_still_verified_with_ca_file(tmp_path: Path) -> None:
+    """A cert trusted through ca_file but issued for another name is refused ('tls')."""
+    from twisted.internet import ssl
+
+    from twisted_rt.web.tls import gen_cert
+
+    cert_path, key_path = gen_cert("other.example", str(tmp_path / "tls"))
+    cert = ssl.PrivateCertificate.loadPEM(Path(cert_path).read_bytes() + Path(key_path).read_bytes())
+    port = reactor.listenSSL(0, Site(Scripted()), cert.options(), interface="127.0.0.1")
+    try:
+        url = f"https://localhost:{port.getHost().port}/ok"
+        s = Sender(reactor, DestinationConfig(name="t", url=url, channels=("a",), ca_file=cert_path, timeout_seconds=3))
+        out = await s.send(b"{}", [])
+        assert out.kind == "tls", out
+        await s.close()
+    finally:
+        await port.stopListening()

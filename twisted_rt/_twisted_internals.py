@@ -482,3 +482,35 @@ def set_curves(ctx: Any, curves: Sequence[str]) -> bool | None:
     except (ImportError, AttributeError):
         return None
     return bool(set_list(pointer, ":".join(curves).encode("ascii")) == 1)
+
+
+# -- TLS trust of outgoing webhooks (engineer dest-fast) -----------------------------
+
+
+def _implementer_trust(cls: type) -> type:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
+    from zope.interface import implementer
+
+    return implementer(IOpenSSLTrustRoot)(cls)  # type: ignore[no-any-return]
+
+
+@_implementer_trust
+class SystemAndFileTrust:
+    """
+    An C{IOpenSSLTrustRoot} trusting the system CA store AND the PEM
+    certificates of one file (C{[[destinations]] ca_file}), for
+    C{optionsForClientTLS}, which still verifies the host name.
+
+    Missing public API: Twisted's public trust roots are the system store
+    (C{platformTrust}) or a list of certificates in its place
+    (C{trustRootFromCertificates}), never both; an C{IOpenSSLTrustRoot}
+    says what it trusts through the private-named
+    C{_addCACertsToContext(context)}, which this implements.
+    """
+
+    def __init__(self, ca_file: str) -> None:
+        self.ca_file = ca_file
+
+    def _addCACertsToContext(self, context: Any) -> None:
+        context.set_default_verify_paths()
+        context.load_verify_locations(self.ca_file.encode())

@@ -6,8 +6,14 @@ C{max_in_flight} kept-alive connections, a timeout for the whole request
 (connect, send, answer, body), no redirects (the Agent follows none), and
 at most L{BODY_CAP} bytes of an answer read (a longer one is cut and its
 connection closed).  C{https://} is verified against the system CA store
-(C{platformTrust} through C{BrowserLikePolicyForHTTPS}), or against the
-certificates of C{ca_file} when one is given.
+(C{platformTrust}), and also against the certificates of C{ca_file} when
+one is given (they are added to the system store, not put in its place);
+the host name is verified either way (C{optionsForClientTLS}).
+
+Lean per request: the destination has one URL, so its endpoint (TCP, or TLS
+over TCP) is built once and handed to the C{Agent} by a factory that always
+returns it (C{Agent.usingEndpointFactory}); the C{Host} header is computed
+once, so the agent does not copy the headers to add it.
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ from typing import Any, Sequence, cast
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from twisted_rt._twisted_internals import SystemAndFileTrust
 from twisted_rt.core.config import DestinationConfig
 
 __all__ = ["BODY_CAP", "Outcome", "Sender", "load_ca_file"]
@@ -125,6 +133,32 @@ class _Capped(Protocol):
         self.done.callback(b"".join(self.parts))
 
 
+@implementer(IAgentEndpointFactory)
+class _OneEndpoint:
+    """The endpoint of a destination's only URL, built once."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return self.endpoint
+
+
+def endpoint_for(reactor: Any, url: bytes, timeout: float, ca_file: str = "") -> IStreamClientEndpoint:
+    """
+    The endpoint of C{url}: TCP, or for C{https://} TLS verified against the
+    system CA store plus C{ca_file}'s certificates (when given), with the
+    host name checked.
+    """
+    uri = URI.fromBytes(url)
+    host = uri.host.decode("idna").strip("[]")
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, uri.port, timeout=timeout)
+    if uri.scheme == b"https":
+        trust: Any = SystemAndFileTrust(ca_file) if ca_file else platformTrust()
+        endpoint = wrapClientTLS(optionsForClientTLS(host, trust), endpoint)
+    return endpoint
+
+
 class Sender:
     """The HTTP client of one destination."""
 
@@ -137,18 +171,19 @@ class Sender:
         self.pool.maxPersistentPerHost = dest.max_in_flight
         self.pool.cachedConnectionTimeout = IDLE_SECONDS  # type: ignore[assignment]
         self.pool.retryAutomatically = False  # a retry is the engine's decision (at-least-once, counted)
-        trust = trustRootFromCertificates(load_ca_file(dest.ca_file)) if dest.ca_file else None
-        self.agent = Agent(
-            reactor,
-            contextFactory=BrowserLikePolicyForHTTPS(trust),
-            connectTimeout=dest.timeout_seconds,
-            pool=self.pool,
-        )
+        if dest.ca_file:
+            load_ca_file(dest.ca_file)  # a clear error now rather than at the first connection
+        uri = URI.fromBytes(self.url)
+        default = (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443))
+        self.host = uri.host if default else b"%b:%d" % (uri.host, uri.port)
+        self.endpoint = endpoint_for(reactor, self.url, dest.timeout_seconds, dest.ca_file)
+        self.agent = Agent.usingEndpointFactory(reactor, _OneEndpoint(self.endpoint), pool=self.pool)
 
     def send(self, body: bytes, headers: Sequence[tuple[str, str]]) -> Deferred[Outcome]:
         """POST C{body} with C{headers}; fires with an L{Outcome} (never fails)."""
         started = time.perf_counter()
         hdrs = Headers()
+        hdrs.addRawHeader(b"Host", self.host)
         for name, value in headers:
             hdrs.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
         d: Deferred[Any] = self.agent.request(b"POST", self.url, hdrs, _Body(body))
@@ -208,6 +243,7 @@ def _failure_outcome(f: Failure, timeout: float) -> Outcome:
                    ierror.ConnectError):
         return Outcome("refused", message=f"cannot connect: {inner.getErrorMessage()}")
     text = inner.getErrorMessage()
-    if "SSL" in text or "certificate" in text.lower() or "tls" in type(inner.value).__module__.lower():
+    module = type(inner.value).__module__.lower()
+    if "SSL" in text or "certificate" in text.lower() or "tls" in module or "service_identity" in module:
         return Outcome("tls", message=f"TLS: {text}")
     return Outcome("error", message=f"{type(inner.value).__name__}: {text}")
