@@ -39,6 +39,7 @@ from twisted_rt.core.auth import Principal, require
 from twisted_rt.core.event import Draft, dumps, loads
 from twisted_rt.core.matcher import ChannelError, validate_channel
 from twisted_rt.interfaces import AuthError
+from twisted_rt.store.presence import MAX_MEMBERS_LISTED
 from twisted_rt.web.resource import (
     JsonError,
     JsonResource,
@@ -220,7 +221,11 @@ class Channels(JsonResource):
         if presence is None or rule is None or not rule.presence:
             raise JsonError(404, "presence_off", f"{channel!r} has no presence (a [[channels]] rule with presence = true)")
         members = await presence.members(channel)
-        return {"channel": channel, "members": members, "count": len(members)}
+        if len(members) < MAX_MEMBERS_LISTED:
+            return {"channel": channel, "members": members, "count": len(members)}
+        # the list is capped: the count is the channel's, "more" says members were left out
+        count = (await presence.counts()).get(channel, len(members))
+        return {"channel": channel, "members": members, "count": count, "more": count > len(members)}
 
     async def _history(self, request: Request, raw_name: bytes) -> dict[str, Any]:
         principal = self.app.principal(request)

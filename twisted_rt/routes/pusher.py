@@ -61,6 +61,7 @@ from twisted_rt.core.matcher import ChannelError, validate_channel
 from twisted_rt.core.pusher_auth import PusherAuthError, check_channel_auth, check_user_auth
 from twisted_rt.interfaces import Control, Member, Presence, PresenceWatcher
 from twisted_rt.routes.ws import CLOSE_POLICY, MAX_BAD_MESSAGES, RTWebSocketFactory, RTWebSocketProtocol
+from twisted_rt.store.presence import MAX_MEMBERS_LISTED
 from twisted_rt.web.resource import write_json
 
 __all__ = [
@@ -525,7 +526,7 @@ class _LocalPresence(Presence):
 
     def members(self, channel: str) -> Deferred[list[Member]]:
         out: list[Member] = []
-        for user in sorted(self.conns.get(channel, {})):
+        for user in sorted(self.conns.get(channel, {}))[:MAX_MEMBERS_LISTED]:
             info = self.infos.get((channel, user))
             out.append({"user": user, "info": dict(info)} if info is not None else {"user": user})
         return succeed(out)

@@ -63,6 +63,7 @@ from twisted_rt.interfaces import (
 )
 
 __all__ = [
+    "MAX_MEMBERS_LISTED",
     "ClusterPresence",
     "Connections",
     "MemberStore",
@@ -72,6 +73,11 @@ __all__ = [
 ]
 
 log = Logger()
+
+#: members one C{members()} answer lists at most (the first by user name): every reply built
+#: from it (C{op: presence}, C{/api/channels/<name>/presence}, Pusher's C{subscription_succeeded}
+#: and C{/users}) stays bounded however large the channel (C{info} is at most 1 KiB each)
+MAX_MEMBERS_LISTED = 1000
 
 #: (channel, user, info as JSON text)
 Entry = tuple[str, str, str]
@@ -560,7 +566,8 @@ class ClusterPresence(Presence):
     def members(self, channel: str) -> Deferred[list[Member]]:
         def listed(found: dict[str, str]) -> list[Member]:
             out: list[Member] = []
-            for user in sorted(found):
+            users = sorted(found)
+            for user in users[:MAX_MEMBERS_LISTED]:
                 m: Member = {"user": user}
                 info = _info(found[user])
                 if info is not None:

@@ -1,0 +1,109 @@
+"""
+Attacks on presence: a presence channel far larger than any reply should carry (in memory: a
+daemon channel of 1000+ members needs 1000+ connections, each getting every other's join, which
+takes a minute), a JWT `info` claim past its limit and a disconnect of a huge user name (daemon).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jwt
+import pytest
+import websocket
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+
+from tests.conftest import API_KEY, JWT_SECRET, Daemon, http_json
+from tests.test_api import _call
+from twisted_rt.app import App
+from twisted_rt.core.auth import Authenticator
+from twisted_rt.core.config import AuthConfig, ChannelRule, Config
+from twisted_rt.core.metrics import Stats
+from twisted_rt.routes import api
+from twisted_rt.routes.pusher import _LocalPresence
+from twisted_rt.store.presence import MAX_MEMBERS_LISTED, make_presence
+from twisted_rt.testing import MemoryBroker
+from twisted_rt.web.resource import Root
+
+BIG = MAX_MEMBERS_LISTED + 20
+
+
+def _filled(p: Any) -> Any:
+    if hasattr(p, "start"):
+        p.start()  # the node's alive mark: its members count
+    for i in range(BIG):
+        p.add("hall", f"user{i:05d}", {"n": i}, object())
+    return p
+
+
+def test_members_list_is_capped_in_a_huge_channel() -> None:
+    """presence.members of a channel over MAX_MEMBERS_LISTED members lists the first MAX_MEMBERS_LISTED by name."""
+    p = _filled(make_presence(MemoryBroker(), Clock(), 5, 20))
+    got: list[Any] = []
+    p.members("hall").addCallback(got.append)
+    assert len(got[0]) == MAX_MEMBERS_LISTED and got[0][0] == {"user": "user00000", "info": {"n": 0}}
+    local = _filled(_LocalPresence())
+    local.members("hall").addCallback(got.append)
+    assert len(got[1]) == MAX_MEMBERS_LISTED
+
+
+def test_presence_api_counts_every_member_and_says_more() -> None:
+    """GET /api/channels/<name>/presence of a huge channel: members capped, count = all of them, more: true."""
+    from treq.testing import StubTreq
+
+    broker = MemoryBroker()
+    app = App(config=Config(channels=(ChannelRule(pattern="hall", presence=True),)), reactor=MemoryReactorClock(),
+              broker=broker, auth=Authenticator(AuthConfig(api_keys=("k",))), stats=Stats())
+    app.presence = _filled(make_presence(broker, Clock(), 5, 20))
+    root = Root()
+    api.mount(root, app)
+    status, body = _call(StubTreq(root), "GET", "/api/channels/hall/presence")
+    assert status == 200
+    assert (len(body["members"]), body["count"], body["more"]) == (MAX_MEMBERS_LISTED, BIG, True)
+
+
+def _token(sub: str, **claims: Any) -> str:
+    return jwt.encode({"sub": sub, "sub_rights": ["chat.>"], "exp": int(time.time()) + 600, **claims}, JWT_SECRET, algorithm="HS256")
+
+
+PRESENCE_CONFIG = f"""
+[journal]
+path = "var/journal.sqlite3"
+
+[auth]
+api_keys = ["{API_KEY}"]
+jwt_secret = "{JWT_SECRET}"
+
+[[channels]]
+pattern = "chat.>"
+presence = true
+"""
+
+
+@pytest.fixture
+def chat(make_daemon: Callable[..., Daemon]) -> Daemon:
+    """A daemon with presence on chat.>."""
+    return make_daemon(PRESENCE_CONFIG)
+
+
+def test_info_claim_over_1_kib_is_refused(chat: Daemon) -> None:
+    """A JWT whose info claim is over 1 KiB of JSON does not connect (it would ride on every join and members list)."""
+    with pytest.raises(websocket.WebSocketBadStatusException) as e:
+        websocket.create_connection(chat.ws_url + "?token=" + _token("alice", info={"bio": "x" * 1100}), timeout=10)
+    assert e.value.status_code == 401 and b"'info' claim is" in (e.value.resp_body or b"")
+    assert chat.get("/healthz")[0] == 200
+
+
+def test_disconnect_of_a_huge_or_odd_user_name_is_a_clear_error(chat: Daemon) -> None:
+    """POST /api/users/<user>/disconnect with a 10 KB name or bad UTF-8 is 400 JSON, not a broadcast or a 500."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    status, body = http_json("POST", chat.url + "/api/users/" + "u" * 10000 + "/disconnect", headers=auth)
+    assert status in (400, 414) and "error" in body, body
+    status, body = http_json("POST", chat.url + "/api/users/%ff%fe/disconnect", headers=auth)
+    assert status == 400 and "error" in body, body
+    status, body = http_json("POST", chat.url + "/api/users/alice/disconnect",
+                             headers={"Authorization": "Bearer " + _token("alice")})
+    assert status == 403 and body["error"] == "forbidden"
+    assert chat.get("/healthz")[0] == 200
