@@ -16,7 +16,9 @@ change what backends receive: the operator's API key only).
 
 from __future__ import annotations
 
+import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
@@ -47,6 +49,24 @@ MAX_DEAD_LIMIT = 1000
 MAX_IDS = 1000
 
 
+#: query parameters of a destination URL whose values are served as REDACTED
+_SECRET_PARAM = re.compile(r"token|key|secret|sig|pass|auth|code|credential|session", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """C{url} as C{GET /api/destinations} shows it: a password and secret-looking query values REDACTED."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = (userinfo.split(":", 1)[0] + ":REDACTED@" if ":" in userinfo else userinfo + "@") + host
+    query = "&".join(
+        f"{k}=REDACTED" if sep and _SECRET_PARAM.search(k) else f"{k}{sep}{v}"
+        for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
+    ) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
 def _bad(message: str, code: str = "invalid_body") -> JsonError:
     return JsonError(400, code, message)
 
@@ -68,7 +88,7 @@ class _Base(JsonResource):
         no_subpath(request)
         outbound = self._admin(request)
         if outbound is None or self.name not in outbound.workers:
-            raise JsonError(404, "unknown_destination", f"no destination is called {self.name!r}")
+            raise JsonError(404, "unknown_destination", f"no destination is called {self.name[:80]!r}")
         return outbound
 
 
@@ -94,7 +114,11 @@ class Destinations(_Base):
     async def handle_GET(self, request: Request) -> dict[str, Any]:
         no_subpath(request)
         outbound = self._admin(request)
-        return {"destinations": await outbound.describe() if outbound is not None else []}
+        rows = await outbound.describe() if outbound is not None else []
+        for row in rows:
+            if isinstance(row.get("url"), str):
+                row["url"] = redact_url(row["url"])
+        return {"destinations": rows}
 
 
 class Dead(_Base):
