@@ -391,3 +391,34 @@ def test_resume_and_durability_with_batched_writes(make_daemon: Callable[..., Da
     status, body = d.get("/api/channels/perf.a/history?since=0&limit=1000",
                          headers={"Authorization": f"Bearer {API_KEY}"})
     assert status == 200 and [e["offset"] for e in body["events"]] == list(range(1, 401))
+
+
+def test_unit_a_closed_connection_is_freed_without_the_cyclic_collector() -> None:
+    """Once closed (its TCP transport lets go of it, as Twisted's does), a connection leaves no cycle for the GC: no full-collection pause after a round of closes."""
+    import gc
+
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    clock, transports, broker = connections(20)
+    fanout(broker, "p.a", 1)
+    clock.advance(0)
+    gc.collect()
+    closed: set[int] = set()
+    for t in transports:
+        p = t.proto
+        closed.add(id(p))
+        p.connectionLost(Failure(ConnectionDone()))
+        t.proto = None
+        t.protocol = None  # tcp.Connection.connectionLost: del self.protocol
+        t.producer = None  # FileDescriptor.connectionLost: the producer is dropped
+    del p, t
+    transports.clear()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, ws.RTWebSocketProtocol) and id(o) in closed]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []

@@ -49,8 +49,9 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -113,6 +114,10 @@ _STATE_OPEN = 3  # WebSocketProtocol.STATE_OPEN
 # Our own log: the classes below keep Autobahn's txaio logger as C{self.log}
 # (it filters debug output cheaply; a twisted Logger there would emit it all).
 _log = Logger()
+
+
+def _dropped(event: Event) -> None:
+    """What a closed connection's subscriber sends to: nothing."""
 
 
 def _short(value: Any) -> str:
@@ -378,6 +383,24 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         if self._drain_waiters and not self._paused:
             self._fire_waiters()
         return n
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Gone: after Autobahn's own handling (and L{onClose}), break the
+        reference cycles the connection is in (its subscriber holds three of
+        its methods; Autobahn's C{is_closed} holds the protocol as its
+        result), so that reference counting frees its ~30 objects at once.
+        Otherwise only a full collection of the cyclic GC finds them: after a
+        round of connections closed, a pause of tens of milliseconds in the
+        middle of the fan-out.
+        """
+        super().connectionLost(reason)
+        sub = self.subscriber
+        if sub is not None:
+            sub.send = _dropped
+            sub.backlog = None
+            sub.on_overflow = None
+        self.is_closed = succeed(None)
 
     def _backlog(self) -> Deferred[None] | None:
         """For replays: a Deferred while the queue is half full or the transport is full."""
