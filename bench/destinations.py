@@ -78,6 +78,55 @@ def receiver(port: int, out: str) -> None:
     reactor.run()
 
 
+def lean_receiver(port: int, out: str) -> None:
+    """
+    The same answers from a bare Twisted protocol (no twisted.web): HTTP/1.1
+    keep-alive, C{Content-Length} bodies only, 204 to a POST, the count to a
+    GET.  A fraction of twisted.web's CPU per request, so that the daemon,
+    not the receiver, is what is measured on a small machine.
+    """
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    reactor: Any = _reactor
+    got: list[tuple[float, str]] = []
+
+    class Lean(Protocol):
+        buf = b""
+
+        def dataReceived(self, data: bytes) -> None:
+            self.buf += data
+            answers = []
+            while True:
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                head = self.buf[:end].lower()
+                i = head.find(b"content-length:")
+                size = int(head[i + 15 : head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
+                if len(self.buf) < end + 4 + size:
+                    break
+                body = self.buf[end + 4 : end + 4 + size]
+                self.buf = self.buf[end + 4 + size :]
+                if head.startswith(b"get"):
+                    text = str(len(got)).encode()
+                    answers.append(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text))
+                    continue
+                j = body.find(b'"time":"')
+                got.append((time.time(), body[j + 8 : j + 32].decode("ascii", "replace") if j >= 0 else ""))
+                answers.append(b"HTTP/1.1 204 No Content\r\n\r\n")
+            if answers:
+                self.transport.write(b"".join(answers))  # type: ignore[union-attr]
+
+    def dump() -> None:
+        with open(out, "w") as f:
+            json.dump(got, f)
+
+    reactor.addSystemEventTrigger("before", "shutdown", dump)
+    reactor.listenTCP(port, Factory.forProtocol(Lean), interface="127.0.0.1", backlog=1024)
+    reactor.run()
+
+
 def _count(port: int) -> int:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
@@ -112,7 +161,7 @@ def _cpu(proc: Any) -> float:
 
 
 def run(seconds: float, publishers: int, batch: int, in_flight: int, pin: bool, keep: bool,
-        mode: str = "active", profile: str | None = None) -> dict[str, Any]:
+        mode: str = "active", profile: str | None = None, lean: bool = False) -> dict[str, Any]:
     """
     One measurement; returns the figures.  C{mode}: C{active} (the
     destination matches every event), C{idle} (a destination configured
@@ -123,8 +172,10 @@ def run(seconds: float, publishers: int, batch: int, in_flight: int, pin: bool, 
     work = Path(tempfile.mkdtemp(prefix="rt-bench-dest-"))
     rport, dport = _free_port(), _free_port()
     out = work / "received.json"
-    rec = subprocess.Popen([sys.executable, "-m", "bench.destinations", "--receiver", str(rport), str(out)],
-                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    rcmd = [sys.executable, "-m", "bench.destinations", "--lean-receiver" if lean else "--receiver", str(rport), str(out)]
+    if pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        rcmd = ["taskset", "-c", "1", *rcmd]  # the receiver off the daemon's core
+    rec = subprocess.Popen(rcmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     channels = {"active": '[">"]', "idle": '["idle.>"]'}.get(mode)
     dest = "" if channels is None else f"""
 [[destinations]]
@@ -170,10 +221,6 @@ api_keys = ["{API_KEY}"]
                 break
             except OSError:
                 time.sleep(0.1)
-        if profile:
-            from bench.profile import Profiler
-
-            profiler = Profiler(daemon.pid, Path(profile), seconds)
         counts: list[int] = []
         cpu0, rcpu0 = _cpu(proc), _cpu(rproc)
         start = time.monotonic()
@@ -186,6 +233,10 @@ api_keys = ["{API_KEY}"]
         ingest_end = time.monotonic()
         cpu1 = _cpu(proc)
         during = _count(rport)
+        if profile and mode == "active":  # the drain: delivery alone
+            from bench.profile import Profiler
+
+            profiler = Profiler(daemon.pid, Path(profile), min(5.0, seconds))
         accepted = sum(counts)
         while mode == "active" and _count(rport) < accepted and time.monotonic() < ingest_end + 120:
             time.sleep(0.2)
@@ -234,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     if args_in[:1] == ["--receiver"]:
         receiver(int(args_in[1]), args_in[2])
         return 0
+    if args_in[:1] == ["--lean-receiver"]:
+        lean_receiver(int(args_in[1]), args_in[2])
+        return 0
     p = argparse.ArgumentParser(prog="python -m bench destinations", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=10.0, help="ingest window (default 10)")
@@ -243,15 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pin", action="store_true", help="do not pin the daemon to CPU 0")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    p.add_argument("--profile", metavar="PATH", help="py-spy the daemon during ingest (collapsed stacks to PATH)")
+    p.add_argument("--profile", metavar="PATH", help="py-spy the daemon for up to 5 s of the drain, after ingest (collapsed stacks to PATH)")
+    p.add_argument("--lean", action="store_true",
+                   help="a bare-protocol receiver instead of the twisted.web one (measures the daemon, not the receiver)")
     p.add_argument("--idle", type=int, metavar="ROUNDS", default=0,
                    help="instead: compare ingest with no destination and with one configured but idle"
                         " (matching none of the events), ROUNDS alternating runs of each")
     a = p.parse_args(args_in)
     if a.idle:
         return _idle(a)
-    f = run(a.seconds, a.publishers, a.batch, a.in_flight, not a.no_pin, a.keep, profile=a.profile)
-    print(f"destinations (max_in_flight={a.in_flight}, one destination matching every event, receiver 204):")
+    f = run(a.seconds, a.publishers, a.batch, a.in_flight, not a.no_pin, a.keep, profile=a.profile, lean=a.lean)
+    kind = "bare-protocol" if a.lean else "twisted.web"
+    print(f"destinations (max_in_flight={a.in_flight}, one destination matching every event, {kind} receiver 204):")
     print(f"  events accepted          {f['accepted_per_s']:10,.0f} /s")
     print(f"  deliveries during ingest {f['deliveries_per_s_during_ingest']:10,.0f} /s")
     print(f"  deliveries overall       {f['deliveries_per_s_overall']:10,.0f} /s  ({f['delivered']:,} of {f['accepted']:,})")
@@ -259,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  CPU per delivery (drain) {f['cpu_ms_per_delivery_drain']:10.3f} ms")
     if f["cpu_ms_per_event_ingest"] is not None:
         print(f"  CPU per event (ingest)   {f['cpu_ms_per_event_ingest']:10.3f} ms  (ingest and delivery together)")
+    print(f"  receiver CPU per request {1000 * f['receiver_cpu_s'] / max(1, f['delivered']):10.3f} ms")
     if f["lag_p99_ms"] is not None:
         print(f"  delivery lag p50 / p99   {f['lag_p50_ms']:10,.0f} / {f['lag_p99_ms']:,.0f} ms")
     if f["profile"]:

@@ -58,6 +58,9 @@ LEASE_RENEW_SECONDS = 3.0
 #: events read ahead of the requests in flight (and bytes of them, about)
 BUFFER_EVENTS = 512
 BUFFER_BYTES = 4 * 1024 * 1024
+#: the state row (the position) is written at most this often while deliveries go on (the first at once);
+#: a crash in between only sends again what the receiver already got (at-least-once), never loses one
+SAVE_EVERY_SECONDS = 0.1
 #: a failing store write is tried again after this long
 STORE_RETRY_SECONDS = 1.0
 #: seconds a stopping daemon waits for requests in flight
@@ -156,6 +159,8 @@ class Worker:
         self._retry_waiting = False
         self._saving = False
         self._save_again = False
+        self._save_call: IDelayedCall | None = None
+        self._latency = stats.latency.labels(self.name)
         self._lease_call: IDelayedCall | None = None
         self._activating = False
         self._pumping = False
@@ -231,6 +236,9 @@ class Worker:
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
+        if self._save_call is not None and self._save_call.active():
+            self._save_call.cancel()  # the new holder's position is not overwritten with an older one
+        self._save_call = None
         self._unsubscribe()
 
     def _unsubscribe(self) -> None:
@@ -272,7 +280,7 @@ class Worker:
     def stop(self) -> Deferred[None]:
         """Send nothing more; wait a little for requests in flight; save the state; give up the lease."""
         self.stopped = True
-        for call in (self._retry_call, self._lease_call):
+        for call in (self._retry_call, self._lease_call, self._save_call):
             if call is not None and call.active():
                 call.cancel()
         self._unsubscribe()
@@ -396,7 +404,7 @@ class Worker:
             return  # dropped by a lease loss
         if not fresh and delivery.id not in self._retrying:
             return
-        self.stats.latency.labels(self.name).observe(outcome.seconds)
+        self._latency.observe(outcome.seconds)
         now = self.reactor.seconds()
         delivery.attempts += 1
         if outcome.ok:
@@ -486,7 +494,7 @@ class Worker:
 
     def _save(self) -> None:
         """Save the state row; one write at a time, the next one takes the latest state."""
-        if self._saving:
+        if self._saving or self._save_call is not None:
             self._save_again = True
             return
         self._saving = True
@@ -494,8 +502,8 @@ class Worker:
 
         def saved(_: object) -> None:
             self._saving = False
-            if self._save_again:
-                self._save()
+            if self._save_again and not self.stopped:
+                self._save_call = self.reactor.callLater(SAVE_EVERY_SECONDS, self._save_held)
 
         def failed(f: Failure) -> None:
             self._saving = False
@@ -503,6 +511,11 @@ class Worker:
             self.reactor.callLater(STORE_RETRY_SECONDS, self._save)
 
         self.store.save(self.name, replace(self.state)).addCallbacks(saved, failed)
+
+    def _save_held(self) -> None:
+        self._save_call = None
+        if not self.stopped:
+            self._save()
 
     def _slot_free(self) -> None:
         if self._retry_waiting:

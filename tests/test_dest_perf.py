@@ -1,0 +1,85 @@
+"""
+The engine's per-delivery costs kept small (issue 17's throughput): the
+position is written at most once per SAVE_EVERY_SECONDS while deliveries go
+on (one write in flight, the next one holding the latest state), on a fake
+clock with a store whose writes the test completes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from twisted_rt.outbound._engine import SAVE_EVERY_SECONDS
+from twisted_rt.store.deliveries import DestState, MemoryDeliveries
+
+from test_dest_engine import OK, make
+
+
+class SlowSaves(MemoryDeliveries):
+    """Saves wait for the test to complete them (like the SQLite writer thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[tuple[DestState, Deferred[None]]] = []
+
+    def save(self, dest: str, state: DestState) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.pending.append((replace(state), d))
+
+        def write(_: Any) -> None:
+            self.states[dest] = replace(state)
+
+        return d.addCallback(write)
+
+    def complete(self) -> int:
+        done, self.pending = self.pending, []
+        for _, d in done:
+            d.callback(None)
+        return len(done)
+
+
+def test_position_writes_are_coalesced_and_throttled() -> None:
+    """Many deliveries while a write is in flight give one more write, SAVE_EVERY_SECONDS later, with the last position."""
+    ob, broker, _store, sender, clock = make()
+    w = ob.workers["b"]
+    slow = SlowSaves()
+    slow.states = dict(_store.states)
+    w.store = slow
+    broker.commit("o.a", 0)
+    sender.answer_all(OK)
+    assert len(slow.pending) == 1  # the first write goes at once
+    last = None
+    for i in range(50):
+        last = broker.commit("o.a", i)
+        sender.answer_all(OK)
+    assert len(slow.pending) == 1  # no more while it is in flight
+    slow.complete()
+    assert not slow.pending  # held: not at once again
+    clock.advance(SAVE_EVERY_SECONDS / 2)
+    assert not slow.pending
+    clock.advance(SAVE_EVERY_SECONDS)
+    assert len(slow.pending) == 1 and last is not None
+    assert slow.pending[0][0].position == last.seq
+    slow.complete()
+    clock.advance(10 * SAVE_EVERY_SECONDS)
+    assert not slow.pending  # nothing new to write
+
+
+def test_stop_writes_the_latest_position_even_while_a_write_is_held() -> None:
+    """Stopping while a throttled write waits still saves the latest position (the held call is cancelled)."""
+    ob, broker, store, sender, clock = make()
+    for i in range(5):
+        broker.commit("o.a", i)
+    w = ob.workers["b"]
+    w._saving = True  # a write in flight: the next ones are held
+    last = broker.commit("o.a", 9)
+    sender.answer_all(OK)
+    w._saving = False
+    w._save_call = clock.callLater(SAVE_EVERY_SECONDS, w._save_held)
+    ob.stop()
+    clock.advance(1)
+    assert store.states["b"].position == last.seq
+    assert not clock.getDelayedCalls() or all(not c.func == w._save_held for c in clock.getDelayedCalls())
