@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from test_dest_engine import OK, make
 from twisted.internet.defer import Deferred
 
 from twisted_rt.outbound._engine import SAVE_EVERY_SECONDS
 from twisted_rt.store.deliveries import DestState, MemoryDeliveries
-
-from test_dest_engine import OK, make
 
 
 class SlowSaves(MemoryDeliveries):
