@@ -6,7 +6,8 @@ so everything here is what any browser could send.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import Any, Callable
+from urllib.parse import urlencode
 
 import pytest
 
@@ -98,3 +99,95 @@ def test_subscriptions_per_connection_are_capped(pd: Daemon) -> None:
     assert errors >= 1
     p.close()
     _healthy(pd)
+
+
+# -- the signed HTTP API ------------------------------------------------------
+
+
+def _signed(d: Daemon, method: str, path: str, body: bytes = b"", **params: str) -> tuple[int, Any]:
+    import hashlib
+    import time
+
+    from tests.conftest import http
+    from twisted_rt.core.pusher_auth import request_signature
+
+    q = {"auth_key": KEY, "auth_timestamp": str(int(time.time())), "auth_version": "1.0", **params}
+    if body:
+        q["body_md5"] = hashlib.md5(body).hexdigest()
+    q["auth_signature"] = request_signature(SECRET, method, path, q)
+    status, _, raw = http(method, d.url + path + "?" + urlencode(q), body or None,
+                          {"Content-Type": "application/json"})
+    return status, json.loads(raw) if raw else None
+
+
+def test_http_api_refuses_unsigned_and_oversized_requests(pd: Daemon) -> None:
+    """Unsigned, badly signed or stale calls are 401 JSON; 101 channels, 11 events, a long name, big data: 4xx JSON."""
+    from tests.conftest import http_json
+
+    status, body = http_json("POST", pd.url + "/apps/1001/events", {"name": "x", "data": "1", "channel": "a"})
+    assert status == 401 and body["error"] == "invalid_signature"
+    status, body = http_json("GET", pd.url + "/apps/1001/channels?auth_key=rt-key&auth_timestamp=1"
+                             "&auth_version=1.0&auth_signature=00")
+    assert status == 401 and "timestamp" in body["message"] and SECRET not in body["message"]
+    cases = [
+        ({"name": "e", "data": "1", "channels": [f"c{i}" for i in range(101)]}, 400),
+        ({"name": "e" * 201, "data": "1", "channel": "c"}, 400),
+        ({"name": "e", "data": "x" * 3000, "channel": "c"}, 413),
+        ({"name": "e", "data": "1", "channel": "c\n"}, 400),
+        ({"name": "e", "data": "1", "channels": [{"a": 1}]}, 400),
+        ([1, 2], 400),
+    ]
+    for obj, expected in cases:
+        status, got = _signed(pd, "POST", "/apps/1001/events", json.dumps(obj).encode())
+        assert status == expected and isinstance(got, dict) and got.get("error"), (str(obj)[:60], status, got)
+    batch = {"batch": [{"name": "e", "data": "1", "channel": "c"}] * 11}
+    status, got = _signed(pd, "POST", "/apps/1001/batch_events", json.dumps(batch).encode())
+    assert status == 400 and got["error"]
+    status, got = _signed(pd, "GET", "/apps/1001/channels", info="user_count")
+    assert status == 400 and got["error"]
+    status, got = _signed(pd, "GET", "/apps/1001/channels/" + "c" * 300)
+    assert status == 400 and got["error"] == "invalid_channel"
+    status, got = _signed(pd, "GET", "/apps/9999/channels")
+    assert status == 404
+    _healthy(pd)
+
+
+def test_occupancy_counters_do_not_pile_up_in_redis(
+    make_daemon: Callable[..., Daemon], redis_server: Any
+) -> None:
+    """Anonymous subscribe/unsubscribe of many public channels leaves no pusher-occupancy key behind in Redis."""
+    import socket
+
+    d = make_daemon(CONFIG.replace('max_message_bytes = 2048', 'max_message_bytes = 2048\nwebhooks = "hooks"') + f"""
+[broker]
+kind = "redis"
+url = "{redis_server.url}"
+
+[[destinations]]
+name = "hooks"
+url = "http://127.0.0.1:9/hooks"
+channels = ["never.>"]
+max_attempts = 1
+""")
+    p = PusherWS(d).connect()
+    for i in range(50):
+        p.send("pusher:subscribe", {"channel": f"junk.{i}"})
+        p.send("pusher:unsubscribe", {"channel": f"junk.{i}"})
+    p.send("pusher:ping")
+    while p.recv()["event"] != "pusher:pong":
+        pass
+
+    def keys() -> list[bytes]:
+        with socket.create_connection(("127.0.0.1", redis_server.port), timeout=5) as s:
+            s.sendall(b"KEYS *pusher-occupancy*\r\n")
+            time.sleep(0.2)
+            return [line for line in s.recv(1 << 16).split(b"\r\n") if b"pusher-occupancy" in line]
+
+    import time
+
+    deadline = time.monotonic() + 5
+    while keys() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert keys() == []
+    p.close()
+    _healthy(d)

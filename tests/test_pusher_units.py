@@ -120,9 +120,11 @@ class _RedisLike(MemoryBroker):
         return f"rt:{kind}:{name}"
 
     def command(self, *args: Any) -> Deferred[Any]:
-        assert args[0] == "INCRBY"
-        self.counts[args[1]] = self.counts.get(args[1], 0) + int(args[2])
-        return succeed(self.counts[args[1]])
+        assert args[0] == "EVAL" and args[2] == 1  # INCRBY KEYS[1] ARGV[1], deleted back at 0
+        n = self.counts[args[3]] = self.counts.get(args[3], 0) + int(args[4])
+        if n <= 0:
+            del self.counts[args[3]]
+        return succeed(n)
 
 
 def test_occupancy_is_counted_cluster_wide_with_a_shared_counter() -> None:
@@ -138,6 +140,7 @@ def test_occupancy_is_counted_cluster_wide_with_a_shared_counter() -> None:
     hooks.local_vacated("a")
     hooks.local_vacated("a")
     assert [json.loads(b)["events"][0]["name"] for _, b, _, _ in out.sent] == ["channel_occupied", "channel_vacated"]
+    assert app.broker.counts == {}
 
 
 class _Watcher:

@@ -53,6 +53,13 @@ MAX_NAME = 200
 
 _log = Logger()
 
+#: INCRBY the occupancy counter KEYS[1] by ARGV[1]; delete it when it is back at (or below) 0
+_OCCUPANCY = """
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if n <= 0 then redis.call('DEL', KEYS[1]) end
+return n
+"""
+
 
 def _bad(message: str, code: str = "bad_request") -> JsonError:
     return JsonError(400, code, message)
@@ -297,7 +304,9 @@ class PusherWebhooks:
             if int(n) == when:
                 self.send([{"name": name, "channel": channel}])
 
-        d = command("INCRBY", key("pusher-occupancy", channel), delta)
+        # a counter back at 0 is deleted in the same step: channels an anonymous client
+        # subscribes once and leaves leave no key behind in Redis
+        d = command("EVAL", _OCCUPANCY, 1, key("pusher-occupancy", channel), delta)
         d.addCallback(counted)
         d.addErrback(lambda f: _log.failure("counting Pusher occupancy", f, log_category="RT-P03"))
 
