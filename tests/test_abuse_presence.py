@@ -6,6 +6,7 @@ takes a minute), a JWT `info` claim past its limit and a disconnect of a huge us
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable
 
@@ -65,7 +66,7 @@ def test_presence_api_counts_every_member_and_says_more() -> None:
 
 
 def _token(sub: str, **claims: Any) -> str:
-    return jwt.encode({"sub": sub, "sub_rights": ["chat.>"], "exp": int(time.time()) + 600, **claims}, JWT_SECRET, algorithm="HS256")
+    return jwt.encode({"sub": sub, "subscribe": ["chat.>"], "exp": int(time.time()) + 600, **claims}, JWT_SECRET, algorithm="HS256")
 
 
 PRESENCE_CONFIG = f"""
@@ -107,3 +108,35 @@ def test_disconnect_of_a_huge_or_odd_user_name_is_a_clear_error(chat: Daemon) ->
                              headers={"Authorization": "Bearer " + _token("alice")})
     assert status == 403 and body["error"] == "forbidden"
     assert chat.get("/healthz")[0] == 200
+
+
+def _members(d: Daemon) -> list[str]:
+    status, body = d.get("/api/channels/chat.room/presence", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert status == 200
+    return [m["user"] for m in body["members"]]
+
+
+def _eventually(d: Daemon, expected: list[str]) -> None:
+    deadline = time.monotonic() + 5
+    while _members(d) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _members(d) == expected
+
+
+def test_only_a_jwt_sub_is_a_member_and_a_new_token_moves_it(chat: Daemon) -> None:
+    """API-key and anonymous subscribers are not members; a re-auth as bob makes the connection bob, not alice."""
+    admin = websocket.create_connection(chat.ws_url + f"?token={API_KEY}", timeout=10)
+    admin.send(json.dumps({"op": "subscribe", "channel": "chat.room", "ref": 1}))
+    assert json.loads(admin.recv())["op"] == "subscribed"
+    _eventually(chat, [])
+    ws = websocket.create_connection(chat.ws_url + "?token=" + _token("alice"), timeout=10)
+    ws.send(json.dumps({"op": "subscribe", "channel": "chat.room", "user": "mallory", "info": {"x": 1}, "ref": 1}))
+    _eventually(chat, ["alice"])
+    ws.send(json.dumps({"op": "auth", "token": _token("bob"), "ref": 2}))
+    _eventually(chat, ["bob"])
+    status, body = http_json("POST", chat.url + "/api/users/alice/disconnect", {},
+                             {"Authorization": f"Bearer {API_KEY}"})
+    assert (status, body["disconnected"]) == (200, 0)
+    ws.close()
+    admin.close()
+    _eventually(chat, [])
