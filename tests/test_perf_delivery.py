@@ -295,6 +295,36 @@ async def test_next_commit_starts_before_the_callbacks_of_the_last(tmp_path: Pat
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_publisher_is_answered_before_the_fanout_of_the_only_event_of_its_commit(tmp_path: Path) -> None:
+    """A single-event commit fires its publish Deferred (the ack) first, then fans out in the same turn; a bigger commit fans out first, as before."""
+    from twisted_rt.store.local import LocalBroker
+    from twisted_rt.testing import Recorder
+
+    b = LocalBroker(Journal(reactor, str(tmp_path / "j.db")))  # type: ignore[arg-type]
+    await b.start()
+    try:
+        rec = Recorder()
+        b.subscribe(">", rec)
+        at_ack: list[int] = []
+
+        def acked(acc: Any) -> Any:
+            at_ack.append(len(rec.events))
+            return acc
+
+        await b.publish([Draft("a", 1)]).addCallback(acked)
+        await _later(0)
+        assert at_ack == [0] and [e.offset for e in rec.events] == [1]
+        await b.publish([Draft("a", 2), Draft("a", 3)]).addCallback(acked)
+        assert at_ack == [0, 3]
+        [dup] = await b.publish([Draft("a", "x", source="s", id="k")])
+        [again] = await b.publish([Draft("a", "x", source="s", id="k")])
+        await _later(0)
+        assert again.duplicate and [e.offset for e in rec.events] == [1, 2, 3, dup.event.offset]
+    finally:
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_wal_checkpoints_run_in_their_own_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer's automatic checkpoint is only a safety net; the WAL is checkpointed by another thread, at most once per interval."""
     import twisted_rt.store.journal as journal

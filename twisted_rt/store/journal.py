@@ -182,6 +182,9 @@ class Journal:
         self.max_batch = max_batch
         self.trim_interval_seconds = trim_interval_seconds
         self._on_commit = on_commit
+        #: called after every callback of a commit has run (the broker's fan-out of
+        #: what it held back so that the publishers' acks go first)
+        self.after_callbacks: Callable[[], None] | None = None
         self._memory = path == ":memory:"
         self._wpool = ThreadPool(minthreads=1, maxthreads=1, name="rt-journal-writer")
         # WAL checkpoints, off the writer's path (None: in memory, nothing to checkpoint)
@@ -388,6 +391,11 @@ class Journal:
             d.callback(acc)
         if not self._writing:
             self._kick()
+        if self.after_callbacks is not None:
+            try:
+                self.after_callbacks()
+            except Exception:  # noqa: BLE001 - the commit path goes on
+                self.log.failure("after the callbacks of a commit")
         self._maybe_checkpoint()
 
     def _append_failed(

@@ -9,7 +9,11 @@ broker (L{twisted_rt.store.redis}) implements the same interface for several nod
 
 Ordering: the journal fires commits in order and the broker fans out in the
 commit callback, so live events reach subscribers in increasing C{seq} (so
-each channel's in offset order), and only after they are durable.
+each channel's in offset order), and only after they are durable.  The only
+event of a commit is fanned out right after that commit's callbacks (its
+publisher's ack goes first: its fan-out writes at once, see
+L{twisted_rt.routes.ws}); the events of a bigger commit are fanned out (queued)
+before each publish's Deferred fires.
 
 Every L{Event} a broker returns or fans out carries its C{seq}, the
 journal-wide order.  Reads are pages bounded by count I{and} bytes
@@ -84,6 +88,9 @@ class LocalBroker(IndexedBroker):
     def __init__(self, journal: Journal) -> None:
         super().__init__()
         self.journal = journal
+        # the only event of a commit, fanned out once its publisher has been answered
+        self._held: Event | None = None
+        journal.after_callbacks = self._fanout_held
 
     def start(self) -> Deferred[None]:
         return self.journal.open()
@@ -107,11 +114,22 @@ class LocalBroker(IndexedBroker):
     def _delivered(self, accepted: list[Accepted]) -> list[Accepted]:
         if not len(self.index):  # nobody subscribed on this node (e.g. a pure webhook intake)
             return accepted
+        if len(accepted) == 1 and accepted[0].event.alone and not accepted[0].duplicate:
+            # the only event of its commit: /ws writes it at once while fanning out, so
+            # fan out after the publisher's ack (the journal calls _fanout_held next)
+            self._held = accepted[0].event
+            return accepted
         fanout = self.fanout
         for a in accepted:
             if not a.duplicate:
                 fanout(a.event)
         return accepted
+
+    def _fanout_held(self) -> None:
+        """Every callback of the commit has run (the publisher's ack): fan out the event held back."""
+        event, self._held = self._held, None
+        if event is not None:
+            self.fanout(event)
 
     def history(
         self, channel: str, after: int = 0, limit: int = 1000, *, max_bytes: int = PAGE_BYTES
