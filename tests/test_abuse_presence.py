@@ -140,3 +140,18 @@ def test_only_a_jwt_sub_is_a_member_and_a_new_token_moves_it(chat: Daemon) -> No
     ws.close()
     admin.close()
     _eventually(chat, [])
+
+
+def test_members_need_the_subscribe_right(chat: Daemon) -> None:
+    """A JWT without the subscribe right on the channel gets 403 on the API and 'forbidden' on /ws, no members."""
+    eve = jwt.encode({"sub": "eve", "subscribe": ["other.>"], "exp": int(time.time()) + 600}, JWT_SECRET,
+                     algorithm="HS256")
+    status, body = chat.get("/api/channels/chat.room/presence", headers={"Authorization": f"Bearer {eve}"})
+    assert status == 403 and body["error"] == "forbidden" and "members" not in body
+    ws = websocket.create_connection(chat.ws_url + "?token=" + eve, timeout=10)
+    ws.send(json.dumps({"op": "presence", "channel": "chat.room", "ref": 3}))
+    got = json.loads(ws.recv())
+    assert got["op"] == "error" and got["code"] == "forbidden" and got["ref"] == 3
+    ws.send(json.dumps({"op": "presence", "channel": "chat.room\n", "ref": 4}))
+    assert json.loads(ws.recv())["code"] == "invalid_channel"
+    ws.close()

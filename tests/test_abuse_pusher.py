@@ -191,3 +191,26 @@ max_attempts = 1
     assert keys() == []
     p.close()
     _healthy(d)
+
+
+def test_an_oversized_message_is_refused_before_it_is_buffered(pd: Daemon) -> None:
+    """An 8 MiB Pusher message closes the socket (4100 or 1009) without the daemon holding it: RSS stays flat."""
+    import psutil
+    import websocket
+
+    proc = psutil.Process(pd.proc.pid)  # type: ignore[union-attr]
+    before = proc.memory_info().rss
+    for _ in range(3):
+        p = PusherWS(pd).connect()
+        try:
+            p.ws.send(json.dumps({"event": "pusher:ping", "data": "x" * (8 << 20)}))
+        except (OSError, websocket.WebSocketException):
+            pass  # the server may close while the client is still writing
+        try:
+            code = p.closed_with()
+        except (OSError, websocket.WebSocketException):
+            code = None
+        assert code in (4100, 1009, None)
+        p.close()
+    assert proc.memory_info().rss - before < 8 << 20
+    _healthy(pd)
