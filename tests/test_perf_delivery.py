@@ -452,3 +452,10 @@ def test_unit_a_closed_connection_is_freed_without_the_cyclic_collector() -> Non
         gc.set_debug(0)
         gc.garbage.clear()
     assert left == []
+
+
+def test_unit_auto_pings_go_out_in_small_chunks() -> None:
+    """Autobahn's auto-ping timer runs at most PING_CHUNK pings per reactor turn (its own runs 1,000: a burst every interval)."""
+    proto, _clock, _transport, _broker = open_proto()
+    timer = proto.factory._batched_timer
+    assert timer._chunk_size == ws.PING_CHUNK <= 100
