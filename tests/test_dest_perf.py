@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest_twisted
 from test_dest_engine import OK, make
 from twisted.internet.defer import Deferred
 
@@ -82,3 +83,22 @@ def test_stop_writes_the_latest_position_even_while_a_write_is_held() -> None:
     clock.advance(1)
     assert store.states["b"].position == last.seq
     assert not clock.getDelayedCalls() or all(getattr(c, "func", None) != w._save_held for c in clock.getDelayedCalls())
+
+
+@pytest_twisted.ensureDeferred
+async def test_destination_connections_set_tcp_nodelay() -> None:
+    """The destination's endpoint sets TCP_NODELAY on its connections (no Nagle wait on a delayed ACK per request)."""
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from twisted_rt.outbound._http import endpoint_for
+
+    reactor: Any = _reactor
+    port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    try:
+        ep = endpoint_for(reactor, b"http://127.0.0.1:%d/h" % port.getHost().port, 3)
+        proto = await ep.connect(Factory.forProtocol(Protocol))
+        assert proto.transport.getTcpNoDelay()
+        proto.transport.loseConnection()
+    finally:
+        await port.stopListening()

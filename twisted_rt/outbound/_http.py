@@ -144,6 +144,23 @@ class _OneEndpoint:
         return self.endpoint
 
 
+@implementer(IStreamClientEndpoint)
+class _NoDelay:
+    """TCP connections with C{TCP_NODELAY}: a request is not held back by Nagle waiting for a delayed ACK."""
+
+    def __init__(self, inner: IStreamClientEndpoint) -> None:
+        self.inner = inner
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        def nodelay(proto: Any) -> Any:
+            set_no_delay = getattr(getattr(proto, "transport", None), "setTcpNoDelay", None)
+            if set_no_delay is not None:
+                set_no_delay(True)
+            return proto
+
+        return self.inner.connect(factory).addCallback(nodelay)
+
+
 def endpoint_for(reactor: Any, url: bytes, timeout: float, ca_file: str = "") -> IStreamClientEndpoint:
     """
     The endpoint of C{url}: TCP, or for C{https://} TLS verified against the
@@ -152,7 +169,7 @@ def endpoint_for(reactor: Any, url: bytes, timeout: float, ca_file: str = "") ->
     """
     uri = URI.fromBytes(url)
     host = uri.host.decode("idna").strip("[]")
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, uri.port, timeout=timeout)
+    endpoint: IStreamClientEndpoint = _NoDelay(HostnameEndpoint(reactor, host, uri.port, timeout=timeout))
     if uri.scheme == b"https":
         trust: Any = SystemAndFileTrust(ca_file) if ca_file else platformTrust()
         endpoint = wrapClientTLS(optionsForClientTLS(host, trust), endpoint)
