@@ -459,3 +459,21 @@ def test_unit_auto_pings_go_out_in_small_chunks() -> None:
     proto, _clock, _transport, _broker = open_proto()
     timer = proto.factory._batched_timer
     assert timer._chunk_size == ws.PING_CHUNK <= 100
+
+
+def test_unit_publish_body_encoded_again_only_when_not_ascii(monkeypatch: pytest.MonkeyPatch) -> None:
+    """parse_publish re-encodes a body (the raw lone-surrogate check) only when it has a non-ASCII byte; both surrogate forms stay 400."""
+    import twisted_rt.routes.api as api
+    from twisted_rt.web.resource import JsonError
+
+    calls: list[Any] = []
+    real = api.dumps
+    monkeypatch.setattr(api, "dumps", lambda obj: calls.append(obj) or real(obj))
+    api.parse_publish(b'{"channel":"a","data":{"k":[1,2]}}')
+    assert calls == []
+    api.parse_publish('{"channel":"a","data":"caf\u00e9"}'.encode())
+    assert len(calls) == 1
+    for body in (b'{"channel":"a","data":"\\ud800"}', '{"channel":"a","data":"\ud800"}'.encode("utf-8", "surrogatepass")):
+        with pytest.raises(JsonError) as e:
+            api.parse_publish(body)
+        assert (e.value.status, e.value.code) == (400, "invalid_json")
