@@ -477,3 +477,35 @@ def test_unit_publish_body_encoded_again_only_when_not_ascii(monkeypatch: pytest
         with pytest.raises(JsonError) as e:
             api.parse_publish(body)
         assert (e.value.status, e.value.code) == (400, "invalid_json")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_after_callbacks_hook_or_checkpoint_does_not_stop_commits(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook that raises after a commit is logged and the next commits go on; a failed checkpoint is logged and retried later."""
+    import twisted_rt.store.journal as journal
+
+    def boom(self: Journal) -> None:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(Journal, "_c_checkpoint", boom)
+    monkeypatch.setattr(journal, "CHECKPOINT_INTERVAL", 0.0)
+    j = Journal(reactor, str(tmp_path / "j.db"))  # type: ignore[arg-type]
+    await j.open()
+    calls: list[int] = []
+
+    def hook() -> None:
+        calls.append(1)
+        raise RuntimeError("hook")
+
+    j.after_callbacks = hook
+    try:
+        [a] = await j.append([Draft("c", 1)])
+        while j._checkpointing:
+            await _later(0.01)
+        [b] = await j.append([Draft("c", 2)])
+        await _later(0)
+        assert (a.event.offset, b.event.offset) == (1, 2) and len(calls) == 2
+        assert j.checkpoints == 0 and not j._checkpointing and j.healthy
+    finally:
+        await j.close()
