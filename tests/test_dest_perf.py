@@ -102,3 +102,24 @@ async def test_destination_connections_set_tcp_nodelay() -> None:
         proto.transport.loseConnection()
     finally:
         await port.stopListening()
+
+
+def test_signer_matches_sign_and_standardwebhooks() -> None:
+    """The keyed-once signer gives the same signature as sign(), and standardwebhooks verifies it."""
+    import base64
+
+    from standardwebhooks import Webhook
+
+    from twisted_rt.outbound._policy import sign, signer
+
+    key = b"k" * 24
+    s = signer(key)
+    for i in range(3):  # the keyed HMAC is copied, not consumed
+        body = b'{"n":%d}' % i
+        assert s("evt_1", 1700000000 + i, body) == sign(key, "evt_1", 1700000000 + i, body)
+    wh = Webhook("whsec_" + base64.b64encode(key).decode())
+    import time
+
+    ts = int(time.time())
+    headers = {"webhook-id": "evt_2", "webhook-timestamp": str(ts), "webhook-signature": s("evt_2", ts, b"{}")}
+    assert wh.verify(b"{}", headers) == {}

@@ -46,7 +46,7 @@ from twisted_rt.core.matcher import matches
 from twisted_rt.core.metrics import DestinationStats
 from twisted_rt.interfaces import Broker, Reactor
 from twisted_rt.outbound._http import Outcome, Sender
-from twisted_rt.outbound._policy import backoff, forwarded_headers, retry_after, sign
+from twisted_rt.outbound._policy import backoff, forwarded_headers, retry_after, signer
 from twisted_rt.store.deliveries import Delivery, DeliveryStore, DestState
 
 __all__ = ["LEASE_RENEW_SECONDS", "LEASE_SECONDS", "Outbound", "UnknownDestination", "Worker"]
@@ -139,6 +139,7 @@ class Worker:
         self.rand = rand
         self.node_id = node_id
         self.key = dest.secret_key()
+        self._sign = signer(self.key) if self.key else None
         self.patterns = list(dest.channels)
         self.extra_headers = list(dest.headers)
         self.state = DestState()
@@ -390,8 +391,8 @@ class Worker:
         if delivery.sign:
             ts = int(self.reactor.seconds())
             headers += [("webhook-id", delivery.id), ("webhook-timestamp", str(ts))]
-            if self.key:
-                headers.append(("webhook-signature", sign(self.key, delivery.id, ts, delivery.body)))
+            if self._sign is not None:
+                headers.append(("webhook-signature", self._sign(delivery.id, ts, delivery.body)))
         self.stats.attempts[self.name] += 1
         d = self.sender.send(delivery.body, headers)
         d.addCallback(self._answered, delivery, fresh)
