@@ -123,3 +123,21 @@ def test_signer_matches_sign_and_standardwebhooks() -> None:
     ts = int(time.time())
     headers = {"webhook-id": "evt_2", "webhook-timestamp": str(ts), "webhook-signature": s("evt_2", ts, b"{}")}
     assert wh.verify(b"{}", headers) == {}
+
+
+def test_lease_loss_cancels_a_held_position_write() -> None:
+    """When the worker stops delivering (lease lost), a throttled position write still waiting is dropped."""
+    ob, broker, _store, sender, clock = make()
+    w = ob.workers["b"]
+    slow = SlowSaves()
+    w.store = slow
+    broker.commit("o.a", 0)
+    sender.answer_all(OK)
+    broker.commit("o.a", 1)
+    sender.answer_all(OK)
+    slow.complete()  # the second save is now held for SAVE_EVERY_SECONDS
+    assert w._save_call is not None
+    w._deactivate()
+    assert w._save_call is None
+    clock.advance(10 * SAVE_EVERY_SECONDS)
+    assert not slow.pending
