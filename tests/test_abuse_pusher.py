@@ -214,3 +214,43 @@ def test_an_oversized_message_is_refused_before_it_is_buffered(pd: Daemon) -> No
         p.close()
     assert proc.memory_info().rss - before < 8 << 20
     _healthy(pd)
+
+
+def test_failing_subscribes_do_not_flood_the_log(make_daemon: Callable[..., Daemon], redis_server: Any) -> None:
+    """With Redis down, 20 anonymous cache- subscribes are each answered, but the traceback is logged once per socket."""
+    d = make_daemon(CONFIG + f"""
+[broker]
+kind = "redis"
+url = "{redis_server.url}"
+""")
+    redis_server.stop()
+    p = PusherWS(d).connect()
+    for i in range(20):
+        p.send("pusher:subscribe", {"channel": f"cache-x{i}"})
+    answered = 0
+    while answered < 20:
+        msg = p.recv()
+        if msg["event"] in ("pusher:error", "pusher:subscription_error", "pusher:cache_miss",
+                            "pusher_internal:subscription_succeeded"):
+            answered += msg["event"] == "pusher:error"
+    assert d.log().count("handling pusher:subscribe") <= 1
+    redis_server.start()  # the same port: the daemon reconnects; a retried subscribe really subscribes
+    import time
+
+    from tests.test_pusher_daemon import client
+
+    deadline = time.monotonic() + 15
+    while True:
+        p.send("pusher:subscribe", {"channel": "cache-x0"})
+        msg = p.recv()
+        while msg["event"] not in ("pusher:error", "pusher_internal:subscription_succeeded"):
+            msg = p.recv()
+        if msg["event"] == "pusher_internal:subscription_succeeded" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert msg["event"] == "pusher_internal:subscription_succeeded", msg
+    assert p.recv()["event"] == "pusher:cache_miss"
+    client(d).trigger(["cache-x0"], "back", {"ok": 1})
+    assert p.expect("back")["data"] == {"ok": 1}
+    p.close()
+    _healthy(d)

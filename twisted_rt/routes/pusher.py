@@ -59,7 +59,7 @@ from twisted_rt.core.auth import MAX_INFO_BYTES
 from twisted_rt.core.event import Event, dumps, loads
 from twisted_rt.core.matcher import ChannelError, validate_channel
 from twisted_rt.core.pusher_auth import PusherAuthError, check_channel_auth, check_user_auth
-from twisted_rt.interfaces import Control, Member, Presence, PresenceWatcher
+from twisted_rt.interfaces import Control, JournalUnavailable, Member, Presence, PresenceWatcher
 from twisted_rt.routes.ws import CLOSE_POLICY, MAX_BAD_MESSAGES, RTWebSocketFactory, RTWebSocketProtocol
 from twisted_rt.store.presence import MAX_MEMBERS_LISTED
 from twisted_rt.web.resource import write_json
@@ -120,6 +120,7 @@ class PusherProtocol(RTWebSocketProtocol):
         self.pinged = False
         self._client_window = 0.0
         self._client_count = 0
+        self._failure_logged = False
 
     # handshake
 
@@ -252,7 +253,7 @@ class PusherProtocol(RTWebSocketProtocol):
             elif name == "pusher:subscribe":
                 result = self._subscribe(data)
                 if result is not None:
-                    result.addErrback(self._failed_op, name)
+                    result.addErrback(self._subscribe_failed, str(data["channel"]))
             elif name == "pusher:unsubscribe":
                 self._unsubscribe(data)
             elif name == "pusher:signin":
@@ -265,8 +266,21 @@ class PusherProtocol(RTWebSocketProtocol):
             self._failed_op(Failure(), name)
 
     def _failed_op(self, f: Failure, name: str) -> None:
-        _log.failure("handling {name} from {peer}", f, name=name, peer=self.peer)
+        if f.check(JournalUnavailable):
+            # an outage the broker already logs: answered, no traceback per message
+            self._pusher_error(None, f"{name} failed: the journal is unavailable; try again shortly", False)
+            return
+        if not self._failure_logged:  # once per connection: a client cannot flood the log
+            self._failure_logged = True
+            _log.failure("handling {name} from {peer}", f, name=name, peer=self.peer)
         self._pusher_error(None, "the server failed to handle this message; it was logged", False)
+
+    def _subscribe_failed(self, f: Failure, channel: str) -> None:
+        """A subscription that could not be set up is undone (a retry subscribes again), and answered."""
+        if channel in self.channels and not self._closing:
+            self._unsubscribe({"channel": channel})
+            self._sub_error(channel, 503, "the subscription could not be set up; try again shortly")
+        self._failed_op(f, "pusher:subscribe")
 
     def _subscribe(self, data: Any) -> Deferred[None] | None:
         if not isinstance(data, dict) or not isinstance(data.get("channel"), str):
