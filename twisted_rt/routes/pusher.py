@@ -253,7 +253,12 @@ class PusherProtocol(RTWebSocketProtocol):
             elif name == "pusher:subscribe":
                 result = self._subscribe(data)
                 if result is not None:
-                    result.addErrback(self._subscribe_failed, str(data["channel"]))
+                    channel = str(data["channel"]) if isinstance(data, dict) else ""
+
+                    def failed(f: Failure) -> None:
+                        self._subscribe_failed(f, channel)
+
+                    result.addErrback(failed)
             elif name == "pusher:unsubscribe":
                 self._unsubscribe(data)
             elif name == "pusher:signin":
