@@ -72,7 +72,21 @@ def receiver(port: int, out: str) -> None:
 
     # reactor.run() installs its own SIGTERM handler (a signal.signal() before it is replaced): write at shutdown
     reactor.addSystemEventTrigger("before", "shutdown", dump)
-    site = Site(Hook())
+    class NoDelaySite(Site):
+        """TCP_NODELAY on accepted connections, as real receivers (nginx, Go's net/http) have."""
+
+        def buildProtocol(self, addr: Any) -> Any:
+            proto = super().buildProtocol(addr)
+            made = proto.makeConnection
+
+            def make_connection(transport: Any) -> None:
+                transport.setTcpNoDelay(True)
+                made(transport)
+
+            proto.makeConnection = make_connection
+            return proto
+
+    site = NoDelaySite(Hook())
     site.noisy = False
     reactor.listenTCP(port, site, interface="127.0.0.1", backlog=1024)
     reactor.run()
@@ -93,6 +107,9 @@ def lean_receiver(port: int, out: str) -> None:
 
     class Lean(Protocol):
         buf = b""
+
+        def connectionMade(self) -> None:
+            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
 
         def dataReceived(self, data: bytes) -> None:
             self.buf += data
