@@ -254,3 +254,19 @@ url = "{redis_server.url}"
     assert p.expect("back")["data"] == {"ok": 1}
     p.close()
     _healthy(d)
+
+
+def test_public_channels_can_be_narrowed_so_webhook_channels_stay_unreadable(make_daemon: Callable[..., Daemon]) -> None:
+    """With [pusher] public_channels set, an unsigned subscribe to any other unprefixed channel is refused 4009."""
+    d = make_daemon(CONFIG.replace("client_events = true", 'client_events = true\npublic_channels = ["news.>"]'))
+    p = PusherWS(d).connect()
+    ok = p.subscribe("news.today")
+    assert ok["event"] == "pusher_internal:subscription_succeeded"
+    p.send("pusher:subscribe", {"channel": "github.push"})
+    err = p.recv()
+    assert err["event"] == "pusher:error" and err["data"]["code"] == 4009
+    assert "not a public channel" in err["data"]["message"]
+    sub_err = p.recv()
+    assert sub_err["event"] == "pusher:subscription_error" and sub_err["data"]["status"] == 403
+    p.close()
+    _healthy(d)

@@ -290,6 +290,8 @@ class PusherConfig:
     secret: str = ""
     client_events: bool = False
     webhooks: str = ""  # a destination name: receives Pusher-format webhooks
+    #: channels without private-/presence- a Pusher client may subscribe to unsigned (as on Pusher: all)
+    public_channels: tuple[str, ...] = (">",)
     activity_timeout_seconds: Annotated[int, AtLeast(1)] = 120
     max_message_bytes: Annotated[int, AtLeast(1)] = 10240  # client events and other frames (Pusher: 10 KB)
 
@@ -687,7 +689,8 @@ def _destination(d: DestinationConfig, key: str) -> None:
         raise ConfigError(f"{key}.name", f"{d.name!r} is not 1-64 characters of A-Z a-z 0-9 _ -")
     m = _DEST_URL.match(d.url)
     if not m or (m.group(2) and not 0 < int(m.group(2)[1:]) < 65536):
-        raise ConfigError(f"{key}.url", f"not an http:// or https:// URL with a host: {d.url!r}")
+        shown = re.sub(r"//[^/@]*@", "//REDACTED@", d.url)  # a password in the URL never reaches the console
+        raise ConfigError(f"{key}.url", f"not an http:// or https:// URL with a host: {shown!r}")
     if d.ca_file and not d.url.startswith("https://"):
         raise ConfigError(f"{key}.ca_file", "only for an https:// url")
     for i, pat in enumerate(d.channels):
@@ -725,6 +728,11 @@ def _pusher(p: PusherConfig, key: str) -> None:
         for name, value in given.items():
             if not value:
                 raise ConfigError(f"{key}.{name}", "is required when [pusher] is set")
+    for i, pat in enumerate(p.public_channels):
+        try:
+            validate_pattern(pat)
+        except PatternError as e:
+            raise ConfigError(f"{key}.public_channels[{i}]", str(e)) from None
     for name in ("app_id", "key"):
         value = given[name]
         if value and not re.match(r"^[A-Za-z0-9_\-.]{1,64}$", value):

@@ -57,7 +57,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from twisted_rt.app import App
 from twisted_rt.core.auth import MAX_INFO_BYTES
 from twisted_rt.core.event import Event, dumps, loads
-from twisted_rt.core.matcher import ChannelError, validate_channel
+from twisted_rt.core.matcher import ChannelError, matches, validate_channel
 from twisted_rt.core.pusher_auth import PusherAuthError, check_channel_auth, check_user_auth
 from twisted_rt.interfaces import Control, JournalUnavailable, Member, Presence, PresenceWatcher
 from twisted_rt.routes.ws import CLOSE_POLICY, MAX_BAD_MESSAGES, RTWebSocketFactory, RTWebSocketProtocol
@@ -330,6 +330,10 @@ class PusherProtocol(RTWebSocketProtocol):
             if presence:
                 assert isinstance(channel_data, str)
                 return self._join(channel, channel_data)
+        elif not any(matches(pat, channel) for pat in conf.public_channels):
+            self._pusher_error(4009, f"{channel!r} is not a public channel here: use a private- channel")
+            self._sub_error(channel, 403, "not a public channel ([pusher] public_channels)")
+            return None
         self.channels[channel] = None
         f.join_index(channel, self)
         return self._listen(channel)
