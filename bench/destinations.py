@@ -178,7 +178,8 @@ def _cpu(proc: Any) -> float:
 
 
 def run(seconds: float, publishers: int, batch: int, in_flight: int, pin: bool, keep: bool,
-        mode: str = "active", profile: str | None = None, lean: bool = False) -> dict[str, Any]:
+        mode: str = "active", profile: str | None = None, lean: bool = False,
+        subscribers: int = 0) -> dict[str, Any]:
     """
     One measurement; returns the figures.  C{mode}: C{active} (the
     destination matches every event), C{idle} (a destination configured
@@ -203,12 +204,14 @@ max_in_flight = {in_flight}
 secret = "whsec_YmVuY2gtc2VjcmV0LWtleS0wMTIzNDU2Nzg5"
 """
     (work / "rt.toml").write_text(f"""
-[server]
-access_log = false
 [journal]
 path = "var/journal.sqlite3"
+[server]
+access_log = false
+max_connections_per_ip = 0
 [auth]
 api_keys = ["{API_KEY}"]
+anonymous_subscribe = ["bench.>"]
 {dest}""")
     cmd = [str(BIN / "twistd"), "-n", "--pidfile=", "rt", "--config", "rt.toml",
            "--listen", f"tcp:{dport}:interface=127.0.0.1"]
@@ -238,6 +241,19 @@ api_keys = ["{API_KEY}"]
                 break
             except OSError:
                 time.sleep(0.1)
+        subs: list[Any] = []
+        if subscribers:  # WebSocket subscribers of bench.c0 (1/8 of the events): the fan-out figure
+            from bench.loadgen import spawn, subscriber_worker
+
+            subs = [spawn(subscriber_worker, "127.0.0.1", dport, "/ws", subscribers, "bench.c0", 10 ** 9, None)]
+            for _, pipe in subs:
+                ready = pipe.recv()
+                if ready["ready"] < subscribers:
+                    raise RuntimeError(f"only {ready['ready']}/{subscribers} subscribers: {ready['failures']}")
+        fan0 = 0
+        for _, pipe in subs:
+            pipe.send("mark")
+            fan0 += pipe.recv()["events"]
         counts: list[int] = []
         cpu0, rcpu0 = _cpu(proc), _cpu(rproc)
         start = time.monotonic()
@@ -249,6 +265,11 @@ api_keys = ["{API_KEY}"]
             t.join()
         ingest_end = time.monotonic()
         cpu1 = _cpu(proc)
+        fan1 = 0
+        for proc_, pipe in subs:
+            pipe.send("stop")
+            fan1 += pipe.recv()["events"]
+            proc_.join(10)
         during = _count(rport)
         if profile and mode == "active":  # the drain: delivery alone
             from bench.profile import Profiler
@@ -273,6 +294,7 @@ api_keys = ["{API_KEY}"]
     figures = {
         "mode": mode,
         "accepted_per_s": accepted / seconds,
+        "fanout_per_s": (fan1 - fan0) / (ingest_end - start) if subscribers else None,
         "deliveries_per_s_during_ingest": during / (ingest_end - start),
         "deliveries_per_s_overall": total / (end - start),
         "delivered": total,
@@ -317,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="PATH", help="py-spy the daemon for up to 5 s of the drain, after ingest (collapsed stacks to PATH)")
     p.add_argument("--lean", action="store_true",
                    help="a bare-protocol receiver instead of the twisted.web one (measures the daemon, not the receiver)")
+    p.add_argument("--subscribers", type=int, default=200,
+                   help="with --idle: WebSocket subscribers of one channel during ingest, for fan-out (default 200; 0: none)")
     p.add_argument("--idle", type=int, metavar="ROUNDS", default=0,
                    help="instead: compare ingest with no destination and with one configured but idle"
                         " (matching none of the events), ROUNDS alternating runs of each")
@@ -346,17 +370,27 @@ def main(argv: list[str] | None = None) -> int:
 def _idle(a: Any) -> int:
     """Ingest with no destination vs. one configured but idle, alternating (machine noise hits both)."""
     rates: dict[str, list[float]] = {"none": [], "idle": []}
+    fan: dict[str, list[float]] = {"none": [], "idle": []}
     for _ in range(a.idle):
         for mode in ("none", "idle"):
-            f = run(a.seconds, a.publishers, a.batch, a.in_flight, not a.no_pin, False, mode=mode)
+            f = run(a.seconds, a.publishers, a.batch, a.in_flight, not a.no_pin, False, mode=mode,
+                    subscribers=a.subscribers)
             rates[mode].append(f["accepted_per_s"])
+            if a.subscribers:
+                fan[mode].append(f["fanout_per_s"])
     none, idle = statistics.mean(rates["none"]), statistics.mean(rates["idle"])
     print(f"ingest, {a.idle} rounds of {a.seconds:g} s each (events accepted/s):")
     print(f"  no destination           {none:10,.0f} /s  {[round(r) for r in rates['none']]}")
     print(f"  one destination, idle    {idle:10,.0f} /s  {[round(r) for r in rates['idle']]}")
     print(f"  idle / none              {idle / none:10.3f}")
+    if a.subscribers:
+        fn, fi = statistics.mean(fan["none"]), statistics.mean(fan["idle"])
+        print(f"fan-out meanwhile, {a.subscribers} WebSocket subscribers of bench.c0 (deliveries/s):")
+        print(f"  no destination           {fn:10,.0f} /s  {[round(r) for r in fan['none']]}")
+        print(f"  one destination, idle    {fi:10,.0f} /s  {[round(r) for r in fan['idle']]}")
+        print(f"  idle / none              {fi / fn:10.3f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rates": rates, "ratio": idle / none}, indent=2))
+        Path(a.json).write_text(json.dumps({"rates": rates, "fanout": fan, "ratio": idle / none}, indent=2))
     return 0
 
 
