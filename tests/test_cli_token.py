@@ -148,3 +148,15 @@ def test_console_script_token_with_audience_works_on_the_daemon(make_daemon: Any
     assert http_json("POST", d.url + "/api/publish", body, {"Authorization": f"Bearer {good}"})[0] == 202
     status, got = http_json("POST", d.url + "/api/publish", body, {"Authorization": f"Bearer {other}"})
     assert (status, got["error"]) == (401, "invalid_token")
+
+
+def test_token_info_claim_for_presence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--info puts a presence member's description in the token; bad JSON, a non-object or over 1 KiB is refused."""
+    path = _config(tmp_path)
+    assert main(["token", "--config", str(path), "--sub", "alice", "--info", '{"name": "Alice"}']) == 0
+    out = capsys.readouterr().out.strip()
+    assert jwt.decode(out, JWT_SECRET, algorithms=["HS256"])["info"] == {"name": "Alice"}
+    assert Authenticator(load(str(path)).auth).authenticate(out).info == {"name": "Alice"}
+    for bad, says in (("{nope", "not JSON"), ("[1]", "JSON object"), ('{"x": "' + "y" * 1100 + '"}', "at most 1024")):
+        assert main(["token", "--config", str(path), "--sub", "alice", "--info", bad]) == 2
+        assert says in capsys.readouterr().err

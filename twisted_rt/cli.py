@@ -10,8 +10,9 @@ one line on stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["main"]
 
@@ -29,9 +30,10 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from twisted_rt.checks import load
-    from twisted_rt.core.auth import Authenticator
+    from twisted_rt.core.auth import Authenticator, validate_info
     from twisted_rt.core.config import AuthConfig, ConfigError
     from twisted_rt.core.matcher import PatternError, validate_pattern
+    from twisted_rt.interfaces import AuthError
 
     try:
         auth = load(args.config).auth if args.config else AuthConfig()
@@ -55,8 +57,21 @@ def _token(args: argparse.Namespace) -> int:
             print("twisted-rt token: --aud may not be empty", file=sys.stderr)
             return 2
         aud = args.aud[0] if len(args.aud) == 1 else list(args.aud)
+    info: Any = None
+    if args.info is not None:
+        # the presence member's description, checked as the daemon checks it
+        try:
+            parsed = json.loads(args.info)
+            validate_info(parsed)
+        except ValueError as e:
+            print(f"twisted-rt token: --info is not JSON: {e}", file=sys.stderr)
+            return 2
+        except AuthError as e:
+            print(f"twisted-rt token: --info: {e.message}", file=sys.stderr)
+            return 2
+        info = parsed
     # without --aud, the config's [auth] jwt_audience (when set) is the token's aud
-    print(Authenticator(auth).mint(args.sub, args.subscribe, args.publish, args.ttl, aud=aud))
+    print(Authenticator(auth).mint(args.sub, args.subscribe, args.publish, args.ttl, aud=aud, info=info))
     return 0
 
 
@@ -99,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--ttl", type=int, default=3600, metavar="SECONDS")
     t.add_argument("--aud", action="append", default=[], metavar="AUDIENCE",
                    help="the token's aud claim (repeatable); default: the config's [auth] jwt_audience, if set")
+    t.add_argument("--info", default=None, metavar="JSON",
+                   help='the info claim: a presence member\'s description, a JSON object of at most 1 KiB, e.g. \'{"name": "Alice"}\'')
     t.set_defaults(func=_token)
 
     pub = sub.add_parser("publish", help="publish one event")

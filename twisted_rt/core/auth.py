@@ -27,7 +27,7 @@ from twisted_rt.core.event import dumps
 from twisted_rt.core.matcher import PatternError, covers, matches, validate_pattern
 from twisted_rt.interfaces import AuthError
 
-__all__ = ["MAX_INFO_BYTES", "AuthError", "Authenticator", "Principal", "load_public_key", "require"]
+__all__ = ["MAX_INFO_BYTES", "AuthError", "Authenticator", "Principal", "load_public_key", "require", "validate_info"]
 
 #: the largest C{info} claim, as compact JSON
 MAX_INFO_BYTES = 1024
@@ -94,6 +94,16 @@ def _info_claim(claims: dict[str, Any]) -> Mapping[str, Any] | None:
             "invalid_token", f"the 'info' claim is {size} bytes of JSON; at most {MAX_INFO_BYTES} are allowed"
         )
     return info
+
+
+def validate_info(info: Any) -> Mapping[str, Any]:
+    """
+    An C{info} claim as the daemon accepts it (a JSON object of at most
+    L{MAX_INFO_BYTES}), for the tools that mint tokens.  @raise AuthError: otherwise.
+    """
+    checked = _info_claim({"info": info})
+    assert checked is not None
+    return checked
 
 
 def _rights(claims: dict[str, Any], name: str) -> tuple[str, ...]:
