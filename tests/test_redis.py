@@ -367,6 +367,22 @@ async def test_channels_counts_subscribers_of_every_node(brokers: Callable[..., 
 
 
 @pytest_twisted.ensureDeferred
+async def test_channels_lists_subscribed_channels_without_events(brokers: Callable[..., RedisBroker]) -> None:
+    """A channel subscribed on any node but with no event yet is listed with its cluster count and offset 0."""
+    a, b = brokers(), brokers()
+    await gatherResults([a.start(), b.start()])
+    await a.publish([Draft("room.1", 1)])
+    b.subscribe("quiet", Recorder())
+    a.subscribe("quiet", Recorder())
+    a.subscribe("lonely", Recorder())
+    b.subscribe("wild.*", Recorder())  # a pattern is not a channel
+    await gatherResults([a._write_counts(), b._write_counts()])
+    for node in (a, b):
+        chans = {c["name"]: (c["subscribers"], c["last_offset"]) for c in await node.channels()}
+        assert chans == {"lonely": (1, 0), "quiet": (2, 0), "room.1": (0, 1)}
+
+
+@pytest_twisted.ensureDeferred
 async def test_pubsub_ping_is_answered_and_feed_continues(brokers: Callable[..., RedisBroker]) -> None:
     """The periodic PING on the subscribed link is answered and does not disturb the live feed."""
     a, b = brokers(), brokers()

@@ -1361,10 +1361,19 @@ class RedisBroker(IndexedBroker):
             consumeErrors=True,
         ).addErrback(_first_error)
         counts: dict[str, int] = {ch: int(_s(n)) for ch, n in _pairs(remote or [])}
-        return [
+        out = [
             {"name": ch, "subscribers": self.local_subscribers(ch) + counts.get(ch, 0), "last_offset": last}
-            for ch, last in sorted(snapshot.items())
+            for ch, last in snapshot.items()
         ]
+        # channels subscribed on some node that have no event yet (an occupied Pusher channel)
+        unjournaled = {ch for ch in counts if ch not in snapshot}
+        unjournaled.update(ch for ch in self.index.patterns_exact() if ch not in snapshot)
+        for ch in unjournaled:
+            n = self.local_subscribers(ch) + counts.get(ch, 0)
+            if n > 0:
+                out.append({"name": ch, "subscribers": n, "last_offset": 0})
+        out.sort(key=lambda c: c["name"])
+        return out
 
     # -- cluster-wide subscriber counts ------------------------------------
 
