@@ -455,3 +455,16 @@ def test_make_service_registers_the_process_policy() -> None:
     service = makeService(o)
     assert _process_settings() == before
     assert len(service._starting) == len(service._ready) == len(service._stopped) == len(service._fatal_hooks) == 1
+
+
+def test_every_package_is_listed_for_a_non_editable_install() -> None:
+    """setup.cfg's packages name every directory of twisted_rt with an __init__.py (pip install . ships them all)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    on_disk = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "twisted_rt").rglob("__init__.py")
+    }
+    assert on_disk <= listed, sorted(on_disk - listed)

@@ -54,7 +54,7 @@ C{twisted-rt tail --forward URL} re-delivers each event's original request
 body and headers (from C{GET /api/raw/<channel>/<offset>}) to a local URL,
 the smee-client use case, retrying while the local server is down.  Headers
 that carry a secret (C{Authorization}, C{Cookie}, C{Proxy-Authorization},
-C{X-Gitlab-Token}: L{twisted_rt.routes.verify.SECRET_HEADERS}) are never forwarded,
+C{X-Gitlab-Token}: L{twisted_rt.web.outgoing.SECRET_HEADERS}) are never forwarded,
 even if an older daemon serves them; signatures (C{X-Hub-Signature-256},
 C{webhook-signature}, ...) are, so the provider's own check still passes.
 """
@@ -78,12 +78,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from twisted_rt.core.matcher import is_wildcard, matches
 from twisted_rt.interfaces import Reactor
-from twisted_rt.routes.verify import SECRET_HEADERS
+from twisted_rt.web.outgoing import FORWARD_DROPPED_HEADERS, BytesBody
 
 __all__ = [
     "Forwarder",
@@ -101,20 +99,7 @@ EventCallback = Callable[[dict[str, Any]], Any]
 
 # Request headers never copied when forwarding: hop-by-hop or recomputed,
 # and those that carry a secret.
-_SKIP_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "expect",
-        "proxy-connection",
-    }
-) | SECRET_HEADERS
+_SKIP_HEADERS = FORWARD_DROPPED_HEADERS
 
 
 def http_base(ws_url: str) -> str:
@@ -610,7 +595,7 @@ class Forwarder:
                     b"POST",
                     self.target.encode(),
                     _headers(delivery.headers),
-                    _Body(delivery.body),
+                    BytesBody(delivery.body),
                 )
                 yield _read_body(resp)
                 problem = f"HTTP {resp.code}" if resp.code >= 500 else None
@@ -628,28 +613,6 @@ class Forwarder:
         self.failed += 1
         self.report(f"forward: {where} -> {self.target} failed {self.attempts} times; giving up")
         return None
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """A request body already in memory."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 # -- the console commands ---------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence, cast
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
@@ -31,11 +31,12 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from twisted_rt._twisted_internals import SystemAndFileTrust
 from twisted_rt.core.config import DestinationConfig
+from twisted_rt.web.outgoing import BytesBody
 
 __all__ = ["BODY_CAP", "Outcome", "Sender", "load_ca_file"]
 
@@ -84,28 +85,6 @@ def load_ca_file(path: str) -> list[Certificate]:
     if not certs:
         raise ValueError("no PEM certificate in it")
     return certs
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """A request body already in memory."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Capped(Protocol):
@@ -203,7 +182,7 @@ class Sender:
         hdrs.addRawHeader(b"Host", self.host)
         for name, value in headers:
             hdrs.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
-        d: Deferred[Any] = self.agent.request(b"POST", self.url, hdrs, _Body(body))
+        d: Deferred[Any] = self.agent.request(b"POST", self.url, hdrs, BytesBody(body))
         d.addCallback(self._answer)
         d.addTimeout(self.timeout, cast(IReactorTime, self.reactor))
 

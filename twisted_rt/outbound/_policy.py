@@ -12,6 +12,8 @@ import hmac
 from email.utils import parsedate_to_datetime
 from typing import Callable, Iterable, Mapping
 
+from twisted_rt.web.outgoing import FORWARD_DROPPED_HEADERS
+
 __all__ = [
     "DROPPED_HEADERS",
     "MAX_RETRY_AFTER",
@@ -31,27 +33,8 @@ JITTER = 0.2
 MAX_RETRY_AFTER = 86400.0
 
 #: request headers of a webhook never passed on by C{format = "raw"}: those
-#: that carry a secret (the same as L{twisted_rt.routes.verify.SECRET_HEADERS},
-#: which tests pin), hop-by-hop ones and those the HTTP client sets itself
-DROPPED_HEADERS = frozenset(
-    {
-        "authorization",
-        "cookie",
-        "proxy-authorization",
-        "x-gitlab-token",
-        "host",
-        "content-length",
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "expect",
-        "proxy-connection",
-        "accept-encoding",
-    }
-)
+#: that carry a secret, hop-by-hop ones and those the HTTP client sets itself
+DROPPED_HEADERS = FORWARD_DROPPED_HEADERS | {"accept-encoding"}
 
 
 def backoff(attempts: int, rand: Callable[[], float]) -> float:

@@ -45,14 +45,12 @@ from __future__ import annotations
 import secrets
 from typing import Any, Mapping
 
-from autobahn.twisted.resource import WebSocketResource
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
-from twisted.web.server import NOT_DONE_YET, Request
 
 from twisted_rt.app import App
 from twisted_rt.core.auth import MAX_INFO_BYTES
@@ -60,9 +58,14 @@ from twisted_rt.core.event import Event, dumps, loads
 from twisted_rt.core.matcher import ChannelError, matches, validate_channel
 from twisted_rt.core.pusher_auth import PusherAuthError, check_channel_auth, check_user_auth
 from twisted_rt.interfaces import Control, JournalUnavailable, Member, Presence, PresenceWatcher
-from twisted_rt.routes.ws import CLOSE_POLICY, MAX_BAD_MESSAGES, RTWebSocketFactory, RTWebSocketProtocol
+from twisted_rt.routes.ws import (
+    CLOSE_POLICY,
+    MAX_BAD_MESSAGES,
+    RTWebSocketFactory,
+    RTWebSocketProtocol,
+    WebSocketEndpoint,
+)
 from twisted_rt.store.presence import MAX_MEMBERS_LISTED
-from twisted_rt.web.resource import write_json
 
 __all__ = [
     "CLIENT_EVENTS_PER_SECOND",
@@ -727,33 +730,10 @@ class PusherFactory(RTWebSocketFactory):
                 proto._push({"event": "pusher:ping", "data": {}})
 
 
-class _Resource(WebSocketResource):
-    """C{/app/<key>}: the upgrade (a plain HTTP request is a JSON 426, other methods 405)."""
+class _Resource(WebSocketEndpoint):
+    """C{/app/<key>}: the upgrade, as C{/ws}'s (a plain HTTP request is a JSON 426, other methods 405)."""
 
-    def __init__(self, factory: PusherFactory) -> None:
-        super().__init__(factory)
-        self.pusher_factory = factory
-
-    def render(self, request: Request) -> Any:
-        upgrade = (request.getHeader(b"upgrade") or b"").lower()
-        if request.method != b"GET":
-            write_json(request, 405, {"error": "method_not_allowed", "message": "use GET with Upgrade: websocket"},
-                       {"Allow": "GET"})
-            return NOT_DONE_YET
-        if b"websocket" not in upgrade:
-            write_json(request, 426, {"error": "upgrade_required",
-                                      "message": "/app/<key> is the Pusher WebSocket endpoint"},
-                       {"Upgrade": "websocket"})
-            return NOT_DONE_YET
-        if self.pusher_factory.app.stopping:
-            write_json(request, 503, {"error": "shutting_down", "message": "the server is shutting down"})
-            return NOT_DONE_YET
-        result = super().render(request)
-        site = getattr(request.channel, "site", None)
-        inflight = getattr(site, "inflight", None)
-        if isinstance(inflight, set):
-            inflight.discard(request)
-        return result
+    not_upgraded = "/app/<key> is the Pusher WebSocket endpoint"
 
 
 def resource(app: App) -> tuple[IResource, PusherFactory]:

@@ -57,6 +57,7 @@ from functools import lru_cache
 from typing import Any, Callable, Mapping
 
 from twisted_rt.core.config import SourceConfig
+from twisted_rt.web.outgoing import SECRET_HEADERS
 
 __all__ = [
     "SECRET_HEADERS",
@@ -77,7 +78,6 @@ Headers = Mapping[str, str]
 #: never stored with an event, served by C{/api/raw} or forwarded
 #: (CONTRACT.md, "Safety rules").  GitLab's C{X-Gitlab-Token} I{is} the
 #: source's secret.
-SECRET_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-gitlab-token"})
 
 
 def secret_headers(source: SourceConfig | None) -> frozenset[str]:

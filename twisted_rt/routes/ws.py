@@ -1004,11 +1004,14 @@ def _accept_deflate(offers: list[Any]) -> Any:
     return None
 
 
-class _Resource(WebSocketResource):
+class WebSocketEndpoint(WebSocketResource):
     """
     L{WebSocketResource} that also takes the upgraded request out of the
     site's in-flight set (it never finishes as an HTTP request).
     """
+
+    #: what a plain HTTP request to this endpoint is told (426)
+    not_upgraded = "/ws is a WebSocket endpoint"
 
     def __init__(self, factory: RTWebSocketFactory) -> None:
         super().__init__(factory)
@@ -1021,7 +1024,7 @@ class _Resource(WebSocketResource):
                        {"Allow": "GET"})
             return NOT_DONE_YET
         if b"websocket" not in upgrade:
-            write_json(request, 426, {"error": "upgrade_required", "message": "/ws is a WebSocket endpoint"},
+            write_json(request, 426, {"error": "upgrade_required", "message": self.not_upgraded},
                        {"Upgrade": "websocket"})
             return NOT_DONE_YET
         if self.rt_factory.app.stopping:
@@ -1044,5 +1047,5 @@ def resource(app: App) -> IResource:
 
     app.on_startup(start)
     app.on_shutdown(factory.shutdown)
-    r: IResource = _Resource(factory)
+    r: IResource = WebSocketEndpoint(factory)
     return r
