@@ -265,6 +265,7 @@ anonymous_subscribe = ["bench.>"]
             t.join()
         ingest_end = time.monotonic()
         cpu1 = _cpu(proc)
+        sys1 = proc.cpu_times().system
         fan1 = 0
         for proc_, pipe in subs:
             pipe.send("stop")
@@ -280,6 +281,7 @@ anonymous_subscribe = ["bench.>"]
             time.sleep(0.2)
         end = time.monotonic()
         cpu2, rcpu2 = _cpu(proc), _cpu(rproc)
+        sys2 = proc.cpu_times().system
         total = _count(rport)
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -306,6 +308,7 @@ anonymous_subscribe = ["bench.>"]
         "seconds": end - start,
         # the drain (no ingest left) is delivery alone: its CPU per delivery
         "cpu_ms_per_delivery_drain": 1000 * (cpu2 - cpu1) / drained if drained > 100 else None,
+        "sys_share_drain": (sys2 - sys1) / (cpu2 - cpu1) if cpu2 > cpu1 else None,
         "cpu_ms_per_event_ingest": 1000 * (cpu1 - cpu0) / accepted if accepted else None,
         "lag_p50_ms": 1000 * statistics.median(lags) if lags else None,
         "lag_p99_ms": 1000 * lags[int(0.99 * (len(lags) - 1))] if lags else None,
@@ -354,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  deliveries during ingest {f['deliveries_per_s_during_ingest']:10,.0f} /s")
     print(f"  deliveries overall       {f['deliveries_per_s_overall']:10,.0f} /s  ({f['delivered']:,} of {f['accepted']:,})")
     if f["cpu_ms_per_delivery_drain"] is not None:
-        print(f"  CPU per delivery (drain) {f['cpu_ms_per_delivery_drain']:10.3f} ms")
+        print(f"  CPU per delivery (drain) {f['cpu_ms_per_delivery_drain']:10.3f} ms"
+              f"  ({100 * (f['sys_share_drain'] or 0):.0f} % in the kernel)")
     if f["cpu_ms_per_event_ingest"] is not None:
         print(f"  CPU per event (ingest)   {f['cpu_ms_per_event_ingest']:10.3f} ms  (ingest and delivery together)")
     print(f"  receiver CPU per request {1000 * f['receiver_cpu_s'] / max(1, f['delivered']):10.3f} ms")

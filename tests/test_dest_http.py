@@ -57,6 +57,15 @@ class Scripted(Resource):
         return NOT_DONE_YET  # /slow: never answers
 
 
+@pytest.fixture(autouse=True, params=["fast", "agent"])
+def client_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both client paths: the protocol-direct fast path and Agent."""
+    import twisted_rt.outbound._http as http_module
+
+    monkeypatch.setattr(http_module, "fast_paths_enabled", lambda: request.param == "fast")
+    return str(request.param)
+
+
 @pytest.fixture
 def server() -> Any:
     resource = Scripted()

@@ -111,6 +111,8 @@ def test_running_version_reads_major_and_minor(monkeypatch: pytest.MonkeyPatch) 
         ("twisted.protocols.basic.LineReceiver", "_buffer"),
         ("twisted.web.http.HTTPChannel", "_HTTPChannel__first_line"),
         ("twisted.web.http", "_GenericHTTPChannelProtocol"),
+        ("twisted.web._newclient", "HTTP11ClientProtocol"),
+        ("twisted.web._newclient", "Request"),
     ],
 )
 def test_a_missing_private_name_is_refused(monkeypatch: pytest.MonkeyPatch, owner: str, name: str) -> None:

@@ -6,11 +6,13 @@ Every other module of twisted_rt uses their public API only.  Each private
 reach is here, with a comment saying which public API is missing:
 
   - the HTTP/1.1 fast paths (L{FastHTTPChannel}, L{write_now}, the
-    HTTP/1.1-or-HTTP/2 switch L{ChannelSwitch}): on only for the Twisted
+    HTTP/1.1-or-HTTP/2 switch L{ChannelSwitch}, and for outgoing webhooks
+    L{client_protocol} with L{PreparedRequest}): on only for the Twisted
     versions in L{TESTED}, where C{tests/test_web.py} proves them byte for
     byte equal to twisted.web, and only when every private name they read
     exists (L{fast_paths_enabled}); otherwise the site serves with plain
-    twisted.web and one log line (C{RT-W10}) says why;
+    twisted.web, destinations deliver with C{Agent}, and one log line
+    (C{RT-W10}) says why;
   - L{clear_exit_signal} (twistd's C{reactor._exitSignal});
   - L{log_observers} (C{LogPublisher._observers});
   - L{set_curves} (pyOpenSSL's C{Context._context} and binding).
@@ -25,11 +27,14 @@ import re
 from typing import Any, Sequence
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.tcp import Client as TCPClient
 from twisted.internet.tcp import Server as TCPServer
 from twisted.logger import Logger
 from twisted.protocols import basic
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web import _newclient, http
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
@@ -40,6 +45,8 @@ __all__ = [
     "TESTED",
     "ChannelSwitch",
     "FastHTTPChannel",
+    "PreparedRequest",
+    "client_protocol",
     "clear_exit_signal",
     "fast_paths_enabled",
     "fast_paths_problem",
@@ -83,6 +90,8 @@ def _required() -> list[tuple[str, object, str]]:
         ("twisted.internet.abstract.FileDescriptor()", descriptor, "_tempDataLen"),
         ("twisted.internet.abstract.FileDescriptor()", descriptor, "offset"),
         ("twisted.internet.abstract.FileDescriptor()", descriptor, "dataBuffer"),
+        ("twisted.web._newclient", _newclient, "HTTP11ClientProtocol"),
+        ("twisted.web._newclient", _newclient, "Request"),
     ]
 
 
@@ -153,7 +162,8 @@ def fast_paths_enabled() -> bool:
     if problem is not None and not _state.get("logged"):
         _state["logged"] = True
         log.warn(
-            "{problem}: serving HTTP with plain twisted.web (the private-API fast paths are off)",
+            "{problem}: serving HTTP with plain twisted.web and delivering webhooks with Agent"
+            " (the private-API fast paths are off)",
             problem=problem,
             log_category="RT-W10",
         )
@@ -164,6 +174,10 @@ recheck()  # write_now's answer from import on; logging waits for the first site
 
 
 # -- one send() for a response -----------------------------------------------
+
+
+#: the transports L{write_now} sends on itself (TCP, accepted or connected)
+_PLAIN_TCP = (TCPServer, TCPClient)
 
 
 def write_now(transport: Any, data: bytes) -> None:
@@ -179,14 +193,14 @@ def write_now(transport: Any, data: bytes) -> None:
     other transports, and every transport when the fast paths are off, use
     C{write}.
 
-    Missing public API: L{twisted.internet.tcp.Server} offers no "is
-    anything queued?" (this reads C{FileDescriptor}'s C{_tempDataLen},
+    Missing public API: L{twisted.internet.tcp.Server} (and C{Client})
+    offers no "is anything queued?" (this reads C{FileDescriptor}'s C{_tempDataLen},
     C{offset} and C{dataBuffer}) and no "write now if you can".
     C{tests/test_ws.py} pins the behaviour.
     """
     if (
         not _fast_write
-        or type(transport) is not TCPServer
+        or type(transport) not in _PLAIN_TCP
         or transport._tempDataLen
         or transport.offset != len(transport.dataBuffer)
         or not transport.connected
@@ -514,3 +528,69 @@ class SystemAndFileTrust:
     def _addCACertsToContext(self, context: Any) -> None:
         context.set_default_verify_paths()
         context.load_verify_locations(self.ca_file.encode())
+
+
+# -- outgoing webhooks: Twisted's HTTP/1.1 client protocol without the Agent --------
+
+
+class PreparedRequest(_newclient.Request):
+    """
+    A request whose bytes (request line, headers, body) the caller made:
+    written in one C{write}, done at once.  For L{client_protocol} only.
+
+    Missing public API: the only public way to Twisted's HTTP/1.1 client
+    is C{Agent.request}, which per request parses the URL, builds a
+    C{Headers}, looks the connection up in C{HTTPConnectionPool} (a
+    C{callLater} for each connection put back, a cancel for each taken),
+    and writes the body through a registered producer and a
+    C{LengthEnforcingConsumer} with four Deferreds: about 200 of the
+    350 µs of CPU a delivery costs on the bench machine.  C{Request} and
+    C{HTTP11ClientProtocol} live in the private C{twisted.web._newclient};
+    the protocol reads C{persistent} and calls C{writeTo} (and
+    C{stopWriting} only while a C{writeTo} Deferred is pending, never
+    here); its response parser reads C{method}.
+    C{tests/test_dest_http.py} proves the bytes on the wire equal
+    C{Agent}'s.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        # not Request.__init__: the caller checked the method and the URI once, for every request
+        self.method = b"POST"
+        self.uri = b""
+        self.headers = Headers()
+        self.bodyProducer = None
+        self.persistent = True
+        self._parsedURI = None
+        self.data = data
+
+    def writeTo(self, transport: Any) -> Deferred[None]:
+        write_now(transport, self.data)
+        return succeed(None)
+
+    def stopWriting(self) -> None:
+        """Nothing to stop: L{writeTo} wrote everything at once."""
+
+
+_CONNECTION_DONE = Failure(ConnectionDone())
+
+
+class _ClientProtocol(_newclient.HTTP11ClientProtocol):
+    """C{HTTP11ClientProtocol} that also says when its connection is gone."""
+
+    def __init__(self, quiescent: Any, lost: Any) -> None:
+        super().__init__(quiescent)
+        self._rt_lost = lost
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        super().connectionLost(reason)
+        self._rt_lost(self)
+
+
+def client_protocol(quiescent: Any, lost: Any) -> Any:
+    """
+    Twisted's HTTP/1.1 client protocol (the one inside C{Agent}):
+    C{quiescent(protocol)} is called when it can take the next request
+    (C{protocol.request(PreparedRequest(...))}), C{lost(protocol)} when its
+    connection is closed.  Use it only when L{fast_paths_enabled}.
+    """
+    return _ClientProtocol(quiescent, lost)

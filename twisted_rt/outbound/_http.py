@@ -11,9 +11,14 @@ one is given (they are added to the system store, not put in its place);
 the host name is verified either way (C{optionsForClientTLS}).
 
 Lean per request: the destination has one URL, so its endpoint (TCP, or TLS
-over TCP) is built once and handed to the C{Agent} by a factory that always
-returns it (C{Agent.usingEndpointFactory}); the C{Host} header is computed
-once, so the agent does not copy the headers to add it.
+over TCP) and the start of every request (request line, C{Host}) are made
+once.  With the private-API fast paths on (L{fast_paths_enabled}: the
+Twisted versions tested), requests go straight to Twisted's HTTP/1.1
+client protocol, the one inside C{Agent}, each written in one C{write}
+(L{PreparedRequest}), over a pool of this sender's own: less than half
+the CPU of C{Agent.request} for the same bytes on the wire
+(C{tests/test_dest_http.py} compares them).  Otherwise C{Agent} (with an
+C{HTTPConnectionPool}) sends them.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence, cast
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, HTTPConnectionPool
@@ -34,7 +39,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from twisted_rt._twisted_internals import SystemAndFileTrust
+from twisted_rt._twisted_internals import (
+    PreparedRequest,
+    SystemAndFileTrust,
+    client_protocol,
+    fast_paths_enabled,
+)
 from twisted_rt.core.config import DestinationConfig
 from twisted_rt.web.outgoing import BytesBody
 
@@ -155,10 +165,29 @@ def endpoint_for(reactor: Any, url: bytes, timeout: float, ca_file: str = "") ->
     return endpoint
 
 
-class Sender:
-    """The HTTP client of one destination."""
+class _ClientFactory(Factory):
+    """Builds the client protocols of one L{Sender}'s own pool."""
 
-    def __init__(self, reactor: Any, dest: DestinationConfig) -> None:
+    def __init__(self, sender: Sender) -> None:
+        self.sender = sender
+
+    def buildProtocol(self, addr: Any) -> Any:
+        sender = self.sender
+        proto = client_protocol(sender._quiescent, sender._lost)
+        proto.factory = self
+        sender._open.add(proto)
+        return proto
+
+
+class Sender:
+    """
+    The HTTP client of one destination.
+
+    @param fast: send through Twisted's HTTP/1.1 client protocol directly
+        (by default: when L{fast_paths_enabled}), or through C{Agent}.
+    """
+
+    def __init__(self, reactor: Any, dest: DestinationConfig, fast: bool | None = None) -> None:
         self.reactor = reactor
         self.dest = dest
         self.url = dest.url.encode("ascii")
@@ -174,9 +203,21 @@ class Sender:
         self.host = uri.host if default else b"%b:%d" % (uri.host, uri.port)
         self.endpoint = endpoint_for(reactor, self.url, dest.timeout_seconds, dest.ca_file)
         self.agent = Agent.usingEndpointFactory(reactor, _OneEndpoint(self.endpoint), pool=self.pool)
+        self.fast = fast_paths_enabled() if fast is None else fast
+        # the fast path's pool: quiescent connections (the last used last) with the time each became so
+        self._idle: list[tuple[Any, float]] = []
+        self._open: set[Any] = set()
+        self._closing: list[tuple[set[Any], Deferred[None]]] = []
+        self._sweep: Any = None
+        self._factory = _ClientFactory(self)
+        # what Agent writes first: the request line, then (Request._writeHeaders) Content-Length, then Host
+        self._request_line = b"POST " + uri.originForm + b" HTTP/1.1\r\n"
+        self._host_line = b"Host: " + self.host + b"\r\n"
 
     def send(self, body: bytes, headers: Sequence[tuple[str, str]]) -> Deferred[Outcome]:
         """POST C{body} with C{headers}; fires with an L{Outcome} (never fails)."""
+        if self.fast:
+            return self._send_fast(body, headers)
         started = time.perf_counter()
         hdrs = Headers()
         hdrs.addRawHeader(b"Host", self.host)
@@ -194,6 +235,74 @@ class Sender:
             return done(_failure_outcome(f, self.timeout))
 
         return d.addCallback(done).addErrback(failed)
+
+    def _send_fast(self, body: bytes, headers: Sequence[tuple[str, str]]) -> Deferred[Outcome]:
+        started = time.perf_counter()
+        # as Agent writes them: names in canonical case, repeated names together, CR/LF in a value made a space
+        grouped: dict[bytes, list[bytes]] = {}
+        for name, value in headers:
+            raw = value.encode("latin-1")
+            if b"\n" in raw or b"\r" in raw:
+                raw = b" ".join(raw.splitlines())
+            grouped.setdefault(_canonical(name), []).append(raw)
+        lines: list[bytes] = [self._request_line, b"Content-Length: %d\r\n" % len(body), self._host_line]
+        for raw_name, values in grouped.items():
+            lines.extend([raw_name + b": " + v + b"\r\n" for v in values])
+        lines.append(b"\r\n")
+        lines.append(body)
+        request = PreparedRequest(b"".join(lines))
+        idle = self._idle
+        proto = None
+        while idle:
+            candidate = idle.pop()[0]
+            if candidate.state == "QUIESCENT":
+                proto = candidate
+                break
+        d: Deferred[Any]
+        if proto is not None:
+            d = proto.request(request)
+        else:
+            d = self.endpoint.connect(self._factory).addCallback(_request_on, request)
+        d.addCallback(self._answer)
+        d.addTimeout(self.timeout, cast(IReactorTime, self.reactor))
+
+        def done(outcome: Outcome) -> Outcome:
+            outcome.seconds = time.perf_counter() - started
+            return outcome
+
+        def failed(f: Failure) -> Outcome:
+            return done(_failure_outcome(f, self.timeout))
+
+        return d.addCallbacks(done, failed)
+
+    def _quiescent(self, proto: Any) -> None:
+        """A connection of the fast path can take the next request."""
+        self._idle.append((proto, self.reactor.seconds()))
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(IDLE_SECONDS, self._close_idle)
+
+    def _lost(self, proto: Any) -> None:
+        self._open.discard(proto)
+        for entry in list(self._closing):
+            waiting, closed = entry
+            waiting.discard(proto)
+            if not waiting:
+                self._closing.remove(entry)
+                closed.callback(None)
+
+    def _close_idle(self) -> None:
+        """Close the connections idle for L{IDLE_SECONDS}; look again when the next one will be."""
+        self._sweep = None
+        cutoff = self.reactor.seconds() - IDLE_SECONDS
+        keep = []
+        for proto, since in self._idle:
+            if since <= cutoff:
+                proto.transport.loseConnection()
+            else:
+                keep.append((proto, since))
+        self._idle = keep
+        if keep:
+            self._sweep = self.reactor.callLater(keep[0][1] + IDLE_SECONDS - self.reactor.seconds(), self._close_idle)
 
     def _answer(self, response: IResponse) -> Deferred[Outcome]:
         code = response.code
@@ -223,9 +332,47 @@ class Sender:
         return got.addCallback(outcome)
 
     def close(self) -> Deferred[None]:
-        """Close the kept-alive connections."""
-        d: Deferred[None] = self.pool.closeCachedConnections()
-        return d
+        """Close the kept-alive connections; fires when they are closed."""
+        if not self.fast:
+            d: Deferred[None] = self.pool.closeCachedConnections()
+            return d
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        idle, self._idle = self._idle, []
+        waiting = {p for p, _ in idle if p in self._open}
+        if not waiting:
+            return succeed(None)
+        closed: Deferred[None] = Deferred()
+        self._closing.append((waiting, closed))
+        for proto in waiting:
+            proto.transport.loseConnection()
+        return closed
+
+
+_CANONICAL: dict[str, bytes] = {}
+
+
+def _canonical(name: str) -> bytes:
+    """
+    A header name as C{Headers} writes it (C{webhook-id} -> C{Webhook-Id}),
+    cached (up to 1,024 names: forwarded provider headers are many).
+
+    @raise InvalidHeaderName: not an HTTP token.
+    """
+    canon = _CANONICAL.get(name)
+    if canon is None:
+        probe = Headers()
+        probe.addRawHeader(name.encode("latin-1"), b"")
+        canon = next(iter(probe.getAllRawHeaders()))[0]
+        if len(_CANONICAL) < 1024:
+            _CANONICAL[name] = canon
+    return canon
+
+
+def _request_on(proto: Any, request: PreparedRequest) -> Deferred[IResponse]:
+    answer: Deferred[IResponse] = proto.request(request)
+    return answer
 
 
 def _failure_outcome(f: Failure, timeout: float) -> Outcome:
