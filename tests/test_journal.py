@@ -587,7 +587,7 @@ async def test_pages_are_bounded_by_bytes_and_hold_at_least_one_event(tmp_path: 
 
 @pytest_twisted.ensureDeferred
 async def test_wildcard_replay_is_one_events_query_and_ignores_reactor_state(tmp_path: Path) -> None:
-    """A wildcard page reads the events in one query in rowid order (plus a LIMIT-1 probe per channel), not per channel LIMIT-n queries."""
+    """A wildcard page reads the events in one query in rowid order (a LIMIT-1 probe only per channel with a since offset)."""
     j = await _journal(str(tmp_path / "j.db"))
     try:
         for i in range(20):
@@ -604,6 +604,13 @@ async def test_wildcard_replay_is_one_events_query_and_ignores_reactor_state(tmp
         j.last_offsets = {}  # the reactor-side map plays no part in a replay
         page = await j.replay("w.*", {}, 1000)
         assert len(page) == 800 and [e.seq for e in page] == list(range(1, 801))
+        probes = [s for s in statements if s.startswith("SELECT rowid FROM events WHERE channel =")]
+        reads = [s for s in statements if "FROM events" in s and s not in probes]
+        assert len(reads) == 1 and reads[0].endswith("ORDER BY rowid LIMIT 1000")
+        assert probes == []  # from each channel's start (a destination's pages): no walk of its history
+        statements.clear()
+        page = await j.replay("w.*", {f"w.c{n}": 10 for n in range(40)}, 1000)
+        assert len(page) == 400 and all(e.offset > 10 for e in page)
         probes = [s for s in statements if s.startswith("SELECT rowid FROM events WHERE channel =")]
         reads = [s for s in statements if "FROM events" in s and s not in probes]
         assert len(reads) == 1 and reads[0].endswith("ORDER BY rowid LIMIT 1000")

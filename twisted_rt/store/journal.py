@@ -831,6 +831,12 @@ class Journal:
         """A few channels: every filter in SQL, from the first row any of them needs."""
         firsts: list[tuple[int, str, int]] = []
         for name, after, _ in wanted:
+            if not after:
+                # from the channel's start: its first row here is past after_seq, and finding it by the
+                # (channel, offset) index would walk the channel's whole history (a destination reading
+                # a busy journal in pages: each page's cost grew with the journal)
+                firsts.append((after_seq + 1, name, after))
+                continue
             row = conn.execute(
                 'SELECT rowid FROM events WHERE channel = ? AND "offset" > ? AND rowid > ? ORDER BY "offset" LIMIT 1',
                 (name, after, after_seq),
