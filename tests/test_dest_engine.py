@@ -314,3 +314,65 @@ def test_dropped_headers_cover_the_secret_headers_of_ingest() -> None:
     from twisted_rt.routes.verify import SECRET_HEADERS
 
     assert SECRET_HEADERS <= DROPPED_HEADERS
+
+
+# -- live events taken as they come (a broker whose live events are in seq order) --------
+
+
+def _offsets(calls: list[tuple[bytes, list[tuple[str, str]], Deferred[Outcome]]]) -> list[tuple[str, int]]:
+    import json
+
+    return [(json.loads(body)["channel"], json.loads(body)["offset"]) for body, _, _ in calls]
+
+
+def test_caught_up_destination_takes_live_events_without_reading_the_journal() -> None:
+    """Caught up, with a broker whose live events come in seq order: each new event is sent as it comes, no journal read."""
+    _ob, broker, store, sender, _clock = make()
+    broker.live_in_order = True
+    reads = len(broker.replays)
+    events = [broker.commit("o.a", i) for i in range(5)] + [broker.commit("x.other", 9), broker.commit("o.b", 5)]
+    assert len(broker.replays) == reads
+    assert _offsets(sender.calls) == [("o.a", 1), ("o.a", 2), ("o.a", 3), ("o.a", 4), ("o.a", 5), ("o.b", 1)]
+    sender.answer_all(OK)
+    assert store.states["b"].position == events[-1].seq and store.states["b"].delivered == 6
+
+
+def test_live_events_during_a_read_are_read_back_in_order_once() -> None:
+    """Events committed while a journal read is in flight are not taken live: the next read brings them, each sent once, in order."""
+    _ob, broker, _store, sender, _clock = make(max_in_flight=100)
+    broker.hold_reads = True
+    broker.commit("o.a", 1)  # not in order (the default): a read, held
+    assert len(broker.held) == 1
+    broker.live_in_order = True
+    broker.commit("o.a", 2)  # a read in flight: read again after it
+    broker.commit("o.a", 3)
+    assert sender.calls == []
+    while broker.held:
+        broker.release_one()
+    assert _offsets(sender.calls) == [("o.a", 1), ("o.a", 2), ("o.a", 3)]
+    broker.hold_reads = False
+    reads = len(broker.replays)
+    broker.commit("o.a", 4)  # caught up again: taken live
+    assert _offsets(sender.calls)[-1] == ("o.a", 4) and len(sender.calls) == 4 and len(broker.replays) == reads
+
+
+def test_live_event_matching_two_patterns_is_sent_once() -> None:
+    """A destination whose two patterns both match an event hears it twice live and sends it once."""
+    _ob, broker, _store, sender, _clock = make(channels=("o.>", "o.a"))
+    broker.live_in_order = True
+    broker.commit("o.a", 1)
+    broker.commit("o.a", 2)
+    assert _offsets(sender.calls) == [("o.a", 1), ("o.a", 2)]
+
+
+def test_live_events_while_paused_are_read_after_resume() -> None:
+    """Paused, live events are not taken; after resume the journal read brings every one of them in order."""
+    ob, broker, _store, sender, _clock = make()
+    broker.live_in_order = True
+    w = ob.worker("b")
+    w.pause("test")
+    broker.commit("o.a", 1)
+    broker.commit("o.a", 2)
+    assert sender.calls == []
+    w.resume()
+    assert _offsets(sender.calls) == [("o.a", 1), ("o.a", 2)]

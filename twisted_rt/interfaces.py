@@ -94,9 +94,15 @@ class Broker(abc.ABC):
     What every broker offers the transports and the API.
 
     @ivar node_id: this node's name in the cluster (a random id per process).
+    @ivar live_in_order: every event reaches the matching local listeners
+        after its commit, in C{seq} order, none left out: a reader that has
+        caught up with the journal may take them as they come instead of
+        reading them back (the SQLite node's broker; not Redis, whose nodes'
+        events arrive in their own order).
     """
 
     node_id: str = "local"
+    live_in_order: bool = False
 
     # live subscriptions (local to this node in every broker)
 

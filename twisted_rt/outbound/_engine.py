@@ -103,7 +103,7 @@ class _Live:
         self.worker = worker
 
     def deliver(self, event: Event) -> None:
-        self.worker.wake(event.seq)
+        self.worker.live(event)
 
 
 class Worker:
@@ -306,6 +306,30 @@ class Worker:
         return Deferred.fromCoroutine(go()).addErrback(lambda f: None)
 
     # -- reading the journal ---------------------------------------------------
+
+    def live(self, event: Event) -> None:
+        """
+        A matching event was journaled: when this worker has read everything
+        before it (caught up, no read in flight) and the broker hands events
+        over in seq order, it is taken as it is; otherwise the journal is
+        read on (L{wake}).  Saves a read of the journal per event when a
+        destination keeps up.
+        """
+        if (
+            self._caught_up
+            and not self._reading
+            and self.broker.live_in_order
+            and event.seq > self._read_upto
+            and self.active
+            and not self.state.paused
+            and not self.stopped
+            and len(self._buffer) < BUFFER_EVENTS // 2
+        ):
+            self._buffer.append(event)
+            self._read_upto = event.seq
+            self._pump()
+            return
+        self.wake(event.seq)
 
     def wake(self, seq: int = 0) -> None:
         """A matching event was journaled (or something changed): read on."""

@@ -85,6 +85,9 @@ class IndexedBroker(Broker):
 class LocalBroker(IndexedBroker):
     """One node: SQLite journal plus in-memory fan-out."""
 
+    #: commits complete in seq order and each is fanned out before the next one's callbacks
+    live_in_order = True
+
     def __init__(self, journal: Journal) -> None:
         super().__init__()
         self.journal = journal
