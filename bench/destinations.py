@@ -73,7 +73,14 @@ def receiver(port: int, out: str) -> None:
     # reactor.run() installs its own SIGTERM handler (a signal.signal() before it is replaced): write at shutdown
     reactor.addSystemEventTrigger("before", "shutdown", dump)
     class NoDelaySite(Site):
-        """TCP_NODELAY on accepted connections, as real receivers (nginx, Go's net/http) have."""
+        """
+        TCP_NODELAY on accepted connections, as real receivers (nginx, Go's
+        net/http) have; no access log (without a C{logPath} twisted.web formats
+        every request into the legacy log, which nothing observes here).
+        """
+
+        def log(self, request: Any) -> None:
+            pass
 
         def buildProtocol(self, addr: Any) -> Any:
             proto = super().buildProtocol(addr)
