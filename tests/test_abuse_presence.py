@@ -155,3 +155,42 @@ def test_members_need_the_subscribe_right(chat: Daemon) -> None:
     ws.send(json.dumps({"op": "presence", "channel": "chat.room\n", "ref": 4}))
     assert json.loads(ws.recv())["code"] == "invalid_channel"
     ws.close()
+
+
+def test_presence_requests_of_one_connection_are_rate_limited(chat: Daemon) -> None:
+    """A second op:presence within PRESENCE_INTERVAL is rate_limited (ref kept); a loop of them is closed 1008."""
+    from twisted_rt.routes.ws import MAX_BAD_MESSAGES, PRESENCE_INTERVAL
+
+    ws = websocket.create_connection(chat.ws_url + "?token=" + _token("alice"), timeout=10)
+    ws.send(json.dumps({"op": "subscribe", "channel": "chat.room", "ref": 1}))
+    while json.loads(ws.recv())["op"] != "subscribed":
+        pass
+    replies: list[dict[str, Any]] = []
+    ws.send(json.dumps({"op": "presence", "channel": "chat.room", "ref": 2}))
+    ws.send(json.dumps({"op": "presence", "channel": "chat.room", "ref": 3}))
+    while len(replies) < 2:
+        got = json.loads(ws.recv())
+        if got.get("ref") in (2, 3):
+            replies.append(got)
+    by_ref = {r["ref"]: r for r in replies}
+    assert by_ref[2]["op"] == "presence" and [m["user"] for m in by_ref[2]["members"]] == ["alice"]
+    assert by_ref[3]["op"] == "error" and by_ref[3]["code"] == "rate_limited"
+    time.sleep(PRESENCE_INTERVAL + 0.1)
+    ws.send(json.dumps({"op": "presence", "channel": "chat.room", "ref": 4}))
+    while (got := json.loads(ws.recv())).get("ref") != 4:
+        pass
+    assert got["op"] == "presence"
+    for i in range(MAX_BAD_MESSAGES):  # a loop: the tenth refusal closes it as a bad client
+        ws.send(json.dumps({"op": "presence", "channel": "chat.room", "ref": 10 + i}))
+    status, limited = None, 0
+    try:
+        while status is None:
+            opcode, data = ws.recv_data(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                status = int.from_bytes(data[:2], "big")
+            elif b"rate_limited" in data:
+                limited += 1
+    except (websocket.WebSocketConnectionClosedException, ConnectionResetError):
+        pass
+    assert status == 1008 and limited >= MAX_BAD_MESSAGES - 1
+    assert chat.get("/healthz")[0] == 200

@@ -88,6 +88,10 @@ CLOSE_DISCONNECTED = 4003
 
 #: bad messages (bad JSON, unknown op, invalid fields) tolerated before 1008
 MAX_BAD_MESSAGES = 10
+#: seconds between two C{op: presence} requests of one connection: a member list is up to
+#: ~1 MB of JSON (1,000 members with 1 KiB of info each), so a loop of them is a CPU and
+#: bandwidth amplifier; changes come as join/leave events anyway
+PRESENCE_INTERVAL = 1.0
 #: longest event type a publish may give (as C{POST /api/publish}: L{twisted_rt.routes.api.MAX_TYPE_LENGTH})
 MAX_TYPE_LENGTH = 100
 #: seconds to wait for the peer's close frame before dropping TCP
@@ -226,6 +230,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._rt_joined: dict[str, None] = {}
         self._rt_watching: dict[str, None] = {}
         self._rt_registered: str | None = None
+        self._presence_next = 0.0
 
     def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
         """A refused upgrade, answered like every other error: a JSON body."""
@@ -539,6 +544,17 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         if not self.principal.can_subscribe(channel):
             self._error("forbidden", f"this token may not subscribe to {channel!r}", ref)
             return None
+        now = self.factory.app.reactor.seconds()
+        if now < self._presence_next:
+            # counted as a bad message: a client looping on it is closed with 1008
+            self._error(
+                "rate_limited",
+                f"one presence request per {PRESENCE_INTERVAL:g} s per connection"
+                " (after it, joins and leaves come as presence events)",
+                ref,
+            )
+            return None
+        self._presence_next = now + PRESENCE_INTERVAL
 
         def listed(members: list[Any]) -> None:
             self._reply({"op": "presence", "channel": channel, "members": members}, ref)
