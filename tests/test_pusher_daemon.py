@@ -410,3 +410,21 @@ def test_pusher_webhooks_through_a_destination(make_daemon: Callable[..., Daemon
         assert {"name": "member_added", "channel": "presence-hooks", "user_id": "ben"} in got
     finally:
         server.shutdown()
+
+
+def test_pusher_connections_are_counted_under_their_own_transport(pd: Daemon) -> None:
+    """/api/stats and /metrics count a Pusher socket, its subscription and its events under "pusher", not "ws"."""
+    p = PusherWS(pd).connect()
+    assert p.subscribe("orders.2")["event"] == "pusher_internal:subscription_succeeded"
+    assert client(pd).trigger(["orders.2"], "e", {"n": 1}) == {}
+    assert p.recv()["event"] == "e"
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    status, stats = pd.get("/api/stats", headers=auth)
+    assert status == 200 and stats["connections_by_transport"].get("pusher") == 1
+    assert stats["connections_by_transport"].get("ws", 0) == 0
+    from tests.conftest import http
+
+    status, _, text = http("GET", pd.url + "/metrics", headers=auth)
+    assert status == 200 and b'rt_connections{transport="pusher"} 1.0' in text
+    assert b'rt_subscriptions{transport="pusher"} 1.0' in text
+    p.close()

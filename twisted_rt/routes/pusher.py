@@ -109,6 +109,7 @@ class PusherProtocol(RTWebSocketProtocol):
     """One Pusher client (pusher-js, Laravel Echo, ...)."""
 
     factory: PusherFactory
+    stat_name = "pusher"
 
     def __init__(self) -> None:
         super().__init__()
@@ -369,12 +370,12 @@ class PusherProtocol(RTWebSocketProtocol):
         if sub.closed or channel not in self.channels:
             return
         stats = self.factory.app.stats
-        stats.subscriptions["ws"] += 1
+        stats.subscriptions[self.stat_name] += 1
         try:
             await sub.add(channel, since)
         except Exception:
             if channel not in sub.patterns and not sub.closed:
-                stats.subscriptions["ws"] -= 1
+                stats.subscriptions[self.stat_name] -= 1
             raise
 
     def _succeeded(self, channel: str, presence: dict[str, Any] | None = None) -> None:
@@ -428,7 +429,7 @@ class PusherProtocol(RTWebSocketProtocol):
         f.leave_index(channel, self)
         sub = self.subscriber
         if sub is not None and sub.remove(channel):
-            f.app.stats.subscriptions["ws"] -= 1
+            f.app.stats.subscriptions[self.stat_name] -= 1
         presence = f.presence
         if user is not None:
             f.left(presence, channel, user, self)
@@ -575,6 +576,7 @@ class PusherFactory(RTWebSocketFactory):
     """The factory of every C{/app/<key>} connection."""
 
     protocol = PusherProtocol
+    stat_name = "pusher"
 
     def __init__(self, app: App) -> None:
         super().__init__(app)

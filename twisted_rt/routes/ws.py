@@ -202,6 +202,8 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
     """One WebSocket client."""
 
     factory: RTWebSocketFactory
+    #: the C{transport} label of its connections, subscriptions and events in the stats
+    stat_name = "ws"
 
     def __init__(self) -> None:
         super().__init__()
@@ -281,7 +283,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._opened = True
         self._compress = bool(self.websocket_extensions_in_use)  # public: permessage-deflate accepted
         f.clients.add(self)
-        app.stats.connections["ws"] += 1
+        app.stats.connections[self.stat_name] += 1
         self.subscriber = Subscriber(
             app.broker,
             self._send_event,
@@ -319,9 +321,9 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._opened = False
         f.clients.discard(self)
         stats = f.app.stats
-        stats.connections["ws"] -= 1
+        stats.connections[self.stat_name] -= 1
         if self.subscriber is not None:
-            stats.subscriptions["ws"] -= len(self.subscriber.patterns)
+            stats.subscriptions[self.stat_name] -= len(self.subscriber.patterns)
             self.subscriber.close()
 
     # delivery (the hot path)
@@ -341,7 +343,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         if event is f._direct_event and not self._queue and not self._paused:
             # the only event of its commit on an idle daemon: written at once
             write_now(self.transport, frame)
-            f._events_out["ws"] += 1
+            f._events_out[f.stat_name] += 1
             return
         self._queue.append(frame)
         queued = self._queued = self._queued + len(frame)
@@ -449,7 +451,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         self._closing = True
         self._leave_all()
         if self.subscriber is not None:
-            self.factory.app.stats.subscriptions["ws"] -= len(self.subscriber.patterns)
+            self.factory.app.stats.subscriptions[self.stat_name] -= len(self.subscriber.patterns)
             self.subscriber.close()
         self._fire_waiters()
         if self.state == _STATE_OPEN:
@@ -675,11 +677,11 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         else:
             # "subscribed" waits for the first replay page: it says whether the replay is whole
             d = sub.add(pattern, since, on_start=confirmed)
-        stats.subscriptions["ws"] += 1
+        stats.subscriptions[self.stat_name] += 1
 
         def undo(f: Failure) -> Failure:
             if pattern not in sub.patterns and not sub.closed:
-                stats.subscriptions["ws"] -= 1
+                stats.subscriptions[self.stat_name] -= 1
             return f
 
         d.addErrback(undo)
@@ -692,7 +694,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         if not isinstance(channel, str) or not self.subscriber.remove(channel):
             self._error("not_subscribed", f"not subscribed to {_short(channel)}", ref, False)
             return
-        self.factory.app.stats.subscriptions["ws"] -= 1
+        self.factory.app.stats.subscriptions[self.stat_name] -= 1
         self._presence_part(channel)
         self._reply({"op": "unsubscribed", "channel": channel}, ref)
 
@@ -734,7 +736,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         def done(accepted: list[Any]) -> None:
             a = accepted[0]
             if not a.duplicate:
-                app.stats.events_in["ws"] += 1
+                app.stats.events_in[self.stat_name] += 1
             self._reply({"op": "published", **a.receipt()}, ref)
 
         return d.addBoth(settled).addCallback(done)
@@ -790,7 +792,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         sub = self.subscriber
         if sub is not None:
             dropped = sub.remove_many([p for p in sub.patterns if not principal.can_subscribe(p)])
-        self.factory.app.stats.subscriptions["ws"] -= len(dropped)
+        self.factory.app.stats.subscriptions[self.stat_name] -= len(dropped)
         for pattern in dropped:
             self._presence_part(pattern)
         if principal.member != self._rt_member and self._rt_joined:
@@ -823,6 +825,8 @@ class RTWebSocketFactory(WebSocketServerFactory):
     """The factory of every C{/ws} connection: limits, clients, batched flush."""
 
     protocol = RTWebSocketProtocol  # type: ignore[assignment]
+    #: the C{transport} label of the events written, in the stats
+    stat_name = "ws"
 
     def __init__(self, app: App) -> None:
         super().__init__(reactor=app.reactor)
@@ -973,7 +977,7 @@ class RTWebSocketFactory(WebSocketServerFactory):
         for p in rnd[start:end] if start or end < len(rnd) else rnd:
             n += p._flush()
         if n:
-            self.app.stats.events_out["ws"] += n
+            self.app.stats.events_out[self.stat_name] += n
         if end < len(rnd):
             self._flush_call = self.reactor.callLater(0, self._flush_all)
             return
@@ -995,7 +999,7 @@ class RTWebSocketFactory(WebSocketServerFactory):
         for p in dirty:
             n += p._flush()
         if n:
-            self.app.stats.events_out["ws"] += n
+            self.app.stats.events_out[self.stat_name] += n
 
     def shutdown(self) -> Deferred[None]:
         """Close every client with 1001 and wait (bounded) for them to go."""
