@@ -167,3 +167,16 @@ def test_fast_path_is_the_default_when_the_private_names_are_there() -> None:
         assert not Sender(reactor, DestinationConfig(name="t", url="http://127.0.0.1:1/", channels=("a",))).fast
     finally:
         internals.recheck()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_answered_after_close_is_closed_not_kept(raw_server: Any) -> None:
+    """A request in flight at close(): its connection is closed once answered, not put back in the pool."""
+    _factory, port = raw_server
+    s = _sender(port, True)
+    d = s.send(b"late", [])
+    closed = s.close()  # nothing idle yet: fires at once
+    assert closed.called
+    assert (await d).ok
+    await deferLater(reactor, 0.05, lambda: None)
+    assert not s._idle and not s._open

@@ -209,6 +209,7 @@ class Sender:
         self._open: set[Any] = set()
         self._closing: list[tuple[set[Any], Deferred[None]]] = []
         self._sweep: Any = None
+        self._closed = False
         self._factory = _ClientFactory(self)
         # what Agent writes first: the request line, then (Request._writeHeaders) Content-Length, then Host
         self._request_line = b"POST " + uri.originForm + b" HTTP/1.1\r\n"
@@ -223,7 +224,10 @@ class Sender:
         hdrs.addRawHeader(b"Host", self.host)
         for name, value in headers:
             hdrs.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
-        d: Deferred[Any] = self.agent.request(b"POST", self.url, hdrs, BytesBody(body))
+        return self._outcome(self.agent.request(b"POST", self.url, hdrs, BytesBody(body)), started)
+
+    def _outcome(self, d: Deferred[Any], started: float) -> Deferred[Outcome]:
+        """The L{Outcome} of the response C{d} will give (its body read up to the cap), in time or not."""
         d.addCallback(self._answer)
         d.addTimeout(self.timeout, cast(IReactorTime, self.reactor))
 
@@ -234,7 +238,7 @@ class Sender:
         def failed(f: Failure) -> Outcome:
             return done(_failure_outcome(f, self.timeout))
 
-        return d.addCallback(done).addErrback(failed)
+        return d.addCallbacks(done, failed)
 
     def _send_fast(self, body: bytes, headers: Sequence[tuple[str, str]]) -> Deferred[Outcome]:
         started = time.perf_counter()
@@ -263,20 +267,13 @@ class Sender:
             d = proto.request(request)
         else:
             d = self.endpoint.connect(self._factory).addCallback(_request_on, request)
-        d.addCallback(self._answer)
-        d.addTimeout(self.timeout, cast(IReactorTime, self.reactor))
-
-        def done(outcome: Outcome) -> Outcome:
-            outcome.seconds = time.perf_counter() - started
-            return outcome
-
-        def failed(f: Failure) -> Outcome:
-            return done(_failure_outcome(f, self.timeout))
-
-        return d.addCallbacks(done, failed)
+        return self._outcome(d, started)
 
     def _quiescent(self, proto: Any) -> None:
-        """A connection of the fast path can take the next request."""
+        """A connection of the fast path can take the next request (closed instead after L{close})."""
+        if self._closed:
+            proto.transport.loseConnection()
+            return
         self._idle.append((proto, self.reactor.seconds()))
         if self._sweep is None:
             self._sweep = self.reactor.callLater(IDLE_SECONDS, self._close_idle)
@@ -336,6 +333,7 @@ class Sender:
         if not self.fast:
             d: Deferred[None] = self.pool.closeCachedConnections()
             return d
+        self._closed = True
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
