@@ -180,3 +180,36 @@ async def test_a_connection_answered_after_close_is_closed_not_kept(raw_server: 
     assert (await d).ok
     await deferLater(reactor, 0.05, lambda: None)
     assert not s._idle and not s._open
+
+
+class EndlessHead(Protocol):
+    """Answers any request with a status line and then header lines, without end."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\n")  # type: ignore[union-attr]
+        self.sent = 0
+        self.more()
+
+    def more(self) -> None:
+        if self.transport is None or not self.transport.connected:  # type: ignore[attr-defined]
+            return
+        self.transport.write(b"X-Flood: " + b"f" * 1000 + b"\r\n" * 1 + b"X-Flood-2: " + b"g" * 1000 + b"\r\n")
+        self.sent += 2024
+        if self.sent < 50_000_000:
+            reactor.callLater(0, self.more)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_of_endless_header_lines_is_dropped_at_the_cap() -> None:
+    """A receiver that streams header lines forever: the connection is dropped after ANSWER_CAP bytes, an 'error' outcome."""
+    factory = Factory.forProtocol(EndlessHead)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        s = _sender(port.getHost().port, True)
+        out = await s.send(b"x", [])
+        assert out.kind == "error" and out.seconds < 5, out
+        await deferLater(reactor, 0.05, lambda: None)
+        assert not s._open and not s._idle  # dropped, not pooled
+        await s.close()
+    finally:
+        await port.stopListening()

@@ -575,11 +575,26 @@ _CONNECTION_DONE = Failure(ConnectionDone())
 
 
 class _ClientProtocol(_newclient.HTTP11ClientProtocol):
-    """C{HTTP11ClientProtocol} that also says when its connection is gone."""
+    """
+    C{HTTP11ClientProtocol} that also says when its connection is gone, and
+    drops it when an answer goes past C{budget} bytes: Twisted's response
+    parser takes any number of header lines (each up to 16 KiB), so a
+    receiver streaming headers would grow them until the request's timeout.
+    """
 
     def __init__(self, quiescent: Any, lost: Any) -> None:
         super().__init__(quiescent)
         self._rt_lost = lost
+        #: bytes the current answer may still take (set before each request)
+        self.budget = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        budget = self.budget = self.budget - len(data)
+        if budget < 0:
+            transport: Any = self.transport
+            transport.abortConnection()
+            return
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         super().connectionLost(reason)
@@ -591,6 +606,7 @@ def client_protocol(quiescent: Any, lost: Any) -> Any:
     Twisted's HTTP/1.1 client protocol (the one inside C{Agent}):
     C{quiescent(protocol)} is called when it can take the next request
     (C{protocol.request(PreparedRequest(...))}), C{lost(protocol)} when its
-    connection is closed.  Use it only when L{fast_paths_enabled}.
+    connection is closed; set its C{budget} (bytes the answer may take, head
+    and body) before each request.  Use it only when L{fast_paths_enabled}.
     """
     return _ClientProtocol(quiescent, lost)

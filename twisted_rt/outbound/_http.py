@@ -54,6 +54,9 @@ __all__ = ["BODY_CAP", "Outcome", "Sender", "load_ca_file"]
 BODY_CAP = 4096
 #: idle kept-alive connections are closed after this long
 IDLE_SECONDS = 60.0
+#: the most bytes of one answer (head and body) read on the fast path before its connection is
+#: dropped: the body is read up to BODY_CAP anyway, this bounds a head of endless header lines
+ANSWER_CAP = 64 * 1024
 
 
 @dataclass
@@ -264,6 +267,7 @@ class Sender:
                 break
         d: Deferred[Any]
         if proto is not None:
+            proto.budget = ANSWER_CAP
             d = proto.request(request)
         else:
             d = self.endpoint.connect(self._factory).addCallback(_request_on, request)
@@ -369,6 +373,7 @@ def _canonical(name: str) -> bytes:
 
 
 def _request_on(proto: Any, request: PreparedRequest) -> Deferred[IResponse]:
+    proto.budget = ANSWER_CAP
     answer: Deferred[IResponse] = proto.request(request)
     return answer
 
