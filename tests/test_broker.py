@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 
 from twisted_rt.core.event import Draft
 from twisted_rt.interfaces import PAGE_BYTES
@@ -40,10 +40,12 @@ async def test_fanout_is_in_seq_order_and_position_follows(tmp_path: Path) -> No
         )
         seqs = [a.event.seq for acc in results for a in acc]
         assert sorted(seqs) == list(range(1, 101))
+        await task.deferLater(reactor, 0, lambda: None)  # a commit fans out right after its acks
         assert [e.seq for e in rec.events] == list(range(1, 101))
         assert await b.position() == 100
         [dup] = await b.publish([Draft("f.x", "d", source="s", id="same")])
         [again] = await b.publish([Draft("f.x", "d", source="s", id="same")])
+        await task.deferLater(reactor, 0, lambda: None)
         assert again.duplicate and rec.events[-1].seq == dup.event.seq == 101
         assert len(rec.events) == 101  # a duplicate is not fanned out again
     finally:

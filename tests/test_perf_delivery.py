@@ -296,7 +296,7 @@ async def test_next_commit_starts_before_the_callbacks_of_the_last(tmp_path: Pat
 
 @pytest_twisted.ensureDeferred
 async def test_the_publisher_is_answered_before_the_fanout_of_the_only_event_of_its_commit(tmp_path: Path) -> None:
-    """A single-event commit fires its publish Deferred (the ack) first, then fans out in the same turn; a bigger commit fans out first, as before."""
+    """Every commit fires its publish Deferreds (the acks) first, then fans out its events in the same reactor call."""
     from twisted_rt.store.local import LocalBroker
     from twisted_rt.testing import Recorder
 
@@ -315,11 +315,41 @@ async def test_the_publisher_is_answered_before_the_fanout_of_the_only_event_of_
         await _later(0)
         assert at_ack == [0] and [e.offset for e in rec.events] == [1]
         await b.publish([Draft("a", 2), Draft("a", 3)]).addCallback(acked)
-        assert at_ack == [0, 3]
+        assert at_ack == [0, 1]  # a bigger commit is acked before its fan-out too
+        await _later(0)
+        assert [e.offset for e in rec.events] == [1, 2, 3]
         [dup] = await b.publish([Draft("a", "x", source="s", id="k")])
         [again] = await b.publish([Draft("a", "x", source="s", id="k")])
         await _later(0)
         assert again.duplicate and [e.offset for e in rec.events] == [1, 2, 3, dup.event.offset]
+    finally:
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_publisher_of_a_commit_is_answered_before_its_fanout(tmp_path: Path) -> None:
+    """Concurrent publishes sharing commits: each is acked before any event of its commit is fanned out; delivery stays in seq order."""
+    from twisted.internet import defer
+
+    from twisted_rt.store.local import LocalBroker
+    from twisted_rt.testing import Recorder
+
+    b = LocalBroker(Journal(reactor, str(tmp_path / "j.db")))  # type: ignore[arg-type]
+    await b.start()
+    try:
+        rec = Recorder()
+        b.subscribe(">", rec)
+        seen_at_ack: list[tuple[int, int]] = []  # (this publish's seq, the highest seq delivered at its ack)
+
+        def acked(acc: Any) -> Any:
+            seen_at_ack.append((acc[0].event.seq, max((e.seq for e in rec.events), default=0)))
+            return acc
+
+        await defer.gatherResults([b.publish([Draft(f"c.{i % 3}", i)]).addCallback(acked) for i in range(40)])
+        await _later(0)
+        assert b.journal.commits < 40  # they did share commits
+        assert all(delivered < seq for seq, delivered in seen_at_ack)
+        assert [e.seq for e in rec.events] == list(range(1, 41))
     finally:
         await b.stop()
 

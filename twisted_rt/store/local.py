@@ -91,8 +91,9 @@ class LocalBroker(IndexedBroker):
     def __init__(self, journal: Journal) -> None:
         super().__init__()
         self.journal = journal
-        # the only event of a commit, fanned out once its publisher has been answered
-        self._held: Event | None = None
+        # the events of the commit whose callbacks are running: fanned out once every
+        # publisher of the commit has been answered (Journal.after_callbacks)
+        self._held: list[Event] = []
         journal.after_callbacks = self._fanout_held
 
     def start(self) -> Deferred[None]:
@@ -115,24 +116,33 @@ class LocalBroker(IndexedBroker):
         return d
 
     def _delivered(self, accepted: list[Accepted]) -> list[Accepted]:
+        """
+        A publish of the commit is durable: keep its new events for the
+        fan-out, which runs once every publisher of the commit has been
+        answered (L{_fanout_held}).  Acks first: the fan-out of a commit of
+        N publishes is N x subscribers deliveries, and the last publisher
+        used to wait for all of them (ack p50 of 55-76 ms at 200 events/s
+        to 1,000 subscribers).  Nothing else runs in between (the same
+        reactor call), so every subscriber still gets the events in commit
+        order, each commit's before the next one's.
+        """
         if not len(self.index):  # nobody subscribed on this node (e.g. a pure webhook intake)
             return accepted
-        if len(accepted) == 1 and accepted[0].event.alone and not accepted[0].duplicate:
-            # the only event of its commit: /ws writes it at once while fanning out, so
-            # fan out after the publisher's ack (the journal calls _fanout_held next)
-            self._held = accepted[0].event
-            return accepted
-        fanout = self.fanout
+        held = self._held
         for a in accepted:
             if not a.duplicate:
-                fanout(a.event)
+                held.append(a.event)
         return accepted
 
     def _fanout_held(self) -> None:
-        """Every callback of the commit has run (the publisher's ack): fan out the event held back."""
-        event, self._held = self._held, None
-        if event is not None:
-            self.fanout(event)
+        """Every callback of the commit has run (the publishers' acks): fan out its events, in order."""
+        held = self._held
+        if not held:
+            return
+        self._held = []
+        fanout = self.fanout
+        for event in held:
+            fanout(event)
 
     def history(
         self, channel: str, after: int = 0, limit: int = 1000, *, max_bytes: int = PAGE_BYTES
