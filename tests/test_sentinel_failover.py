@@ -323,7 +323,12 @@ def test_kill_primary_under_load_every_acknowledged_event_once_gap_free(
         kept = history(a, channel)
         assert history(b, channel) == kept
         offsets = [e["offset"] for e in kept]
-        assert offsets == list(range(1, len(kept) + 1)), "offsets are not gap-free"
+        assert offsets == sorted(set(offsets)) and offsets[0] == 1, "offsets are not unique and increasing"
+        # A hole is allowed only where README "Offsets across a failover" says: an event streamed
+        # just before the crash whose WAIT never answered (its publisher got a 503, nothing acked
+        # it) and that the new primary never had; the counter is raised past it, never reused.
+        holes = sorted(set(range(1, offsets[-1] + 1)) - set(offsets))
+        assert len(holes) <= sum(p.refused for p in pubs), f"holes {holes} beyond the refused publishes"
         ids = [e["id"] for e in kept]
         assert len(ids) == len(set(ids)), "an event is kept twice"
         by_id = {e["id"]: e["offset"] for e in kept}
@@ -331,15 +336,18 @@ def test_kill_primary_under_load_every_acknowledged_event_once_gap_free(
         # the live subscriber stayed connected and saw exactly the journal
         assert not ws.closed, "the WebSocket subscriber was disconnected"
         ws.wait(lambda: len(ws.events(channel)) >= len(kept), what="every journaled event live")
-        assert [(e["offset"], e["id"]) for e in ws.events(channel)] == [(e["offset"], e["id"]) for e in kept]
+        live = [(e["offset"], e["id"]) for e in ws.events(channel)]
+        assert [x for x in live if x[0] not in holes] == [(e["offset"], e["id"]) for e in kept]
+        assert all(x[0] in holes for x in live if x not in {(e["offset"], e["id"]) for e in kept})
         # a subscriber resuming (on the other node) from the middle gets exactly the rest
         mid = offsets[len(offsets) // 3]
         ws2 = WSClient(a.ws_url)
         try:
             ws2.subscribe(channel, since=mid)
-            ws2.wait(lambda: len(ws2.events(channel)) >= len(kept) - mid, what="the resumed replay")
+            rest = [o for o in offsets if o > mid]
+            ws2.wait(lambda: len(ws2.events(channel)) >= len(rest), what="the resumed replay")
             time.sleep(0.2)
-            assert [e["offset"] for e in ws2.events(channel)] == offsets[mid:]
+            assert [e["offset"] for e in ws2.events(channel)] == rest
         finally:
             ws2.close()
     finally:
