@@ -294,17 +294,23 @@ async def test_next_commit_starts_before_the_callbacks_of_the_last(tmp_path: Pat
         await j.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_the_publisher_is_answered_before_the_fanout_of_the_only_event_of_its_commit(tmp_path: Path) -> None:
-    """Every commit fires its publish Deferreds (the acks) first, then fans out its events in the same reactor call."""
+async def _recorded_broker(tmp_path: Path) -> tuple[Any, Any]:
+    """A started LocalBroker on a real journal, and a Recorder subscribed to everything."""
     from twisted_rt.store.local import LocalBroker
     from twisted_rt.testing import Recorder
 
     b = LocalBroker(Journal(reactor, str(tmp_path / "j.db")))  # type: ignore[arg-type]
     await b.start()
+    rec = Recorder()
+    b.subscribe(">", rec)
+    return b, rec
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_commit_of_one_or_more_events_is_acked_before_its_fanout(tmp_path: Path) -> None:
+    """Every commit fires its publish Deferreds (the acks) first, then fans out its events in the same reactor call."""
+    b, rec = await _recorded_broker(tmp_path)
     try:
-        rec = Recorder()
-        b.subscribe(">", rec)
         at_ack: list[int] = []
 
         def acked(acc: Any) -> Any:
@@ -331,14 +337,8 @@ async def test_every_publisher_of_a_commit_is_answered_before_its_fanout(tmp_pat
     """Concurrent publishes sharing commits: each is acked before any event of its commit is fanned out; delivery stays in seq order."""
     from twisted.internet import defer
 
-    from twisted_rt.store.local import LocalBroker
-    from twisted_rt.testing import Recorder
-
-    b = LocalBroker(Journal(reactor, str(tmp_path / "j.db")))  # type: ignore[arg-type]
-    await b.start()
+    b, rec = await _recorded_broker(tmp_path)
     try:
-        rec = Recorder()
-        b.subscribe(">", rec)
         seen_at_ack: list[tuple[int, int]] = []  # (this publish's seq, the highest seq delivered at its ack)
 
         def acked(acc: Any) -> Any:

@@ -46,6 +46,7 @@ __all__ = [
     "ChannelSwitch",
     "FastHTTPChannel",
     "PreparedRequest",
+    "canonical_header_name",
     "client_protocol",
     "clear_exit_signal",
     "fast_paths_enabled",
@@ -230,10 +231,11 @@ _LENGTH_HEADERS = (b"Content-Length", b"Transfer-Encoding")
 _HEADER_LINE = re.compile(rb"(?<=\r\n)([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]*)\r\n")
 
 
-def _canonical_name(name: bytes) -> bytes:
+def canonical_header_name(name: bytes) -> bytes:
     """
-    A request header name in C{twisted.web}'s canonical case
-    (C{x-github-event} -> C{X-Github-Event}), cached.
+    A header name in C{twisted.web}'s canonical case (C{x-github-event} ->
+    C{X-Github-Event}: what C{Headers} writes), cached.  Made with the
+    public C{Headers} API; here because the fast paths read its cache.
 
     @raise InvalidHeaderName: C{name} is not an HTTP token.
     """
@@ -343,7 +345,7 @@ class FastHTTPChannel(HTTPChannel):
                 canonical = _CANONICAL
                 added = 0
                 for name, value in pairs:
-                    canon = canonical.get(name) or _canonical_name(name)  # a token: the regex checked it
+                    canon = canonical.get(name) or canonical_header_name(name)  # a token: the regex checked it
                     if canon in _LENGTH_HEADERS:  # they choose the body's decoder: twisted.web's own code
                         if not self.headerReceived(name + b":" + value):
                             return
@@ -549,15 +551,17 @@ class PreparedRequest(_newclient.Request):
     the protocol reads C{persistent} and calls C{writeTo} (and
     C{stopWriting} only while a C{writeTo} Deferred is pending, never
     here); its response parser reads C{method}.
-    C{tests/test_dest_http.py} proves the bytes on the wire equal
+    C{tests/test_dest_http_fast.py} proves the bytes on the wire equal
     C{Agent}'s.
     """
+
+    #: read by nobody here (the caller wrote the headers): one shared, empty
+    headers = Headers()
 
     def __init__(self, data: bytes) -> None:
         # not Request.__init__: the caller checked the method and the URI once, for every request
         self.method = b"POST"
         self.uri = b""
-        self.headers = Headers()
         self.bodyProducer = None
         self.persistent = True
         self._parsedURI = None

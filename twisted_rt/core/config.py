@@ -28,7 +28,18 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar, get_args, get_origin, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    Callable,
+    Literal,
+    Mapping,
+    Sequence,
+    TypeVar,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from twisted_rt.core.matcher import PatternError, matches, validate_pattern
 from twisted_rt.core.template import ChannelTemplate, TemplateError
@@ -593,6 +604,20 @@ def _broker(broker: BrokerConfig, key: str) -> None:
         raise ConfigError(f"{key}.sentinel_master", "needs sentinels")
 
 
+def _pattern(pattern: str, key: str) -> None:
+    """C{pattern} is a valid channel pattern.  @raise ConfigError: for C{key}, saying why."""
+    try:
+        validate_pattern(pattern)
+    except PatternError as e:
+        raise ConfigError(key, str(e)) from None
+
+
+def _patterns(patterns: Sequence[str], key: str) -> None:
+    """Every pattern of the list C{key} is valid (the first bad one is named C{key[i]})."""
+    for i, pat in enumerate(patterns):
+        _pattern(pat, f"{key}[{i}]")
+
+
 @section_check(AuthConfig)
 def _auth(auth: AuthConfig, key: str) -> None:
     # jwt_public_key_file's contents: twisted_rt.checks, with core.auth.load_public_key.
@@ -603,11 +628,7 @@ def _auth(auth: AuthConfig, key: str) -> None:
     for i, api_key in enumerate(auth.api_keys):
         if not api_key:
             raise ConfigError(f"{key}.api_keys[{i}]", "must not be empty")
-    for i, pat in enumerate(auth.anonymous_subscribe):
-        try:
-            validate_pattern(pat)
-        except PatternError as e:
-            raise ConfigError(f"{key}.anonymous_subscribe[{i}]", str(e)) from None
+    _patterns(auth.anonymous_subscribe, f"{key}.anonymous_subscribe")
 
 
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -674,10 +695,7 @@ def _sources_together(cfg: Config, key: str) -> None:
 
 @section_check(ChannelRule)
 def _channel_rule(rule: ChannelRule, key: str) -> None:
-    try:
-        validate_pattern(rule.pattern)
-    except PatternError as e:
-        raise ConfigError(f"{key}.pattern", str(e)) from None
+    _pattern(rule.pattern, f"{key}.pattern")
 
 
 _DEST_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+)(:[0-9]{1,5})?(/[^\s#]*)?$")
@@ -693,11 +711,7 @@ def _destination(d: DestinationConfig, key: str) -> None:
         raise ConfigError(f"{key}.url", f"not an http:// or https:// URL with a host: {shown!r}")
     if d.ca_file and not d.url.startswith("https://"):
         raise ConfigError(f"{key}.ca_file", "only for an https:// url")
-    for i, pat in enumerate(d.channels):
-        try:
-            validate_pattern(pat)
-        except PatternError as e:
-            raise ConfigError(f"{key}.channels[{i}]", str(e)) from None
+    _patterns(d.channels, f"{key}.channels")
     if d.secret:
         if d.secret.startswith("whsec_"):
             try:
@@ -728,11 +742,7 @@ def _pusher(p: PusherConfig, key: str) -> None:
         for name, value in given.items():
             if not value:
                 raise ConfigError(f"{key}.{name}", "is required when [pusher] is set")
-    for i, pat in enumerate(p.public_channels):
-        try:
-            validate_pattern(pat)
-        except PatternError as e:
-            raise ConfigError(f"{key}.public_channels[{i}]", str(e)) from None
+    _patterns(p.public_channels, f"{key}.public_channels")
     for name in ("app_id", "key"):
         value = given[name]
         if value and not re.match(r"^[A-Za-z0-9_\-.]{1,64}$", value):

@@ -42,6 +42,7 @@ from zope.interface import implementer
 from twisted_rt._twisted_internals import (
     PreparedRequest,
     SystemAndFileTrust,
+    canonical_header_name,
     client_protocol,
     fast_paths_enabled,
 )
@@ -210,7 +211,9 @@ class Sender:
         # the fast path's pool: quiescent connections (the last used last) with the time each became so
         self._idle: list[tuple[Any, float]] = []
         self._open: set[Any] = set()
-        self._closing: list[tuple[set[Any], Deferred[None]]] = []
+        # close(): the idle connections it closed, and what fires once they are gone
+        self._closing: set[Any] = set()
+        self._closed_d: Deferred[None] | None = None
         self._sweep: Any = None
         self._closed = False
         self._factory = _ClientFactory(self)
@@ -251,7 +254,7 @@ class Sender:
             raw = value.encode("latin-1")
             if b"\n" in raw or b"\r" in raw:
                 raw = b" ".join(raw.splitlines())
-            grouped.setdefault(_canonical(name), []).append(raw)
+            grouped.setdefault(canonical_header_name(name.encode("latin-1")), []).append(raw)
         lines: list[bytes] = [self._request_line, b"Content-Length: %d\r\n" % len(body), self._host_line]
         for raw_name, values in grouped.items():
             lines.extend([raw_name + b": " + v + b"\r\n" for v in values])
@@ -284,11 +287,11 @@ class Sender:
 
     def _lost(self, proto: Any) -> None:
         self._open.discard(proto)
-        for entry in list(self._closing):
-            waiting, closed = entry
-            waiting.discard(proto)
-            if not waiting:
-                self._closing.remove(entry)
+        closing = self._closing
+        if proto in closing:
+            closing.discard(proto)
+            if not closing and self._closed_d is not None:
+                closed, self._closed_d = self._closed_d, None
                 closed.callback(None)
 
     def _close_idle(self) -> None:
@@ -342,34 +345,15 @@ class Sender:
             self._sweep.cancel()
             self._sweep = None
         idle, self._idle = self._idle, []
-        waiting = {p for p, _ in idle if p in self._open}
-        if not waiting:
+        self._closing.update(p for p, _ in idle if p in self._open)
+        if not self._closing:
             return succeed(None)
-        closed: Deferred[None] = Deferred()
-        self._closing.append((waiting, closed))
-        for proto in waiting:
+        if self._closed_d is None:
+            self._closed_d = Deferred()
+        closed = self._closed_d
+        for proto, _ in idle:
             proto.transport.loseConnection()
         return closed
-
-
-_CANONICAL: dict[str, bytes] = {}
-
-
-def _canonical(name: str) -> bytes:
-    """
-    A header name as C{Headers} writes it (C{webhook-id} -> C{Webhook-Id}),
-    cached (up to 1,024 names: forwarded provider headers are many).
-
-    @raise InvalidHeaderName: not an HTTP token.
-    """
-    canon = _CANONICAL.get(name)
-    if canon is None:
-        probe = Headers()
-        probe.addRawHeader(name.encode("latin-1"), b"")
-        canon = next(iter(probe.getAllRawHeaders()))[0]
-        if len(_CANONICAL) < 1024:
-            _CANONICAL[name] = canon
-    return canon
 
 
 def _request_on(proto: Any, request: PreparedRequest) -> Deferred[IResponse]:
