@@ -10,9 +10,9 @@ and caches it, so a fan-out to many subscribers costs one C{json.dumps}.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time as _time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -61,8 +61,31 @@ def loads(body: bytes | str) -> Any:
 
 
 def new_id() -> str:
-    """A fresh event id."""
-    return uuid.uuid4().hex
+    """
+    A fresh event id: a UUID version 7 (RFC 9562) in hex, 32 digits.
+
+    Its first 48 bits are the Unix time in milliseconds and the other 74
+    are random, so the ids of a journal grow with time: each goes to the
+    right-hand end of the idempotency index (C{deliveries}) instead of a
+    random leaf page of it.  A commit of 25 generated ids then dirties one
+    or two index pages instead of 25, which was most of the journal
+    writer's work per event (56 -> 20 µs of CPU in isolation; README
+    "Benchmarks").  An id carries its creation time, like the event's
+    C{time} field beside it; it is not a secret.
+    """
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (
+        (_time.time_ns() // 1_000_000 & _MS_MASK) << 80
+        | 0x7000 << 64
+        | (rand >> 64 & 0xFFF) << 64
+        | 0x8000_0000_0000_0000
+        | rand & _RAND_B_MASK
+    )
+    return f"{value:032x}"
+
+
+_MS_MASK = (1 << 48) - 1
+_RAND_B_MASK = (1 << 62) - 1
 
 
 def now_iso(t: float | None = None) -> str:

@@ -50,6 +50,7 @@ import json
 import random
 import re
 import time
+import uuid
 from collections import OrderedDict, deque
 from typing import Any, Callable, Mapping, Sequence, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -699,7 +700,7 @@ class RedisBroker(IndexedBroker):
         self.reactor = reactor
         self.stats = stats
         self.prefix = config.broker.prefix
-        self.node_id = node_id or new_id()[:16]
+        self.node_id = node_id or uuid.uuid4().hex[:16]  # new_id() starts with the time
         broker = config.broker
         self.url = parse_url(broker.effective_url)
         if self.url.password is None and broker.password:
