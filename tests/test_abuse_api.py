@@ -314,3 +314,32 @@ def test_daemon_log_has_no_critical_errors(daemon_m: Daemon, tmp_path: Path) -> 
     healthy(daemon_m)
     log = daemon_m.log()
     assert "Unhandled" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_publishers_that_hang_up_during_the_commit_leave_no_gap_live(daemon: Daemon) -> None:
+    """Publishes whose connection closes before the 202 are still sent live: a subscriber sees every offset once."""
+    ws = websocket.create_connection(daemon.ws_url + f"?token={API_KEY}", timeout=10)
+    try:
+        ws.send(json.dumps({"op": "subscribe", "channel": "hang.up", "ref": 1}))
+        assert json.loads(ws.recv())["op"] == "subscribed"
+        body = json.dumps({"channel": "hang.up", "data": "gone"}).encode()
+        head = (f"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        socks = []
+        for _ in range(30):  # the close reaches the daemon while most of these commits are in flight
+            s = socket.create_connection(("127.0.0.1", daemon.port))
+            s.sendall(head + body)
+            socks.append(s)
+        for s in socks:
+            s.close()
+        time.sleep(0.5)
+        status, receipt = daemon.publish("hang.up", "last")
+        assert status == 202, receipt
+        offsets = []
+        while not offsets or offsets[-1] < receipt["offset"]:
+            m = json.loads(ws.recv())
+            assert m["op"] == "event", m
+            offsets.append(m["offset"])
+        assert offsets == list(range(1, receipt["offset"] + 1))  # every accepted event, live, once
+    finally:
+        ws.close()

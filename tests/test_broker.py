@@ -84,3 +84,22 @@ def test_local_broadcast_calls_this_nodes_handlers_and_survives_a_bad_one() -> N
     d = b.broadcast("k", {"a": 1})
     assert d.called and got == [({"a": 1}, b.node_id)]
     assert b.broadcast("none", {}).called
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_publish_is_still_fanned_out(tmp_path: Path) -> None:
+    """A publish cancelled during its commit (its publisher went away) still reaches live subscribers: no gap."""
+    b = await _broker(tmp_path)
+    try:
+        rec = Recorder()
+        b.subscribe("c", rec)
+        first = b.publish([Draft("c", 1)])
+        cancelled: list[Any] = []
+        first.addErrback(lambda f: cancelled.append(f.type))
+        first.cancel()
+        assert cancelled == [defer.CancelledError]
+        await b.publish([Draft("c", 2)])  # queued behind the first commit
+        await task.deferLater(reactor, 0, lambda: None)
+        assert [(e.offset, e.data) for e in rec.events] == [(1, 1), (2, 2)]
+    finally:
+        await b.stop()

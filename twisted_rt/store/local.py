@@ -113,7 +113,15 @@ class LocalBroker(IndexedBroker):
     def publish(self, drafts: Sequence[Draft]) -> Deferred[list[Accepted]]:
         d = self.journal.append(drafts)
         d.addCallback(self._delivered)
-        return d
+        # The caller gets its own Deferred: cancelling it (run() does when a
+        # publisher's connection is lost during the commit) must not cancel
+        # this one, whose callback hands the committed events to the fan-out;
+        # otherwise they are journaled but never sent live (a gap in every
+        # live subscriber's offsets).  Once cancelled, the late result is
+        # dropped by the caller's Deferred, as Twisted does for a cancel.
+        out: Deferred[list[Accepted]] = Deferred()
+        d.addCallbacks(out.callback, out.errback)
+        return out
 
     def _delivered(self, accepted: list[Accepted]) -> list[Accepted]:
         """
