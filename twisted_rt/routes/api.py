@@ -31,12 +31,13 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client.exposition import choose_encoder
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from twisted_rt.app import App
 from twisted_rt.core.auth import Principal, require
-from twisted_rt.core.event import Draft, dumps, loads
+from twisted_rt.core.event import Accepted, Draft, dumps, loads
 from twisted_rt.core.matcher import ChannelError, validate_channel
 from twisted_rt.interfaces import AuthError
 from twisted_rt.store.presence import MAX_MEMBERS_LISTED
@@ -152,7 +153,12 @@ class Publish(JsonResource):
         super().__init__()
         self.app = app
 
-    async def handle_POST(self, request: Request) -> Reply:
+    def handle_POST(self, request: Request) -> Deferred[Reply]:
+        """
+        One publish: answered once durable.  A Deferred chain, not a
+        coroutine: this is the ingest hot path, and the coroutine's own
+        Deferred and resumption were ~5 % of the reactor's time per request.
+        """
         no_subpath(request)
         principal = _caller(self.app, request)
         if not is_json_media(media_type(request.getHeader(b"content-type"))):
@@ -164,7 +170,9 @@ class Publish(JsonResource):
             if not principal.can_publish(d.channel):
                 raise AuthError("forbidden", f"this token may not publish to {d.channel!r}", 403)
             d.scope = scope
-        accepted = await self.app.broker.publish(drafts)
+        return self.app.broker.publish(drafts).addCallback(self._accepted, batch)
+
+    def _accepted(self, accepted: list[Accepted], batch: bool) -> Reply:
         fresh = sum(1 for a in accepted if not a.duplicate)
         if fresh:
             self.app.stats.events_in["api"] += fresh
