@@ -524,8 +524,8 @@ async def test_a_failing_after_callbacks_hook_or_checkpoint_does_not_stop_commit
     await j.open()
     calls: list[int] = []
 
-    def hook() -> None:
-        calls.append(1)
+    def hook(accepted: list[list[Any]]) -> None:
+        calls.append(len(accepted))
         raise RuntimeError("hook")
 
     j.after_callbacks = hook

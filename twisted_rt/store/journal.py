@@ -182,9 +182,11 @@ class Journal:
         self.max_batch = max_batch
         self.trim_interval_seconds = trim_interval_seconds
         self._on_commit = on_commit
-        #: called after every callback of a commit has run (the broker's fan-out of
-        #: what it held back so that the publishers' acks go first)
-        self.after_callbacks: Callable[[], None] | None = None
+        #: called with a commit's accepted events (one list per append, in order)
+        #: once every callback of the commit has run: the broker's fan-out, after
+        #: the publishers' acks; it does not depend on any append's Deferred (a
+        #: cancelled one, whose publisher went away, is still fanned out)
+        self.after_callbacks: Callable[[list[list[Accepted]]], None] | None = None
         self._memory = path == ":memory:"
         self._wpool = ThreadPool(minthreads=1, maxthreads=1, name="rt-journal-writer")
         # WAL checkpoints, off the writer's path (None: in memory, nothing to checkpoint)
@@ -393,7 +395,7 @@ class Journal:
             self._kick()
         if self.after_callbacks is not None:
             try:
-                self.after_callbacks()
+                self.after_callbacks(accepted)
             except Exception:  # noqa: BLE001 - the commit path goes on
                 self.log.failure("after the callbacks of a commit")
         self._maybe_checkpoint()

@@ -91,10 +91,7 @@ class LocalBroker(IndexedBroker):
     def __init__(self, journal: Journal) -> None:
         super().__init__()
         self.journal = journal
-        # the events of the commit whose callbacks are running: fanned out once every
-        # publisher of the commit has been answered (Journal.after_callbacks)
-        self._held: list[Event] = []
-        journal.after_callbacks = self._fanout_held
+        journal.after_callbacks = self._fanout_commit
 
     def start(self) -> Deferred[None]:
         return self.journal.open()
@@ -111,46 +108,27 @@ class LocalBroker(IndexedBroker):
         return "" if self.journal.healthy else f"journal: {self.journal.error}"
 
     def publish(self, drafts: Sequence[Draft]) -> Deferred[list[Accepted]]:
-        d = self.journal.append(drafts)
-        d.addCallback(self._delivered)
-        # The caller gets its own Deferred: cancelling it (run() does when a
-        # publisher's connection is lost during the commit) must not cancel
-        # this one, whose callback hands the committed events to the fan-out;
-        # otherwise they are journaled but never sent live (a gap in every
-        # live subscriber's offsets).  Once cancelled, the late result is
-        # dropped by the caller's Deferred, as Twisted does for a cancel.
-        out: Deferred[list[Accepted]] = Deferred()
-        d.addCallbacks(out.callback, out.errback)
-        return out
+        return self.journal.append(drafts)
 
-    def _delivered(self, accepted: list[Accepted]) -> list[Accepted]:
+    def _fanout_commit(self, accepted: list[list[Accepted]]) -> None:
         """
-        A publish of the commit is durable: keep its new events for the
-        fan-out, which runs once every publisher of the commit has been
-        answered (L{_fanout_held}).  Acks first: the fan-out of a commit of
-        N publishes is N x subscribers deliveries, and the last publisher
-        used to wait for all of them (ack p50 of 55-76 ms at 200 events/s
-        to 1,000 subscribers).  Nothing else runs in between (the same
-        reactor call), so every subscriber still gets the events in commit
-        order, each commit's before the next one's.
+        Every publisher of a commit has been answered: fan out its new
+        events, in order (L{Journal.after_callbacks}).  Acks first: the
+        fan-out of a commit of N publishes is N x subscribers deliveries,
+        and the last publisher used to wait for all of them (ack p50 of
+        55-76 ms at 200 events/s to 1,000 subscribers).  Nothing else runs
+        in between (the same reactor call), so every subscriber gets the
+        events in commit order, each commit's before the next one's.  The
+        hook does not go through the publishes' Deferreds: one cancelled
+        because its publisher went away is still sent live (no gap).
         """
         if not len(self.index):  # nobody subscribed on this node (e.g. a pure webhook intake)
-            return accepted
-        held = self._held
-        for a in accepted:
-            if not a.duplicate:
-                held.append(a.event)
-        return accepted
-
-    def _fanout_held(self) -> None:
-        """Every callback of the commit has run (the publishers' acks): fan out its events, in order."""
-        held = self._held
-        if not held:
             return
-        self._held = []
         fanout = self.fanout
-        for event in held:
-            fanout(event)
+        for acc in accepted:
+            for a in acc:
+                if not a.duplicate:
+                    fanout(a.event)
 
     def history(
         self, channel: str, after: int = 0, limit: int = 1000, *, max_bytes: int = PAGE_BYTES
