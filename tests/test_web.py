@@ -493,3 +493,40 @@ async def test_failure_after_the_client_left_is_logged() -> None:
     finally:
         globalLogPublisher.removeObserver(events.append)
         await port.stopListening()
+
+
+@pytest.mark.parametrize("finish", [False, True], ids=["cancelled", "finished"])
+def test_a_handler_whose_client_went_away_is_cancelled_unless_it_must_finish(finish: bool) -> None:
+    """Client gone mid-handler: a JsonResource's handler is cancelled, one with finish_when_gone runs to its end; nothing is written."""
+    from twisted.internet.defer import CancelledError, Deferred
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    from twisted_rt.web.resource import JsonResource
+
+    step: Deferred[None] = Deferred()
+    seen: list[str] = []
+
+    class TwoSteps(JsonResource):
+        finish_when_gone = finish
+
+        async def handle_GET(self, request: Request) -> dict[str, Any]:
+            try:
+                await step
+            except CancelledError:
+                seen.append("cancelled")
+                raise
+            seen.append("second step")
+            return {"ok": True}
+
+    transport = CountingTransport()
+    proto = _ours(TwoSteps()).buildProtocol(PEER)
+    assert proto is not None
+    proto.makeConnection(transport)
+    proto.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+    proto.connectionLost(Failure(ConnectionLost()))
+    if not finish:
+        assert seen == ["cancelled"]
+    step.callback(None)
+    assert seen == (["second step"] if finish else ["cancelled"])
+    assert transport.value() == b""

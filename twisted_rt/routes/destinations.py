@@ -133,6 +133,11 @@ class Dead(_Base):
 class Action(_Base):
     """C{POST /api/destinations/<name>/(retry|replay|pause|resume)}."""
 
+    #: a retry or replay writes the queue, then tells the workers (on every
+    #: node) to look at it: an admin who hangs up in between must not leave
+    #: revived or replayed rows unseen until something else wakes the worker
+    finish_when_gone = True
+
     async def handle_POST(self, request: Request) -> dict[str, Any]:
         outbound = self._target(request)
         name = self.name

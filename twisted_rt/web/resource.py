@@ -271,6 +271,12 @@ class JsonResource(Resource):
     isLeaf = True
     #: whether C{HEAD} falls back to C{handle_GET}
     head_from_get = True
+    #: C{False}: a handler still running when its client goes away is
+    #: cancelled (a query, a wait).  C{True}: it runs to its end, for
+    #: handlers that change state in several steps (a store's write, then
+    #: telling the workers): a cancel between them would leave the first
+    #: done and the second never.
+    finish_when_gone = False
     #: L{allowed_methods}, computed once per class
     _allowed: ClassVar[list[str]]
 
@@ -284,7 +290,7 @@ class JsonResource(Resource):
             handler = getattr(self, "handle_GET", None)
         if handler is None:
             return self.not_allowed(request)
-        return run(request, handler)
+        return run(request, handler, cancel=not self.finish_when_gone)
 
     @classmethod
     def allowed_methods(cls) -> list[str]:
@@ -315,9 +321,11 @@ def method_not_allowed(request: Request, allowed: list[str], note: str = "") -> 
     return NOT_DONE_YET
 
 
-def run(request: Request, handler: Handler) -> int:
+def run(request: Request, handler: Handler, cancel: bool = True) -> int:
     """
-    Run C{handler} for C{request} and write what it returns.
+    Run C{handler} for C{request} and write what it returns.  When the
+    client goes away first, nothing is written and, with C{cancel}, the
+    handler's Deferred is cancelled.
 
     Whatever fails, in the handler or while encoding or writing its answer
     (a body that is not JSON-able, ...), goes through L{_map_failure}: the
@@ -337,7 +345,8 @@ def run(request: Request, handler: Handler) -> int:
 
     def gone(_: object = None) -> None:
         finished[0] = True
-        d.cancel()
+        if cancel:
+            d.cancel()
 
     if hasattr(type(request), "on_gone"):  # the site's RTRequest: no Deferred per request
         cast(Any, request).on_gone = gone
