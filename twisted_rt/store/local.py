@@ -7,13 +7,14 @@ L{Broker} is the one interface the transports talk to.  L{LocalBroker} is a
 single node: the SQLite journal plus an in-memory L{PatternIndex}.  The Redis
 broker (L{twisted_rt.store.redis}) implements the same interface for several nodes.
 
-Ordering: the journal fires commits in order and the broker fans out in the
-commit callback, so live events reach subscribers in increasing C{seq} (so
-each channel's in offset order), and only after they are durable.  The only
-event of a commit is fanned out right after that commit's callbacks (its
-publisher's ack goes first: its fan-out writes at once, see
-L{twisted_rt.routes.ws}); the events of a bigger commit are fanned out (queued)
-before each publish's Deferred fires.
+Ordering: the journal fires commits in order and the broker fans out each
+commit's events right after that commit's callbacks (L{Journal.after_callbacks}:
+every publisher's ack goes first), so live events reach subscribers in
+increasing C{seq} (so each channel's in offset order), and only after they are
+durable.  The only event of a commit on an idle daemon is written at once
+(L{twisted_rt.routes.ws}); the events of a bigger commit are queued for the
+next round of writes.  The fan-out does not depend on the publishes'
+Deferreds: one cancelled because its publisher went away is still sent live.
 
 Every L{Event} a broker returns or fans out carries its C{seq}, the
 journal-wide order.  Reads are pages bounded by count I{and} bytes
