@@ -69,9 +69,9 @@ def new_id() -> str:
     right-hand end of the idempotency index (C{deliveries}) instead of a
     random leaf page of it.  A commit of 25 generated ids then dirties one
     or two index pages instead of 25, which was most of the journal
-    writer's work per event (56 -> 20 µs of CPU in isolation; README
-    "Benchmarks").  An id carries its creation time, like the event's
-    C{time} field beside it; it is not a secret.
+    writer's work per event (its CPU per C{/api/publish} at c = 50: 85-107
+    -> 51-65 µs; README "Benchmarks", item 10).  An id carries its creation
+    time, like the event's C{time} field beside it; it is not a secret.
     """
     rand = int.from_bytes(os.urandom(10), "big")
     value = (
