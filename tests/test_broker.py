@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
@@ -103,3 +104,52 @@ async def test_a_cancelled_publish_is_still_fanned_out(tmp_path: Path) -> None:
         assert [(e.offset, e.data) for e in rec.events] == [(1, 1), (2, 2)]
     finally:
         await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_big_commit_is_fanned_out_over_several_turns_in_order(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past FANOUT_TURN deliveries the rest of a commit waits a turn; the next commit's events queue behind it, in order."""
+    from twisted_rt.store import local
+
+    monkeypatch.setattr(local, "FANOUT_TURN", 3)
+    b = await _broker(tmp_path)
+    try:
+        recs = [Recorder(), Recorder()]
+        for rec in recs:
+            b.subscribe("c", rec)
+        big = b.publish([Draft("c", i) for i in range(5)])
+        after = b.publish([Draft("c", 5)])  # the next commit
+        await big
+        seen: list[int] = []
+        for _ in range(4):
+            await task.deferLater(reactor, 0, lambda: None)
+            seen.append(len(recs[0].events))
+        await after
+        await task.deferLater(reactor, 0, lambda: None)
+        # 2 listeners: two events (4 deliveries) per turn, then the rest
+        assert seen[:3] == [2, 4, 5]
+        for rec in recs:
+            assert [e.data for e in rec.events] == [0, 1, 2, 3, 4, 5]
+            assert [e.offset for e in rec.events] == list(range(1, 7))
+    finally:
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_drops_a_pending_fanout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker stopped while a big commit is still being fanned out leaves no call behind."""
+    from twisted_rt.store import local
+
+    monkeypatch.setattr(local, "FANOUT_TURN", 1)
+    b = await _broker(tmp_path)
+    rec = Recorder()
+    b.subscribe("c", rec)
+    await b.publish([Draft("c", i) for i in range(4)])
+    await task.deferLater(reactor, 0, lambda: None)
+    assert len(rec.events) == 1 and b._drain_call is not None
+    call = b._drain_call
+    await b.stop()
+    assert not call.active() and b._drain_call is None
+    await task.deferLater(reactor, 0, lambda: None)
+    assert len(rec.events) == 1

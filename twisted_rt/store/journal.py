@@ -161,6 +161,11 @@ class Journal:
 
     log = Logger()
 
+    @property
+    def reactor(self) -> ThreadedReactor:
+        """The reactor the journal answers in (the broker schedules its fan-out on it)."""
+        return self._reactor
+
     def __init__(
         self,
         reactor: ThreadedReactor,

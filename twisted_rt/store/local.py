@@ -13,8 +13,10 @@ every publisher's ack goes first), so live events reach subscribers in
 increasing C{seq} (so each channel's in offset order), and only after they are
 durable.  The only event of a commit on an idle daemon is written at once
 (L{twisted_rt.routes.ws}); the events of a bigger commit are queued for the
-next round of writes.  The fan-out does not depend on the publishes'
-Deferreds: one cancelled because its publisher went away is still sent live.
+next round of writes, at most about L{FANOUT_TURN} deliveries per reactor
+turn (the rest in the next turns, still before any later commit's events).
+The fan-out does not depend on the publishes' Deferreds: one cancelled
+because its publisher went away is still sent live.
 
 Every L{Event} a broker returns or fans out carries its C{seq}, the
 journal-wide order.  Reads are pages bounded by count I{and} bytes
@@ -24,9 +26,11 @@ pages a replay with C{after_seq=page[-1].seq} until a page comes back empty.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections import deque
+from typing import Any, Iterable, Mapping, Sequence, cast
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from twisted_rt.core.event import Accepted, Draft, Event
@@ -34,7 +38,11 @@ from twisted_rt.core.matcher import PatternIndex
 from twisted_rt.interfaces import PAGE_BYTES, Broker, ChannelInfo, Control, ControlHandler, Listener
 from twisted_rt.store.journal import Journal
 
-__all__ = ["IndexedBroker", "LocalBroker"]
+__all__ = ["FANOUT_TURN", "IndexedBroker", "LocalBroker"]
+
+#: about this many deliveries per reactor turn: a commit of many events to many subscribers is
+#: fanned out over several turns, so that it does not hold back the next commit's acks
+FANOUT_TURN = 8000
 
 
 class IndexedBroker(Broker):
@@ -71,13 +79,16 @@ class IndexedBroker(Broker):
     def unsubscribe(self, pattern: str, listener: Listener) -> None:
         self.index.remove(pattern, listener)
 
-    def fanout(self, event: Event) -> None:
-        """Hand C{event} to every local listener whose pattern matches."""
+    def fanout(self, event: Event) -> int:
+        """Hand C{event} to every local listener whose pattern matches; how many there were."""
+        n = 0
         for listener in self.index.match(event.channel):
+            n += 1
             try:
                 listener.deliver(event)
             except Exception:  # noqa: BLE001 - one bad listener must not stop the fan-out
                 self.log.failure("delivering {event} to {listener}", event=event, listener=listener)
+        return n
 
     def local_subscribers(self, channel: str) -> int:
         return len(set(self.index.match(channel)))
@@ -93,11 +104,18 @@ class LocalBroker(IndexedBroker):
         super().__init__()
         self.journal = journal
         journal.after_callbacks = self._fanout_commit
+        # committed events not fanned out yet (FANOUT_TURN), and the call that goes on with them
+        self._backlog: deque[Event] = deque()
+        self._drain_call: IDelayedCall | None = None
 
     def start(self) -> Deferred[None]:
         return self.journal.open()
 
     def stop(self) -> Deferred[None]:
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
+        self._backlog.clear()
         return self.journal.close()
 
     @property
@@ -123,13 +141,33 @@ class LocalBroker(IndexedBroker):
         hook does not go through the publishes' Deferreds: one cancelled
         because its publisher went away is still sent live (no gap).
         """
-        if not len(self.index):  # nobody subscribed on this node (e.g. a pure webhook intake)
+        backlog = self._backlog
+        if not len(self.index) and not backlog:  # nobody subscribed on this node (e.g. a pure webhook intake)
             return
-        fanout = self.fanout
         for acc in accepted:
             for a in acc:
                 if not a.duplicate:
-                    fanout(a.event)
+                    backlog.append(a.event)
+        if self._drain_call is None:
+            self._drain()
+
+    def _drain(self) -> None:
+        """
+        Fan out the committed events in order, about L{FANOUT_TURN}
+        deliveries in this reactor turn; the rest goes on in the next turn
+        (after the requests and commits that came meanwhile: the next
+        commit's publishers are answered before this one's last events
+        go out).  Events committed meanwhile queue behind them.
+        """
+        self._drain_call = None
+        backlog = self._backlog
+        budget = FANOUT_TURN
+        fanout = self.fanout
+        while backlog:
+            budget -= fanout(backlog.popleft())
+            if budget <= 0 and backlog:
+                self._drain_call = cast(IReactorTime, self.journal.reactor).callLater(0, self._drain)
+                return
 
     def history(
         self, channel: str, after: int = 0, limit: int = 1000, *, max_bytes: int = PAGE_BYTES
