@@ -341,5 +341,7 @@ def test_publishers_that_hang_up_during_the_commit_leave_no_gap_live(daemon: Dae
             assert m["op"] == "event", m
             offsets.append(m["offset"])
         assert offsets == list(range(1, receipt["offset"] + 1))  # every accepted event, live, once
+        _, stats = daemon.get("/api/stats", headers=AUTH)
+        assert stats["events_in_by_source"]["api"] == receipt["offset"]  # and each one counted
     finally:
         ws.close()

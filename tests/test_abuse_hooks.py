@@ -29,7 +29,7 @@ import psutil
 import pytest
 import standardwebhooks
 import stripe
-from conftest import DEFAULT_CONFIG, SHARED_DATA, Daemon, http
+from conftest import API_KEY, DEFAULT_CONFIG, SHARED_DATA, Daemon, http
 from slack_sdk.signature import SignatureVerifier
 
 EXAMPLES = SHARED_DATA / "octokit-webhook-examples"
@@ -504,3 +504,34 @@ rate_limit_per_second = 0.01
     finally:
         c.close()
     assert post(d, "github", PUSH, github(PUSH, delivery="genuine"))[0] == 202
+
+
+def test_deliveries_whose_sender_hangs_up_are_kept_and_counted(target: Daemon) -> None:
+    """Signed webhooks whose connection closes before the 202 are journaled once each and counted per source."""
+    d = target
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    _, before = d.get("/api/stats", headers=auth)
+    counted = before["events_in_by_source"].get("github", 0)
+    _, page = d.get("/api/channels/github.hangup/history", headers=auth)
+    assert page["events"] == []
+    socks = []
+    for i in range(20):  # the close reaches the daemon while most of these commits are in flight
+        headers = github(PUSH, event="hangup", delivery=f"gh-hang-{i}")
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        s = socket.create_connection(("127.0.0.1", d.port))
+        s.sendall(f"POST /hooks/github HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(PUSH)}\r\n\r\n".encode()
+                  + PUSH)
+        socks.append(s)
+    for s in socks:
+        s.close()
+    status, _ = post(d, "github", PUSH, github(PUSH, event="hangup", delivery="gh-hang-last"))
+    assert status == 202
+    deadline = time.monotonic() + 10
+    while True:
+        _, page = d.get("/api/channels/github.hangup/history?limit=100", headers=auth)
+        _, stats = d.get("/api/stats", headers=auth)
+        kept = len(page["events"])
+        if stats["events_in_by_source"]["github"] - counted == kept == 21 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert kept == 21 and stats["events_in_by_source"]["github"] - counted == 21  # every one kept, and counted

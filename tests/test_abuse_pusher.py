@@ -270,3 +270,40 @@ def test_public_channels_can_be_narrowed_so_webhook_channels_stay_unreadable(mak
     assert sub_err["event"] == "pusher:subscription_error" and sub_err["data"]["status"] == 403
     p.close()
     _healthy(d)
+
+
+def test_triggers_whose_caller_hangs_up_are_kept_and_counted(pd: Daemon) -> None:
+    """Signed Pusher triggers whose connection closes before the answer are each journaled and counted."""
+    import hashlib
+    import socket
+    import time
+
+    from tests.conftest import API_KEY
+    from tests.test_pusher_daemon import APP
+    from twisted_rt.core.pusher_auth import request_signature
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    path = f"/apps/{APP}/events"
+    socks = []
+    for i in range(20):  # the close reaches the daemon while most of these commits are in flight
+        body = json.dumps({"name": "gone", "channel": "hangup", "data": str(i)}).encode()
+        q = {"auth_key": KEY, "auth_timestamp": str(int(time.time())), "auth_version": "1.0",
+             "body_md5": hashlib.md5(body).hexdigest()}
+        q["auth_signature"] = request_signature(SECRET, "POST", path, q)
+        s = socket.create_connection(("127.0.0.1", pd.port))
+        s.sendall(f"POST {path}?{urlencode(q)} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        socks.append(s)
+    for s in socks:
+        s.close()
+    status, _ = _signed(pd, "POST", path, json.dumps({"name": "last", "channel": "hangup", "data": "x"}).encode())
+    assert status == 200
+    deadline = time.monotonic() + 10
+    while True:
+        _, page = pd.get("/api/channels/hangup/history?limit=100", headers=auth)
+        _, stats = pd.get("/api/stats", headers=auth)
+        kept, counted = len(page["events"]), stats["events_in_by_source"].get("pusher", 0)
+        if kept == counted == 21 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert (kept, counted) == (21, 21)  # every trigger kept, and counted

@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from twisted_rt.core.event import Draft
+from twisted_rt.core.event import Accepted, Draft, Event
 from twisted_rt.interfaces import PAGE_BYTES
 from twisted_rt.store.journal import PAGE_BYTES as JOURNAL_PAGE_BYTES
 from twisted_rt.store.journal import Journal
@@ -118,20 +118,21 @@ async def test_a_big_commit_is_fanned_out_over_several_turns_in_order(tmp_path: 
         recs = [Recorder(), Recorder()]
         for rec in recs:
             b.subscribe("c", rec)
-        big = b.publish([Draft("c", i) for i in range(5)])
-        after = b.publish([Draft("c", 5)])  # the next commit
-        await big
-        seen: list[int] = []
-        for _ in range(4):
+        await b.publish([Draft("c", "first")])
+        await task.deferLater(reactor, 0, lambda: None)
+        big = [Accepted(Event(f"b{i}", "c", 10 + i, "t", "api", "", i)) for i in range(5)]
+        later = [Accepted(Event("l", "c", 20, "t", "api", "", "later"))]
+        b._fanout_commit([big])  # as the journal calls it: a commit of 5 events...
+        seen = [len(recs[0].events)]
+        b._fanout_commit([later])  # ...and the next commit, while the first is still going out
+        seen.append(len(recs[0].events))
+        for _ in range(3):
             await task.deferLater(reactor, 0, lambda: None)
             seen.append(len(recs[0].events))
-        await after
-        await task.deferLater(reactor, 0, lambda: None)
-        # 2 listeners: two events (4 deliveries) per turn, then the rest
-        assert seen[:3] == [2, 4, 5]
+        # 2 listeners: two events (4 deliveries) per turn; the later commit waits its turn
+        assert seen == [1 + 2, 1 + 2, 1 + 4, 1 + 6, 1 + 6]
         for rec in recs:
-            assert [e.data for e in rec.events] == [0, 1, 2, 3, 4, 5]
-            assert [e.offset for e in rec.events] == list(range(1, 7))
+            assert [e.data for e in rec.events] == ["first", 0, 1, 2, 3, 4, "later"]
     finally:
         await b.stop()
 

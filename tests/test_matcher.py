@@ -92,6 +92,7 @@ def test_index_agrees_with_naive_matches(pats: list[str], chans: list[str]) -> N
     for ch in chans:
         got = sorted(index.match(ch))
         assert got == sorted(i for i, p in enumerate(pats) if matches(p, ch))
+        assert index.count(ch) == len(got)
 
 
 @settings(max_examples=150, deadline=None)
@@ -115,6 +116,7 @@ def test_index_after_removals(entries: list[tuple[str, int]], drop: list[int], c
     assert len(index) == len(live)
     for ch in chans:
         assert sorted(index.match(ch)) == sorted(k for p, k in live if matches(p, ch))
+        assert index.count(ch) == len(list(index.match(ch)))
     for p, k in list(live):
         index.remove(p, k)
     assert len(index) == 0

@@ -60,6 +60,10 @@ def loads(body: bytes | str) -> Any:
     return obj
 
 
+_MS_MASK = (1 << 48) - 1
+_RAND_B_MASK = (1 << 62) - 1
+
+
 def new_id() -> str:
     """
     A fresh event id: a UUID version 7 (RFC 9562) in hex, 32 digits.
@@ -83,9 +87,6 @@ def new_id() -> str:
     )
     return f"{value:032x}"
 
-
-_MS_MASK = (1 << 48) - 1
-_RAND_B_MASK = (1 << 62) - 1
 
 
 def now_iso(t: float | None = None) -> str:

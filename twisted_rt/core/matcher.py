@@ -192,9 +192,18 @@ class PatternIndex(Generic[K]):
 
     def match(self, channel: str) -> Iterator[K]:
         """Yield the keys of every pattern that C{channel} matches."""
+        for bucket in self._buckets(channel):
+            yield from tuple(bucket)
+
+    def count(self, channel: str) -> int:
+        """How many keys L{match} yields for C{channel}, without yielding them."""
+        return sum(len(bucket) for bucket in self._buckets(channel))
+
+    def _buckets(self, channel: str) -> Iterator[dict[K, None]]:
+        """The non-empty key sets whose pattern matches C{channel}: exact first, then the trie's, lazily."""
         bucket = self._exact.get(channel)
         if bucket:
-            yield from tuple(bucket)
+            yield bucket
         root = self._root
         if not (root.children or root.tail):
             return
@@ -205,10 +214,10 @@ class PatternIndex(Generic[K]):
             node, i = stack.pop()
             if i == n:
                 if node.here:
-                    yield from tuple(node.here)
+                    yield node.here
                 continue
             if node.tail:
-                yield from tuple(node.tail)
+                yield node.tail
             children = node.children
             if not children:
                 continue

@@ -292,6 +292,10 @@ class SourceResource(JsonResource):
     counted per source.
     """
 
+    #: a delivery is journaled and fanned out whether or not its client waits
+    #: for the answer: the handler runs on to count it (rt_events_in_total)
+    finish_when_gone = True
+
     head_from_get = False
 
     #: X: only application/json bodies (CONTRACT.md, "Safety rules")

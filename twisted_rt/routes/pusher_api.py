@@ -183,6 +183,10 @@ class _Signed(JsonResource):
 class Apps(_Signed):
     """C{/apps/<id>/...}."""
 
+    #: an event trigger is journaled and fanned out whether or not its client waits
+    #: for the answer: the handler runs on to count it (rt_events_in_total)
+    finish_when_gone = True
+
     async def handle_POST(self, request: Request) -> Any:
         _, body = self.verify(request)
         path = self._app_path(request)

@@ -161,11 +161,6 @@ class Journal:
 
     log = Logger()
 
-    @property
-    def reactor(self) -> ThreadedReactor:
-        """The reactor the journal answers in (the broker schedules its fan-out on it)."""
-        return self._reactor
-
     def __init__(
         self,
         reactor: ThreadedReactor,
@@ -221,6 +216,11 @@ class Journal:
         self.commits = 0
 
     # -- lifecycle (reactor thread) --------------------------------------
+
+    @property
+    def reactor(self) -> ThreadedReactor:
+        """The reactor the journal answers in (the broker schedules its fan-out on it)."""
+        return self._reactor
 
     def open(self) -> Deferred[None]:
         """
