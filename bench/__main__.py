@@ -53,6 +53,7 @@ from bench.servers import (
     NCHAN_PACKAGES,
     Baseline,
     Nchan,
+    NchanNoDelay,
     Ours,
     Server,
     install_nchan,
@@ -61,8 +62,8 @@ from bench.servers import (
 from bench.wire import HttpConn
 
 SCENARIOS = ("fanout", "batched", "ingest", "resume", "idle")
-SERVER_NAMES = {"baseline": Baseline, "nchan": Nchan, "ours": Ours}
-REFS = ("baseline", "nchan")  # the baselines ours is divided by
+SERVER_NAMES = {"baseline": Baseline, "nchan": Nchan, "nchan_nodelay": NchanNoDelay, "ours": Ours}
+REFS = ("baseline", "nchan", "nchan_nodelay")  # the baselines ours is divided by
 
 
 @dataclass
@@ -215,7 +216,7 @@ class Bench:
                  keep: bool = False, profile: Path | None = None) -> None:
         self.sizes = sizes
         self.profile = profile
-        self.servers: list[type[Server]] = [Baseline, Nchan, Ours]
+        self.servers: list[type[Server]] = [Baseline, Nchan, NchanNoDelay, Ours]
         self.wait_idle = 0.0
         self.idle_below = 15.0
         self.rounds = rounds
@@ -269,6 +270,11 @@ class Bench:
         if total < n:
             self._stop(workers)
             raise RuntimeError(f"only {total}/{n} subscribers: {problems}")
+        try:
+            server.subscribers_ready()
+        except Exception:
+            self._stop(workers)
+            raise
         return workers
 
     def _profiler(self, server: Server, name: str, seconds: float) -> Profiler | None:
@@ -624,7 +630,8 @@ class Bench:
     # --------------------------------------------------------------- table
     def names(self) -> list[tuple[str, str]]:
         """(name, column title) of the servers in this run, in run order."""
-        titles = {"baseline": "Autobahn base", "nchan": "nginx+nchan", "twisted_rt": "twisted_rt"}
+        titles = {"baseline": "Autobahn base", "nchan": "nginx+nchan", "nchan_nodelay": "nchan, NODELAY",
+                  "twisted_rt": "twisted_rt"}
         return [(c.name, titles.get(c.name, c.name)) for c in self.servers]
 
     def table(self, targets: bool = True) -> str:
@@ -644,7 +651,8 @@ class Bench:
         names = self.names()
         refs = [r for r in REFS if r in dict(names)]
         head = ["measure", "unit"] + [f"{t} (runs)" for _, t in names]
-        head += [f"ours/{'base' if r == 'baseline' else r}" for r in refs]
+        short = {"baseline": "base", "nchan_nodelay": "nchan ND"}
+        head += [f"ours/{short.get(r, r)}" for r in refs]
         if targets:
             head += ["target", "met"]
         rows: list[list[str]] = [head]
@@ -773,8 +781,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the raw figures as JSON")
     parser.add_argument("--write-readme", action="store_true", help="put the table into bench/README.md")
     parser.add_argument("--keep", action="store_true", help="keep the servers' work directories (logs, journal)")
-    parser.add_argument("--servers", default="baseline,nchan,ours",
-                        help="which servers: baseline, nchan, ours (default all three)")
+    parser.add_argument("--servers", default="baseline,nchan,nchan_nodelay,ours",
+                        help="which servers: baseline, nchan, nchan_nodelay (nchan with TCP_NODELAY on its "
+                             "subscribers' sockets, fan-out only), ours (default all four)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not apt-get install nginx and libnginx-mod-nchan when missing (skip nchan)")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
@@ -803,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(sizes, args.rounds, only, pin=not args.no_pin, verbose=not args.quiet, keep=args.keep,
                   profile=Path(args.profile) if args.profile else None)
     nchan_note = ""
-    if "nchan" in wanted and only & Nchan.scenarios:
+    if {"nchan", "nchan_nodelay"} & set(wanted) and only & Nchan.scenarios:
         if args.quick or args.no_install:
             why = nchan_missing()
             if why is not None:
@@ -811,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             why = install_nchan(lambda s: print(f"bench: nchan: {s}", file=sys.stderr, flush=True))
         if why is not None:
-            wanted.remove("nchan")
+            wanted = [x for x in wanted if x not in ("nchan", "nchan_nodelay")]
             nchan_note = f"the nginx + nchan lines are missing: {why}"
             print(f"bench: {nchan_note}", file=sys.stderr, flush=True)
             bench.notes.append(nchan_note)
@@ -830,6 +839,9 @@ def main(argv: list[str] | None = None) -> int:
                            "with a bare twisted.web POST resource")
         elif cls is Nchan:
             servers.append(f"nginx+nchan = {nchan_versions()} (Debian), one worker, bench/nchan.conf")
+        elif cls is NchanNoDelay:
+            servers.append("nchan, NODELAY = the same nginx+nchan with TCP_NODELAY set on its subscribers' sockets "
+                           "(as twisted_rt's are): the like-for-like line, fan-out only (bench/servers.py)")
         elif cls is Ours:
             servers.append("twisted_rt = twistd -n rt --config bench/bench.toml, durable on-disk journal")
     head = [
@@ -851,6 +863,11 @@ def main(argv: list[str] | None = None) -> int:
                       "twisted.web POST resource (reads the body, answers 202 {}, keeps nothing).")
     if Nchan in bench.servers:
         legend.append("nginx+nchan takes part in the 1 event/req fan-out and idle rows only ('-' elsewhere).")
+    if NchanNoDelay in bench.servers:
+        legend.append("The targets are against nginx+nchan as it ships: Nagle's algorithm on its subscribers' sockets "
+                      "(twisted_rt sets TCP_NODELAY); with Nagle a frame sent while the last one is unacknowledged "
+                      "waits for the ACK, which on loopback sends it from the generator's core. 'nchan, NODELAY' is "
+                      "the same server with TCP_NODELAY set from outside: compare per-delivery figures with it too.")
     if only & {"fanout", "batched", "ingest"}:
         legend.append("'server/gen CPU, waited': % of one core in the window for the server and the load generator, "
                       "and the time the server's threads were runnable without a CPU (much above 0 for a one-thread "

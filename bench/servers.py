@@ -6,6 +6,8 @@ would start it, optionally pinned to a set of CPUs.
     tcp:<port>:interface=127.0.0.1} in a fresh directory (durable journal
     under C{var/} there);
   - L{Baseline}: C{python -m bench.baseline --port <port>};
+  - L{NchanNoDelay}: the same nginx + nchan with C{TCP_NODELAY} set on
+    its subscribers' sockets, as twisted_rt's (and Autobahn's) are;
   - L{Nchan}: Debian's C{nginx} with C{libnginx-mod-nchan}, in the
     foreground from a fresh directory (C{nginx -p DIR -c DIR/nginx.conf}),
     with the config made from C{bench/nchan.conf}; L{install_nchan} puts
@@ -15,6 +17,7 @@ would start it, optionally pinned to a set of CPUs.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import secrets
 import shutil
@@ -36,12 +39,14 @@ __all__ = [
     "NCHAN_PACKAGES",
     "Baseline",
     "Nchan",
+    "NchanNoDelay",
     "Ours",
     "Server",
     "free_port",
     "install_nchan",
     "nchan_missing",
     "sched_wait",
+    "set_nodelay",
 ]
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -202,6 +207,9 @@ class Server:
         except psutil.Error:
             pass
         return total
+
+    def subscribers_ready(self) -> None:
+        """Called once a round of subscribers is connected (see L{NchanNoDelay})."""
 
     def wait_quiet(self, below: float = 0.15, timeout: float = 30) -> None:
         """Wait until the server uses less than C{below} of a core (backlogs drained)."""
@@ -383,3 +391,69 @@ class Nchan(Server):
         nginx = _nginx_binary()
         assert nginx is not None
         return [nginx, "-p", f"{self.workdir}/", "-c", str(self.workdir / "nginx.conf"), "-e", "stderr"]
+
+
+#: pidfd_getfd(2) (Linux 5.6): the same number on every architecture
+_SYS_PIDFD_GETFD = 438
+
+
+def set_nodelay(pid: int, value: bool = True) -> int:
+    """
+    Set C{TCP_NODELAY} on every connected TCP socket of process C{pid}, from
+    outside (C{pidfd_getfd} gives a duplicate of each descriptor; a socket
+    option set on it is the socket's).  Needs the right to ptrace C{pid} (a
+    child of the bench, or root).  How many sockets it set.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    done = 0
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue  # closed meanwhile
+            fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                err = ctypes.get_errno()
+                if err == errno.EBADF:
+                    continue  # closed meanwhile
+                raise OSError(err, f"pidfd_getfd on {pid}: {os.strerror(err)}")
+            sock = socket.socket(fileno=fd)
+            try:
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+                    sock.getpeername()  # connected (not the listener)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(value))
+                    done += 1
+            except OSError:
+                pass
+            finally:
+                sock.close()  # the duplicate only
+    finally:
+        os.close(pidfd)
+    return done
+
+
+class NchanNoDelay(Nchan):
+    """
+    L{Nchan} with C{TCP_NODELAY} on its subscribers' sockets: the like-for-like
+    line for the per-delivery figures.  nginx leaves Nagle's algorithm on for
+    nchan's WebSocket subscribers (its C{tcp_nodelay} is for keep-alive HTTP;
+    nchan has no directive for it), while twisted_rt, like Autobahn and
+    twisted.web, sets C{TCP_NODELAY}.  With Nagle a frame written while the
+    previous one is unacknowledged waits in the kernel and leaves when the
+    ACK comes in: on loopback the generator's ACK pushes it, on the
+    generator's core, so part of the sending is not counted as nchan's.
+    Only the fan-out with one event per request (the per-delivery figures).
+    """
+
+    name = "nchan_nodelay"
+    label = "nginx + nchan (C), TCP_NODELAY"
+    scenarios: ClassVar[frozenset[str]] = frozenset({"fanout"})
+
+    def subscribers_ready(self) -> None:
+        assert self._ps is not None
+        done = sum(set_nodelay(p.pid) for p in [self._ps, *self._ps.children(recursive=True)])
+        if not done:
+            raise RuntimeError("could not set TCP_NODELAY on any of nchan's sockets")

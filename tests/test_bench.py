@@ -22,7 +22,7 @@ import pytest
 
 from bench.__main__ import Bench, Check, Metric, Sizes, Step, _ge, _le
 from bench.loadgen import event_body
-from bench.servers import Baseline, Nchan, Ours, nchan_missing
+from bench.servers import Baseline, Nchan, NchanNoDelay, Ours, nchan_missing, set_nodelay
 from bench.wire import WSConn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,8 @@ def test_quick_bench_prints_a_table_with_numbers() -> None:
     columns = _cells(lines[head])
     servers = [c for c in columns if c.endswith("(runs)")]
     with_nchan = nchan_missing() is None
-    assert servers == ["Autobahn base (runs)", *(["nginx+nchan (runs)"] if with_nchan else []), "twisted_rt (runs)"]
+    nchans = ["nginx+nchan (runs)", "nchan, NODELAY (runs)"] if with_nchan else []
+    assert servers == ["Autobahn base (runs)", *nchans, "twisted_rt (runs)"]
     if not with_nchan:
         assert "the nginx + nchan lines are missing" in out, out
     rows = {}
@@ -72,17 +73,21 @@ def test_quick_bench_prints_a_table_with_numbers() -> None:
             if col == "nginx+nchan (runs)" and not label.startswith(("fan-out 20, 1 event/req", "idle:")):
                 assert row[col] == "-", (label, row)
                 continue
+            if col == "nchan, NODELAY (runs)" and not label.startswith("fan-out 20, 1 event/req"):
+                assert row[col] == "-", (label, row)
+                continue
             assert NUMBERS.match(row[col]) and row[col].count(" / ") == 1, (label, col, row)
     # ratios to each baseline in the same run
     sat = rows["fan-out 20, 1 event/req: deliveries/s at saturation"]
     assert re.match(r"^\d+\.\d\dx$", sat["ours/base"]), sat
     if with_nchan:
         assert re.match(r"^\d+\.\d\dx$", sat["ours/nchan"]), sat
+        assert re.match(r"^\d+\.\d\dx$", sat["ours/nchan ND"]), sat
     # the per-step lines, for every server and both rounds
     assert "fan-out 20, 1 event/req -- ONE event per POST /api/publish" in out
     assert "fan-out 20, batched -- up to 100 events per request" in out
     step_rows = [_cells(line) for line in lines if re.match(r"^\| [\d,]+( \*)? +\| \w+ +\| \d ", line)]
-    names = {"baseline", "twisted_rt"} | ({"nchan"} if with_nchan else set())
+    names = {"baseline", "twisted_rt"} | ({"nchan", "nchan_nodelay"} if with_nchan else set())
     assert {r[1] for r in step_rows} == names, step_rows
     number = re.compile(r"^[\d,.]+$")
     for r in step_rows:  # latency, CPU/delivery may be n/a in a step with no delivery in its window; nothing else
@@ -177,3 +182,29 @@ def test_the_step_table_has_one_line_per_server_run_and_rate() -> None:
         ("10,000", "nchan"), ("10,000", "twisted_rt"), ("40,000", "nchan"), ("40,000", "twisted_rt"),
         ("32,000 *", "nchan"), ("32,000 *", "twisted_rt"),
     ]
+
+
+def test_set_nodelay_turns_on_tcp_nodelay_of_a_process_connected_sockets_from_outside() -> None:
+    """set_nodelay (for the 'nchan, NODELAY' line) sets TCP_NODELAY on another process's connected TCP sockets only."""
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import socket, sys\n"
+         "lsn = socket.create_server(('127.0.0.1', 0)); c = socket.create_connection(lsn.getsockname())\n"
+         "s, _ = lsn.accept()\n"
+         "for x in (c, s): x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)\n"
+         "print('ready', flush=True); sys.stdin.readline()\n"
+         "print(*[x.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for x in (c, s, lsn)], flush=True)\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        assert set_nodelay(child.pid) == 2  # the two ends of the connection, not the listener
+        child.stdin.write("\n")
+        child.stdin.flush()
+        values = [int(v) for v in child.stdout.readline().split()]
+        assert values[0] and values[1] and not values[2], values
+    finally:
+        child.kill()
+        child.wait()
+    assert NchanNoDelay.scenarios == {"fanout"} and NchanNoDelay.name == "nchan_nodelay"
+    assert issubclass(NchanNoDelay, Nchan)
