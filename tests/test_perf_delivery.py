@@ -541,3 +541,13 @@ async def test_a_failing_after_callbacks_hook_or_checkpoint_does_not_stop_commit
         assert j.checkpoints == 0 and j.healthy
     finally:
         await j.close()
+
+
+def test_unit_the_delivery_state_of_a_connection_is_in_slots_not_its_dict() -> None:
+    """The attributes the per-(event, subscriber) step reads live in slots, set once the connection is made."""
+    _clock, transports, _broker = connections(1)
+    p = transports[0].proto
+    hot = set(ws.RTWebSocketProtocol.__slots__)
+    assert {"_queue", "_queued", "_paused", "_closing", "_compress", "_fac", "_tr"} <= hot
+    assert not hot & set(vars(p))  # none of them went to the instance dictionary
+    assert p._fac is p.factory and p._tr is p.transport is transports[0]
