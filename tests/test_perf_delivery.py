@@ -244,6 +244,27 @@ def test_unit_a_direct_fanout_counts_as_a_round_for_the_hold() -> None:
     assert [t.offsets() for t in transports] == [[[1], [2, 3]]] * 2
 
 
+def test_unit_after_a_direct_fanout_the_hold_is_a_third_of_its_length() -> None:
+    """After a direct fan-out that took T, an event past DIRECT_HOLD x T goes out at once again; one before it waits until then."""
+    assert ws.DIRECT_HOLD == pytest.approx(1 / 3)
+    clock, transports, broker = connections(2)
+    broker.fanout(_alone(1))
+    clock.advance(0.03)  # the direct fan-out's turn took 30 ms: a hold of 10 ms after it
+    clock.advance(0.004)
+    broker.fanout(_alone(2))  # 4 ms after: queued, held until 10 ms after the fan-out
+    assert [t.offsets() for t in transports] == [[[1]]] * 2
+    clock.advance(0.005)
+    assert [t.offsets() for t in transports] == [[[1]]] * 2
+    clock.advance(0.002)
+    assert [t.offsets() for t in transports] == [[[1], [2]]] * 2
+    clock.advance(1)  # idle again
+    broker.fanout(_alone(3))
+    clock.advance(0.03)  # another 30 ms direct fan-out
+    clock.advance(0.011)
+    broker.fanout(_alone(4))  # 11 ms after it (within its length, past a third): at once
+    assert [t.offsets() for t in transports] == [[[1], [2], [3], [4]]] * 2
+
+
 def test_unit_paused_connection_queues_the_direct_event() -> None:
     """A connection paused by its transport queues even the direct event, and writes it once resumed."""
     clock, transports, broker = connections(2)
