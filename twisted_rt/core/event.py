@@ -88,7 +88,6 @@ def new_id() -> str:
     return f"{value:032x}"
 
 
-
 def now_iso(t: float | None = None) -> str:
     """RFC 3339 UTC time with milliseconds, e.g. C{2026-11-21T18:45:15.123Z}."""
     if t is None:
