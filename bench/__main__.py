@@ -1,9 +1,10 @@
 """
 C{python -m bench}: measure twisted_rt against two baselines in one run --
-a plain Autobahn broadcast server on Twisted and nginx + nchan (C) -- and
-print one table (see C{bench/README.md}).
+a plain Autobahn broadcast server on Twisted and nginx + nchan (C), the
+latter also with C{TCP_NODELAY} on its subscribers' sockets (like for like,
+fan-out only) -- and print one table (see C{bench/README.md}).
 
-  python -m bench            # the full run (~8 minutes)
+  python -m bench            # the full run (~9 minutes)
   python -m bench --quick    # tiny sizes, to check the instrument works
   python -m bench --only fanout --rounds 3 --json out.json
 
