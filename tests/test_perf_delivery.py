@@ -572,3 +572,29 @@ def test_unit_the_delivery_state_of_a_connection_is_in_slots_not_its_dict() -> N
     assert {"_queue", "_queued", "_paused", "_closing", "_compress", "_fac", "_tr"} <= hot
     assert not hot & set(vars(p))  # none of them went to the instance dictionary
     assert p._fac is p.factory and p._tr is p.transport is transports[0]
+
+
+def test_unit_the_first_auto_ping_is_planned_at_a_random_point_of_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection's first auto-ping is re-planned at a random fraction of the interval, so connections opened together do not ping together."""
+    from types import SimpleNamespace
+
+    planned: list[tuple[float, Any]] = []
+
+    class Call:
+        cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    p = ws.RTWebSocketProtocol()
+    p.factory = SimpleNamespace(_batched_timer=SimpleNamespace(  # type: ignore[assignment]
+        call_later=lambda delay, func: planned.append((delay, func)) or "replanned"))
+    p.autoPingInterval = 20.0  # type: ignore[attr-defined]
+    first = p.autoPingPendingCall = Call()  # type: ignore[attr-defined]
+    monkeypatch.setattr(ws.random, "uniform", lambda a, b: 0.3 if (a, b) == (0.05, 1.0) else -1.0)
+    p._spread_auto_ping()
+    assert first.cancelled and p.autoPingPendingCall == "replanned"  # type: ignore[attr-defined]
+    assert planned == [(pytest.approx(6.0), p._sendAutoPing)]
+    p.autoPingInterval = 0  # type: ignore[attr-defined]
+    p._spread_auto_ping()  # no auto-ping configured: nothing planned
+    assert len(planned) == 1
