@@ -598,3 +598,7 @@ def test_unit_the_first_auto_ping_is_planned_at_a_random_point_of_the_interval(m
     p.autoPingInterval = 0  # type: ignore[attr-defined]
     p._spread_auto_ping()  # no auto-ping configured: nothing planned
     assert len(planned) == 1
+    opened: list[Any] = []
+    monkeypatch.setattr(ws.RTWebSocketProtocol, "_spread_auto_ping", lambda self: opened.append(self))
+    proto, _clock, _transport, _broker = open_proto()
+    assert opened == [proto]  # every connection re-plans its first ping when it opens
