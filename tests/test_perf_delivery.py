@@ -117,30 +117,50 @@ def test_unit_idle_daemon_sends_at_once() -> None:
 
 
 def test_unit_busy_rounds_wait_as_long_as_the_last_took_and_coalesce(monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a round that took T, the next waits T (at most MAX_HOLD); events committed meanwhile share its write."""
+    """After a round of BUSY_ROUND events per connection that took T, the next waits T (at most MAX_HOLD); events committed meanwhile share its write."""
+    assert ws.BUSY_ROUND == 2
     monkeypatch.setattr(ws, "FLUSH_CHUNK", 2)
     clock, transports, broker = connections(4)
     fanout(broker, "p.a", 1)
+    fanout(broker, "p.a", 2)
     clock.advance(0)  # the first chunk: connections 0 and 1
     clock.advance(0.01)  # the reactor was busy 10 ms before the next chunk: 2 and 3
-    assert [t.offsets() for t in transports] == [[[1]]] * 4
-    fanout(broker, "p.a", 2)
+    assert [t.offsets() for t in transports] == [[[1, 2]]] * 4
+    fanout(broker, "p.a", 3)
     clock.advance(0)
     assert all(len(t.writes) == 1 for t in transports)  # held: the last round took 10 ms
-    fanout(broker, "p.a", 3)
+    fanout(broker, "p.a", 4)
     clock.advance(0.009)
     assert all(len(t.writes) == 1 for t in transports)
     clock.advance(0.001)
     clock.advance(0)
-    assert [t.offsets() for t in transports] == [[[1], [2, 3]]] * 4
+    assert [t.offsets() for t in transports] == [[[1, 2], [3, 4]]] * 4
     # however long a round took, the hold is at most MAX_HOLD
     factory = transports[0].proto.factory
     factory._round_took = 10.0
     factory._round_ended = clock.seconds()
-    fanout(broker, "p.a", 4)
+    fanout(broker, "p.a", 5)
     clock.advance(ws.MAX_HOLD)
     clock.advance(0)
-    assert [t.offsets()[-1] for t in transports] == [[4]] * 4
+    assert [t.offsets()[-1] for t in transports] == [[5]] * 4
+
+
+def test_unit_a_round_of_one_event_per_connection_holds_the_next_a_third_of_its_length(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round that wrote fewer than BUSY_ROUND events per connection holds the next one only DIRECT_HOLD of its length."""
+    monkeypatch.setattr(ws, "FLUSH_CHUNK", 2)
+    clock, transports, broker = connections(4)
+    fanout(broker, "p.a", 1)
+    clock.advance(0)
+    clock.advance(0.03)  # a round of one event per connection that took 30 ms
+    assert [t.offsets() for t in transports] == [[[1]]] * 4
+    fanout(broker, "p.a", 2)
+    clock.advance(0.009)  # held 10 ms, not 30
+    assert all(len(t.writes) == 1 for t in transports)
+    clock.advance(0.001)
+    clock.advance(0)
+    assert [t.offsets() for t in transports] == [[[1], [2]]] * 4
 
 
 def test_unit_a_connection_not_yet_written_takes_new_frames_in_its_one_write(monkeypatch: pytest.MonkeyPatch) -> None:

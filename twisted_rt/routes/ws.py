@@ -115,6 +115,13 @@ MAX_HOLD = 0.025
 #: at 40k deliveries/s (a 15 ms fan-out every 25 ms) most events waited up to
 #: a fan-out's time with nothing to share a write with
 DIRECT_HOLD = 1 / 3
+#: a round that wrote fewer events per connection than this counts for the hold
+#: as a direct fan-out does (L{DIRECT_HOLD} of its length): the daemon keeps up,
+#: and holding the next round as long as this one took only added latency (at
+#: 40k deliveries/s on a slow machine rounds of ~20 ms every 25 ms each waited a
+#: whole round: p50 25-35 ms instead of 13-20); a round of more (events come
+#: faster than rounds) counts whole, so that the next writes carry more events
+BUSY_ROUND = 2
 #: seconds the shutdown hook waits for clients to answer the 1001 close
 SHUTDOWN_WAIT = 3.0
 #: publishes of one connection awaiting the journal before its reads pause
@@ -886,6 +893,7 @@ class RTWebSocketFactory(WebSocketServerFactory):
         self._round: list[RTWebSocketProtocol] = []
         self._round_pos = 0
         self._round_started = 0.0
+        self._round_events = 0
         # when the last round ended and how long it took (the adaptive hold)
         self._round_ended = -1e9
         self._round_took = 0.0
@@ -991,8 +999,10 @@ class RTWebSocketFactory(WebSocketServerFactory):
         """
         Plan the next round: idle (the last round ended long ago), at once,
         i.e. at the end of this turn; busy, once as long as the last round
-        took (at most L{MAX_HOLD}) has passed since it ended, so that what is
-        committed meanwhile leaves in the same write per connection.
+        took (at most L{MAX_HOLD}; a light round or a direct fan-out counts
+        L{DIRECT_HOLD} of its length, L{BUSY_ROUND}) has passed since it
+        ended, so that what is committed meanwhile leaves in the same write
+        per connection.
         """
         wait = self._round_ended + min(self._round_took, MAX_HOLD) - self.reactor.seconds()
         self._flush_call = self.reactor.callLater(wait if wait > 0 else 0, self._flush_all)
@@ -1016,6 +1026,7 @@ class RTWebSocketFactory(WebSocketServerFactory):
             self._dirty = []
             self._round_pos = 0
             self._round_started = now
+            self._round_events = 0
         start = self._round_pos
         end = self._round_pos = start + FLUSH_CHUNK
         n = 0
@@ -1023,12 +1034,14 @@ class RTWebSocketFactory(WebSocketServerFactory):
             n += p._flush()
         if n:
             self.app.stats.events_out[self.stat_name] += n
+            self._round_events += n
         if end < len(rnd):
             self._flush_call = self.reactor.callLater(0, self._flush_all)
             return
         self._round = []
         self._round_ended = now
-        self._round_took = now - self._round_started
+        took = now - self._round_started
+        self._round_took = took if self._round_events >= BUSY_ROUND * len(rnd) else took * DIRECT_HOLD
         if self._dirty:
             self._schedule()
 
