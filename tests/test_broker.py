@@ -154,3 +154,74 @@ async def test_stop_drops_a_pending_fanout(tmp_path: Path, monkeypatch: pytest.M
     assert not call.active() and b._drain_call is None
     await task.deferLater(reactor, 0, lambda: None)
     assert len(rec.events) == 1
+
+
+class ManyRecorder(Recorder):
+    """A listener with deliver_many: records the data of each call's events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[Any]] = []
+
+    def deliver_many(self, events: list[Event]) -> None:
+        self.calls.append([e.data for e in events])
+        self.events.extend(events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_consecutive_events_of_one_channel_reach_a_listener_in_one_call(tmp_path: Path) -> None:
+    """A commit's consecutive events of one channel go to a deliver_many listener in one call, in order; a listener without it gets them one by one."""
+    b = await _broker(tmp_path)
+    try:
+        many, one = ManyRecorder(), Recorder()
+        b.subscribe(">", many)
+        b.subscribe(">", one)
+        await b.publish([Draft("a", 1), Draft("a", 2), Draft("b", 3), Draft("a", 4), Draft("a", 5), Draft("a", 6)])
+        await task.deferLater(reactor, 0, lambda: None)
+        assert many.calls == [[1, 2], [4, 5, 6]]  # "b" in between: a run of its own, through deliver
+        assert [e.data for e in many.events] == [e.data for e in one.events] == [1, 2, 3, 4, 5, 6]
+        assert [e.seq for e in many.events] == list(range(1, 7))
+    finally:
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_is_cut_to_the_turns_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of one channel takes at most FANOUT_TURN deliveries of a turn; the rest follows next turn, in order."""
+    from twisted_rt.store import local
+
+    monkeypatch.setattr(local, "FANOUT_TURN", 4)
+    b = await _broker(tmp_path)
+    try:
+        recs = [ManyRecorder(), ManyRecorder()]
+        for rec in recs:
+            b.subscribe("c", rec)
+        b._fanout_commit([[Accepted(Event(f"e{i}", "c", 1 + i, "t", "api", "", i)) for i in range(5)]])
+        # 2 listeners: a run of 2 events is the turn's 4 deliveries
+        assert [r.calls for r in recs] == [[[0, 1]]] * 2 and b._drain_call is not None
+        for _ in range(3):
+            await task.deferLater(reactor, 0, lambda: None)
+        for rec in recs:  # the last event, alone, through deliver
+            assert rec.calls == [[0, 1], [2, 3]] and [e.data for e in rec.events] == [0, 1, 2, 3, 4]
+    finally:
+        await b.stop()
+
+
+def test_a_listener_that_raises_in_deliver_many_does_not_stop_the_others() -> None:
+    """One listener failing on a run is logged; the other listeners still get the whole run."""
+    from twisted_rt.testing import MemoryBroker
+
+    class Bad:
+        def deliver(self, event: Event) -> None:
+            raise AssertionError("not this one")
+
+        def deliver_many(self, events: list[Event]) -> None:
+            raise RuntimeError("boom")
+
+    broker = MemoryBroker()
+    good = ManyRecorder()
+    broker.subscribe("c", Bad())  # type: ignore[arg-type]
+    broker.subscribe("c", good)
+    run = [Event(f"e{i}", "c", i, "t", "api", "", i) for i in (1, 2)]
+    broker.fanout_many(run)
+    assert good.calls == [[1, 2]]

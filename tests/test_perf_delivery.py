@@ -622,3 +622,65 @@ def test_unit_the_first_auto_ping_is_planned_at_a_random_point_of_the_interval(m
     monkeypatch.setattr(ws.RTWebSocketProtocol, "_spread_auto_ping", lambda self: opened.append(self))
     proto, _clock, _transport, _broker = open_proto()
     assert opened == [proto]  # every connection re-plans its first ping when it opens
+
+
+def _events(*offsets: int, channel: str = "p.a") -> list[Event]:
+    """A run of live events of one channel (a commit's), with the given offsets."""
+    return [Event(f"id{o}", channel, o, "t", "test", "", "x") for o in offsets]
+
+
+def test_unit_a_run_of_events_is_queued_as_one_piece_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit's events reach each connection as one queued piece (frames built once per event, joined once), written in one write, in order."""
+    clock, transports, broker = connections(3)
+    factory = transports[0].proto.factory
+    built: list[int] = []
+    real_frame = factory.frame
+    monkeypatch.setattr(factory, "frame", lambda e: (built.append(e.offset), real_frame(e))[1])
+    broker.fanout_many(_events(1, 2, 3))
+    assert built == [1, 2, 3]  # not once per connection
+    assert all(t.writes == [] for t in transports) and len(transports[0].proto._queue) == 1
+    clock.advance(0)
+    assert [t.offsets() for t in transports] == [[[1, 2, 3]]] * 3
+    assert factory.app.stats.events_out["ws"] == 9
+    broker.fanout_many(_events(3, 4))  # a later run overlapping what a connection saw: only what is new
+    clock.advance(1)
+    assert [t.offsets()[-1] for t in transports] == [[4]] * 3
+
+
+def test_unit_a_run_goes_one_by_one_to_a_compressing_connection() -> None:
+    """A permessage-deflate connection takes a run event by event (each its own message), in order."""
+    clock, transports, broker = connections(2)
+    transports[1].proto._compress = True
+    broker.fanout_many(_events(1, 2))
+    assert list(transports[1].proto._queue) == [e.ws_json() for e in _events(1, 2)]
+    clock.advance(0)
+    assert transports[0].offsets() == [[1, 2]]  # one piece, one write
+    assert transports[1].offsets() == [[1], [2]]  # one message each (sendMessage writes each)
+
+
+def test_unit_a_run_past_the_send_buffer_closes_the_slow_consumer() -> None:
+    """A run whose frames would put a queue past max_send_buffer_bytes closes that connection with 1013 at once."""
+    proto, clock, transport, broker = open_proto(max_send=2000)
+    proto.dataReceived(client_frame(b'{"op":"subscribe","channel":"u"}'))
+    clock.advance(0)
+    transport.clear()
+    broker.fanout_many([Event(f"id{o}", "u", o, "t", "test", "", "x" * 300) for o in range(1, 9)])
+    (op, payload), = frames(transport.value())
+    assert op == 8 and struct.unpack("!H", payload[:2])[0] == 1013
+    assert proto.factory.app.stats.dropped["slow_consumer"] == 1
+    broker.fanout_many([Event(f"id{o}", "u", o, "t", "test", "", "x") for o in (9, 10)])
+    clock.advance(1)
+    assert frames(transport.value()) == [(op, payload)]  # closing: nothing more is queued
+
+
+def test_unit_a_closed_connection_takes_no_run() -> None:
+    """Once its connection is gone, a subscriber's runs go nowhere (no send_many left behind)."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    _clock, transports, _broker = connections(2)
+    gone = transports[1].proto
+    gone.connectionLost(Failure(ConnectionDone()))
+    assert gone.subscriber.send_many is None
+    gone.subscriber.deliver_many(_events(1, 2))
+    assert gone._queue == []

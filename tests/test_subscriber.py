@@ -391,3 +391,45 @@ def test_close_during_a_paced_replay_releases_it() -> None:
     while gate:
         gate.pop().callback(None)
     assert got == [("c", 1)] and len(broker.index) == 0
+
+
+def _run(channel: str, *offsets: int) -> list[Any]:
+    """Live events of one channel with the given offsets, as the broker hands a run."""
+    from twisted_rt.core.event import Event
+
+    return [Event(f"e{o}", channel, o, "t", "api", "", o) for o in offsets]
+
+
+def test_deliver_many_skips_what_was_seen_and_hands_the_rest_at_once() -> None:
+    """A run is filtered against seen (a since, or another pattern's copy) and what is new goes to send_many in one call."""
+    _broker, sub, got = make()
+    runs: list[list[int]] = []
+    sub.send_many = lambda events: runs.append([e.offset for e in events])
+    sub.add("a", 2)  # since=2 on an empty journal: offsets up to 2 count as seen
+    sub.deliver_many(_run("a", 1, 2, 3, 4))
+    sub.deliver_many(_run("a", 3, 4))  # the same run through a second pattern: nothing new
+    sub.deliver_many(_run("a", 4, 5))
+    assert runs == [[3, 4]] and got == [("a", 5)]  # one new event left: through send
+    assert sub.seen["a"] == 5
+
+
+def test_deliver_many_without_send_many_sends_each() -> None:
+    """A subscriber whose transport takes events one by one gets a run through send, in order."""
+    _broker, sub, got = make()
+    sub.add("a")
+    sub.deliver_many(_run("a", 1, 2, 3))
+    assert got == [("a", 1), ("a", 2), ("a", 3)]
+
+
+def test_deliver_many_during_a_replay_is_buffered_and_deduplicated() -> None:
+    """A run that arrives while the replay query runs is buffered per event and comes after the replay, once, in order."""
+    broker, sub, got = make()
+    runs: list[list[int]] = []
+    sub.send_many = lambda events: runs.append([e.offset for e in events])
+    broker.hold_reads = True
+    broker.commit("a")
+    broker.commit("a")
+    sub.add("a", 0)
+    sub.deliver_many(_run("a", 2, 3))  # a#2 is in both the replay and the run
+    broker.release_all()
+    assert got == [("a", 1), ("a", 2), ("a", 3)] and runs == []

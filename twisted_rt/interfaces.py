@@ -77,7 +77,14 @@ class Reactor(Protocol):
 
 
 class Listener(Protocol):
-    """Something that receives live events (a connection's subscriber)."""
+    """
+    Something that receives live events (a connection's subscriber).
+
+    A listener may also have C{deliver_many(events)}: several live events of
+    one channel, consecutive in C{seq} and in order (a commit's, or a few
+    commits'), in one call, as C{deliver} of each in turn would take them.
+    The local broker hands a commit's events that way (L{IndexedBroker.fanout_many}).
+    """
 
     def deliver(self, event: Event) -> None:
         """Take one live event (must not raise, must not block)."""

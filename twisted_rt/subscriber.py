@@ -105,6 +105,8 @@ class Subscriber:
         transport closes the client, which resumes later with C{since});
         default: L{close}.
     @param page_bytes: the C{max_bytes} of each replay query.
+    @ivar send_many: optional; called instead of C{send} with several live
+        events of one channel at once (L{deliver_many}), in order.
     @ivar seen: the last offset delivered (or claimed by a C{since}) per
         channel.
     @ivar patterns: the subscribed patterns, in subscription order.
@@ -131,6 +133,7 @@ class Subscriber:
         "patterns",
         "seen",
         "send",
+        "send_many",
     )
 
     log = Logger()
@@ -147,6 +150,8 @@ class Subscriber:
     ) -> None:
         self.broker = broker
         self.send = send
+        #: optional: takes several live events of one channel at once (L{deliver_many})
+        self.send_many: Callable[[list[Event]], None] | None = None
         self.backlog = backlog
         self.on_overflow = on_overflow
         self.max_buffer = max_buffer
@@ -187,6 +192,32 @@ class Subscriber:
             return
         seen[ch] = event.offset
         self.send(event)
+
+    def deliver_many(self, events: list[Event]) -> None:
+        """
+        Live events of one channel from the broker, consecutive and in
+        order: as L{deliver} of each, in one call (to C{send_many} when
+        set, else C{send} of each).
+        """
+        if self._buffer is not None:
+            for event in events:
+                self.deliver(event)
+            return
+        seen = self.seen
+        ch = events[0].channel
+        last = seen.get(ch, 0)
+        if events[0].offset <= last:
+            events = [e for e in events if e.offset > last]
+            if not events:
+                return
+        seen[ch] = events[-1].offset
+        many = self.send_many
+        if many is not None and len(events) > 1:
+            many(events)
+            return
+        send = self.send
+        for event in events:
+            send(event)
 
     def _emit(self, event: Event) -> None:
         ch = event.channel

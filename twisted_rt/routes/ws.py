@@ -342,6 +342,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             on_overflow=self._slow_consumer,
             max_buffer_bytes=f.max_send_buffer,
         )
+        self.subscriber.send_many = self._send_events
         transport: Any = self.transport
         try:
             # the HTTP channel that carried the upgrade is still registered
@@ -413,6 +414,35 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             # ones wait until the whole batch has been queued
             f.flush_now()
 
+    def _send_events(self, events: list[Event]) -> None:
+        """
+        Several live events of one channel, in order (a commit's): their
+        frames are queued as one piece (joined once for every connection,
+        L{RTWebSocketFactory.frames}) and written by the next round, so the
+        per-connection work is paid once per commit, not once per event.
+        """
+        f = self._fac
+        if self._compress or self._closing:
+            for event in events:
+                self._send_event(event)
+            return
+        data = f.frames(events)
+        k = len(events)
+        self._queue.append(data)
+        queued = self._queued = self._queued + len(data)
+        self._queued_events += k
+        if queued > f.max_send_buffer:
+            self._slow_consumer()
+            return
+        if not self._dirty and not self._paused:
+            self._dirty = True
+            f._dirty.append(self)
+            if f._flush_call is None:
+                f._schedule()
+        f._pending += k
+        if f._pending >= FLUSH_EVERY:
+            f.flush_now()
+
     def _enqueue(self, data: bytes, events: int) -> None:
         if self._closing:
             return
@@ -459,6 +489,7 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
         sub = self.subscriber
         if sub is not None:
             sub.send = _dropped
+            sub.send_many = None
             sub.backlog = None
             sub.on_overflow = None
         self.is_closed = succeed(None)
@@ -904,6 +935,9 @@ class RTWebSocketFactory(WebSocketServerFactory):
         # the frame of the event being fanned out right now (one lookup less per subscriber)
         self._last_event: Event | None = None
         self._last_frame = b""
+        # the run of events being fanned out right now, and its frames joined (frames)
+        self._run_events: list[Event] | None = None
+        self._run_data = b""
         self._pending = 0
         # the join/leave being sent to every watcher right now: encoded once
         self._presence_key: tuple[Any, ...] = ()
@@ -941,6 +975,15 @@ class RTWebSocketFactory(WebSocketServerFactory):
         self._last_event = event
         self._last_frame = frame
         return frame
+
+    def frames(self, events: list[Event]) -> bytes:
+        """The frames of C{events}, joined: once per run, for every connection it goes to."""
+        if events is self._run_events:
+            return self._run_data
+        data = b"".join([self.frame(e) for e in events])
+        self._run_events = events
+        self._run_data = data
+        return data
 
     def presence_frame(self, op: str, channel: str, user: str, info: Mapping[str, Any] | None, raw: bool) -> bytes:
         """
