@@ -81,7 +81,7 @@ class Sizes:
     single_start: float = 10000.0
     single_factors: tuple[float, ...] = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
     single_conns: int = 16
-    single_min_events: int = 60  # a step's window holds at least this many events...
+    single_min_events: int = 240  # a step's window holds at least this many events (40k/s: 6 s)...
     single_max_window: float = 6.0  # ...up to this long
     tail_ms: float = 500.0  # stop rising once p99 passes this
     hot: float = 0.8  # the follow-up step, at this fraction of the saturation rate
