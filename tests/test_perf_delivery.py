@@ -684,3 +684,15 @@ def test_unit_a_closed_connection_takes_no_run() -> None:
     assert gone.subscriber.send_many is None
     gone.subscriber.deliver_many(_events(1, 2))
     assert gone._queue == []
+
+
+def test_unit_runs_count_towards_flush_every(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs queued past FLUSH_EVERY events are written at once, as single events are, without waiting for the round."""
+    monkeypatch.setattr(ws, "FLUSH_EVERY", 4)
+    clock, transports, broker = connections(2)
+    broker.fanout_many(_events(1, 2))  # 4 queued deliveries: flushed in the fan-out itself
+    assert [t.offsets() for t in transports] == [[[1, 2]]] * 2
+    broker.fanout_many(_events(3))
+    assert all(len(t.writes) == 1 for t in transports)  # under the limit again: held for the round
+    clock.advance(0)
+    assert [t.offsets()[-1] for t in transports] == [[3]] * 2
