@@ -696,3 +696,41 @@ def test_unit_runs_count_towards_flush_every(monkeypatch: pytest.MonkeyPatch) ->
     assert all(len(t.writes) == 1 for t in transports)  # under the limit again: held for the round
     clock.advance(0)
     assert [t.offsets()[-1] for t in transports] == [[3]] * 2
+
+
+def test_unit_deliveries_queued_over_several_turns_wait_for_their_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLUSH_EVERY counts the deliveries of one turn: more queued over several turns of a held round leave with the round, in one write."""
+    monkeypatch.setattr(ws, "FLUSH_EVERY", 3)
+    clock, transports, broker = connections(1)
+    factory = transports[0].proto.factory
+    factory._round_took = 0.01  # the last round took 10 ms: the next one is held that long
+    factory._round_ended = clock.seconds()
+    t = transports[0]
+    for turn in range(4):  # two deliveries a turn: 8 queued, never 3 in one turn
+        fanout(broker, "p.a", 2 * turn + 1)
+        fanout(broker, "p.a", 2 * turn + 2)
+        clock.advance(0)
+        assert t.writes == []
+    clock.advance(0.01)
+    assert t.offsets() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert factory.app.stats.events_out["ws"] == 8
+
+
+def test_unit_flush_every_still_cuts_a_big_fanout_inside_one_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLUSH_EVERY deliveries queued in one turn are written at once even while a round is held; the count starts again after the write."""
+    monkeypatch.setattr(ws, "FLUSH_EVERY", 3)
+    clock, transports, broker = connections(1)
+    factory = transports[0].proto.factory
+    factory._round_took = 0.01
+    factory._round_ended = clock.seconds()
+    t = transports[0]
+    fanout(broker, "p.a", 1)
+    clock.advance(0)  # a new turn: its deliveries are counted from 0
+    for off in (2, 3, 4):
+        fanout(broker, "p.a", off)
+    assert t.offsets() == [[1, 2, 3, 4]]  # the third of this turn wrote every queue
+    fanout(broker, "p.a", 5)
+    fanout(broker, "p.a", 6)
+    assert len(t.writes) == 1  # two since that write: held for the round
+    clock.advance(0.01)
+    assert t.offsets()[-1] == [5, 6]
