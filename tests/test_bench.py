@@ -208,3 +208,28 @@ def test_set_nodelay_turns_on_tcp_nodelay_of_a_process_connected_sockets_from_ou
         child.wait()
     assert NchanNoDelay.scenarios == {"fanout"} and NchanNoDelay.name == "nchan_nodelay"
     assert issubclass(NchanNoDelay, Nchan)
+
+
+def test_each_round_runs_every_server_through_one_group_of_scenarios_before_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round runs the fan-outs on every server, then ingest on every server, then resume and idle: a group's figures of all servers are minutes apart at most."""
+    from bench import __main__ as bench_main
+
+    bench = Bench(Sizes(), rounds=2, only=set(bench_main.SCENARIOS), pin=False, verbose=False)
+    bench.servers = [Baseline, Nchan, Ours]
+    visits: list[tuple[int, str, list[str]]] = []
+
+    def visit(self: Bench, server: object, rnd: int, todo: set[str]) -> None:
+        visits.append((rnd, type(server).__name__, [s for s in bench_main.SCENARIOS if s in todo]))
+
+    monkeypatch.setattr(Bench, "run_server", visit)
+    monkeypatch.setattr(Bench, "say", lambda self, text: None)
+    bench.run()
+    one_round = [
+        ("Baseline", ["fanout", "batched"]), ("Nchan", ["fanout"]), ("Ours", ["fanout", "batched"]),
+        ("Baseline", ["ingest"]), ("Ours", ["ingest"]),
+        ("Baseline", ["resume", "idle"]), ("Nchan", ["idle"]), ("Ours", ["resume", "idle"]),
+    ]
+    assert visits == [(r, name, todo) for r in (1, 2) for name, todo in one_round]
+    assert sorted(s for group in bench_main.PASSES for s in group) == sorted(bench_main.SCENARIOS)
