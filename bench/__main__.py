@@ -17,8 +17,9 @@ is the second, labelled line.  Each round runs the scenarios in groups
 (L{PASSES}: the fan-outs, ingest, resume and idle), every server started
 fresh for a group and run through it before the next server, so the servers'
 figures of one group are measured minutes apart at most; every figure is
-shown once per round and the ratios are ours / each baseline of the means.  No threshold is asserted: the target column just
-says whether the issue's target was met in this run.
+shown once per round and the ratios are ours / each baseline of the means.
+No threshold is asserted: the target column just says whether the issue's
+target was met in this run.
 """
 
 from __future__ import annotations
@@ -618,7 +619,7 @@ class Bench:
                             self.say(f"{server.name} log kept in {server.workdir}")
                         server.cleanup()
 
-    def run_server(self, server: Server, rnd: int, todo: set[str] | frozenset[str]) -> None:
+    def run_server(self, server: Server, rnd: int, todo: set[str]) -> None:
         fresh = self.sizes.fresh_idle
         if todo - {"idle"} or not fresh:
             server.start()
@@ -634,11 +635,9 @@ class Bench:
             if "resume" in todo:
                 self._guard("resume", server, self.resume, rnd)
         if "idle" in todo:
-            if fresh and server.proc is not None:
+            if fresh:
                 server.stop()
                 server.start()  # a fresh process: nothing else in its heap
-            elif server.proc is None:
-                server.start()
             self._guard("idle", server, self.idle, rnd)
         server.stop()
 

@@ -734,3 +734,19 @@ def test_unit_flush_every_still_cuts_a_big_fanout_inside_one_turn(monkeypatch: p
     assert len(t.writes) == 1  # two since that write: held for the round
     clock.advance(0.01)
     assert t.offsets()[-1] == [5, 6]
+
+
+def test_unit_runs_queued_over_several_turns_wait_for_their_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs count towards FLUSH_EVERY per turn too: runs queued over several turns of a held round leave with the round."""
+    monkeypatch.setattr(ws, "FLUSH_EVERY", 3)
+    clock, transports, broker = connections(1)
+    factory = transports[0].proto.factory
+    factory._round_took = 0.01
+    factory._round_ended = clock.seconds()
+    t = transports[0]
+    for turn in range(3):  # a run of two a turn: 6 queued, never 3 in one turn
+        broker.fanout_many(_events(2 * turn + 1, 2 * turn + 2))
+        clock.advance(0)
+        assert t.writes == []
+    clock.advance(0.01)
+    assert t.offsets() == [[1, 2, 3, 4, 5, 6]]

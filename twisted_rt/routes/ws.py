@@ -9,9 +9,10 @@ possible per subscriber:
   - each event is framed once (C{factory.prepareMessage} on
     C{event.ws_json()}) and the frame bytes are cached on the event, shared
     by every connection;
-  - a connection appends the frame to its own queue; every connection with
-    something queued is flushed once per reactor turn (one C{callLater(0)}
-    for the whole factory), writing the queue as B{one} C{transport.write}
+  - a connection appends the frame to its own queue; the connections with
+    something queued are written in rounds (L{RTWebSocketFactory._schedule}:
+    at once when idle, after an adaptive hold when busy, a chunk of
+    connections per reactor turn), each queue as B{one} C{transport.write}
     (a fan-out of more than L{FLUSH_EVERY} deliveries in one reactor turn
     is flushed every L{FLUSH_EVERY}, so its first events are not held back);
   - the queue is bounded I{before} the transport: the connection registers
@@ -448,11 +449,11 @@ class RTWebSocketProtocol(WebSocketServerProtocol):
             self._dirty = True
             f.mark(self)
         if events:
-            if not f._pending:
-                f._count_turn()
-            f._pending += events
-            if f._pending >= FLUSH_EVERY:
+            pending = f._pending = f._pending + events
+            if pending >= FLUSH_EVERY:
                 f.flush_now()
+            elif pending == events:
+                f._count_turn()
 
     def _flush(self) -> int:
         """Write the queue as one write; the number of events written."""
