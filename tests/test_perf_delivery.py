@@ -698,14 +698,20 @@ def test_unit_runs_count_towards_flush_every(monkeypatch: pytest.MonkeyPatch) ->
     assert [t.offsets()[-1] for t in transports] == [[3]] * 2
 
 
+def _one_held_connection() -> tuple[Any, Writes, Any]:
+    """One /ws connection whose last round took 10 ms, so the next round is held that long: (clock, transport, broker)."""
+    clock, transports, broker = connections(1)
+    factory = transports[0].proto.factory
+    factory._round_took = 0.01
+    factory._round_ended = clock.seconds()
+    return clock, transports[0], broker
+
+
 def test_unit_deliveries_queued_over_several_turns_wait_for_their_round(monkeypatch: pytest.MonkeyPatch) -> None:
     """FLUSH_EVERY counts the deliveries of one turn: more queued over several turns of a held round leave with the round, in one write."""
     monkeypatch.setattr(ws, "FLUSH_EVERY", 3)
-    clock, transports, broker = connections(1)
-    factory = transports[0].proto.factory
-    factory._round_took = 0.01  # the last round took 10 ms: the next one is held that long
-    factory._round_ended = clock.seconds()
-    t = transports[0]
+    clock, t, broker = _one_held_connection()
+    factory = t.proto.factory
     for turn in range(4):  # two deliveries a turn: 8 queued, never 3 in one turn
         fanout(broker, "p.a", 2 * turn + 1)
         fanout(broker, "p.a", 2 * turn + 2)
@@ -719,11 +725,7 @@ def test_unit_deliveries_queued_over_several_turns_wait_for_their_round(monkeypa
 def test_unit_flush_every_still_cuts_a_big_fanout_inside_one_turn(monkeypatch: pytest.MonkeyPatch) -> None:
     """FLUSH_EVERY deliveries queued in one turn are written at once even while a round is held; the count starts again after the write."""
     monkeypatch.setattr(ws, "FLUSH_EVERY", 3)
-    clock, transports, broker = connections(1)
-    factory = transports[0].proto.factory
-    factory._round_took = 0.01
-    factory._round_ended = clock.seconds()
-    t = transports[0]
+    clock, t, broker = _one_held_connection()
     fanout(broker, "p.a", 1)
     clock.advance(0)  # a new turn: its deliveries are counted from 0
     for off in (2, 3, 4):
@@ -739,11 +741,7 @@ def test_unit_flush_every_still_cuts_a_big_fanout_inside_one_turn(monkeypatch: p
 def test_unit_runs_queued_over_several_turns_wait_for_their_round(monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs count towards FLUSH_EVERY per turn too: runs queued over several turns of a held round leave with the round."""
     monkeypatch.setattr(ws, "FLUSH_EVERY", 3)
-    clock, transports, broker = connections(1)
-    factory = transports[0].proto.factory
-    factory._round_took = 0.01
-    factory._round_ended = clock.seconds()
-    t = transports[0]
+    clock, t, broker = _one_held_connection()
     for turn in range(3):  # a run of two a turn: 6 queued, never 3 in one turn
         broker.fanout_many(_events(2 * turn + 1, 2 * turn + 2))
         clock.advance(0)
